@@ -1,0 +1,9 @@
+"""megatron-genlip: a tensor/pipeline-parallel trainer for GenLIP vision encoders."""
+
+import warnings as _warnings
+
+# megatron-core warns at import that Apex/Transformer Engine are absent; that is the expected CPU setup.
+_warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+_warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
+
+__version__ = "0.1.0"

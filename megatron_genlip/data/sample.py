@@ -1,0 +1,112 @@
+"""One training sample: [patches][prompt][caption][<|im_end|>][\\n] (GENLIP_SPEC.md §2.4-2.5).
+
+No BOS, no role tags, no vision start/end markers. Prompt and caption are stripped and tokenized
+separately (plain text, never special tokens) and concatenated. Labels: -100 on image and prompt slots,
+the token id on caption, <|im_end|> and "\\n". Positions: image patch (r, c) -> (0, r, c); text token j ->
+(S+j, S+j, S+j) with S = max(gh, gw).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from megatron_genlip.model.masks import KIND_IMAGE, KIND_TEXT
+
+IGNORE_INDEX = -100
+
+
+class SampleError(ValueError):
+    """A sample that cannot be built (empty caption, malformed conversation, too long)."""
+
+
+@dataclass
+class Sample:
+    """Token-level tensors of one sample plus its image patches."""
+
+    input_ids: torch.Tensor  # [T] int64; 0 at image slots
+    labels: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [3, T] int64
+    token_kinds: torch.Tensor  # [T] int64
+    patches: torch.Tensor  # [N, 3, p, p] float32
+    grid: tuple[int, int]
+
+    def __len__(self) -> int:
+        return self.input_ids.numel()
+
+
+def image_positions(gh: int, gw: int) -> torch.Tensor:
+    """(0, r, c) for each patch in row-major order: [3, gh*gw]."""
+    r = torch.arange(gh).repeat_interleave(gw)
+    c = torch.arange(gw).repeat(gh)
+    return torch.stack((torch.zeros_like(r), r, c))
+
+
+def text_positions(grid: tuple[int, int], num_text: int) -> torch.Tensor:
+    """Text continues from S = max(gh, gw) on all three axes: [3, num_text]."""
+    start = max(grid)
+    return torch.arange(start, start + num_text).expand(3, num_text).clone()
+
+
+def _clean(text: object, what: str) -> str:
+    if not isinstance(text, str):
+        raise SampleError(f"{what} is not text ({type(text).__name__})")
+    text = text.strip()
+    if not text:
+        raise SampleError(f"{what} is empty")
+    return text
+
+
+def parse_conversation(turns: list[dict]) -> list[tuple[str, bool]]:
+    """Stage-2 ``conversations`` -> [(text, supervised)]; the <image> tag is dropped (the image comes first)."""
+    if not isinstance(turns, list) or not turns:
+        raise SampleError("conversations must be a non-empty list")
+    pieces = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict) or "value" not in turn or "from" not in turn:
+            raise SampleError(f"conversations[{i}] needs 'from' and 'value'")
+        role = turn["from"]
+        if role in ("user", "human"):
+            text = _clean(turn["value"] if isinstance(turn["value"], str) else None, f"conversations[{i}]")
+            pieces.append((_clean(text.replace("<image>", ""), f"conversations[{i}]"), False))
+        elif role in ("assistant", "gpt"):
+            pieces.append((_clean(turn["value"], f"conversations[{i}]"), True))
+        else:
+            raise SampleError(f"conversations[{i}] has unknown role {role!r}")
+    if not any(sup for _, sup in pieces):
+        raise SampleError("conversation has no assistant turn")
+    return pieces
+
+
+def build_sample(tokenizer, patches: torch.Tensor, grid: tuple[int, int], caption: str | None = None,
+                 prompt: str = "Describe the image in detail.", conversations: list[dict] | None = None,
+                 max_length: int | None = None) -> Sample:
+    """Assemble one sample from patches and a caption (stage 1) or a conversation (stage 2)."""
+    if conversations is not None:
+        pieces = parse_conversation(conversations)
+    else:
+        pieces = [(_clean(prompt, "prompt"), False), (_clean(caption, "caption"), True)]
+    text_ids: list[int] = []
+    text_labels: list[int] = []
+    for text, supervised in pieces:
+        ids = tokenizer.encode(text)
+        text_ids += ids
+        text_labels += ids if supervised else [IGNORE_INDEX] * len(ids)
+    suffix = [tokenizer.eos_id, tokenizer.newline_id]
+    text_ids += suffix
+    text_labels += suffix
+
+    n_img, n_txt = patches.shape[0], len(text_ids)
+    if n_img != grid[0] * grid[1]:
+        raise SampleError(f"{n_img} patches do not match grid {grid}")
+    if max_length is not None and n_img + n_txt > max_length:
+        raise SampleError(f"sample of {n_img + n_txt} tokens exceeds the per-sample cap {max_length}")
+    return Sample(
+        input_ids=torch.tensor([0] * n_img + text_ids, dtype=torch.long),
+        labels=torch.tensor([IGNORE_INDEX] * n_img + text_labels, dtype=torch.long),
+        positions=torch.cat((image_positions(*grid), text_positions(grid, n_txt)), dim=1),
+        token_kinds=torch.tensor([KIND_IMAGE] * n_img + [KIND_TEXT] * n_txt, dtype=torch.long),
+        patches=patches,
+        grid=grid,
+    )

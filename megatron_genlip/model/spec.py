@@ -1,0 +1,105 @@
+"""Layer specs: which classes implement the model's projections, norms and attention kernel.
+
+The model code is written once, for one device, and asks the spec for its building blocks (the idea of
+megatron-core's ModuleSpec). Tensor parallelism and the Transformer Engine backend are therefore config
+changes, never if-branches inside ``forward``.
+
+Uniform signatures of the spec's classes:
+  column_linear(in, out, *, bias, init_method, config, tp_group)  -> y[..., out/TP]   (input replicated)
+  row_linear(in, out, *, bias, init_method, config, tp_group)     -> y[..., out]      (input sharded, sums over TP)
+  vocab_embedding(vocab, dim, *, init_method, config, tp_group)   -> [..., dim]
+  layer_norm(dim, eps)
+  attention(q, k, v, mask) -> [B, heads, L, head_dim]             (mask: bool, True = attend)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from megatron.core.model_parallel_config import ModelParallelConfig
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+
+from megatron_genlip.config import ConfigError, ModelConfig
+
+
+class ColumnLinear(ColumnParallelLinear):
+    """megatron-core column-parallel linear returning only the (sharded) output."""
+
+    def __init__(self, in_features, out_features, *, bias, init_method, config, tp_group):
+        super().__init__(
+            in_features, out_features, config=config, init_method=init_method, bias=bias,
+            gather_output=False, tp_group=tp_group,
+        )
+
+    def forward(self, x):  # noqa: D102
+        return super().forward(x)[0]
+
+
+class RowLinear(RowParallelLinear):
+    """megatron-core row-parallel linear (input sharded over TP, output summed) returning only the output."""
+
+    def __init__(self, in_features, out_features, *, bias, init_method, config, tp_group):
+        super().__init__(
+            in_features, out_features, config=config, init_method=init_method, bias=bias,
+            input_is_parallel=True, skip_bias_add=False, tp_group=tp_group,
+        )
+
+    def forward(self, x):  # noqa: D102
+        return super().forward(x)[0]
+
+
+class VocabEmbedding(VocabParallelEmbedding):
+    """megatron-core vocab-parallel embedding."""
+
+    def __init__(self, num_embeddings, embedding_dim, *, init_method, config, tp_group):
+        super().__init__(num_embeddings, embedding_dim, init_method=init_method, config=config, tp_group=tp_group)
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Reference kernel: torch SDPA with the dense boolean prefix-LM mask (True = attend)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0)
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    column_linear: type
+    row_linear: type
+    vocab_embedding: type
+    layer_norm: Callable[..., torch.nn.Module]
+    attention: Callable[..., torch.Tensor]
+
+
+LOCAL_SPEC = LayerSpec(
+    column_linear=ColumnLinear,
+    row_linear=RowLinear,
+    vocab_embedding=VocabEmbedding,
+    layer_norm=torch.nn.LayerNorm,
+    attention=sdpa_attention,
+)
+
+
+def get_layer_spec(cfg: ModelConfig) -> LayerSpec:
+    """The spec for ``model.backend`` / ``model.attention``."""
+    if cfg.backend == "te":
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                "model.backend='te' needs a CUDA GPU and Transformer Engine; this machine has no CUDA device. "
+                "Use model.backend=local on CPU."
+            )
+        raise ConfigError("model.backend='te' is not implemented in this version; use model.backend=local")
+    return LOCAL_SPEC
+
+
+def parallel_config(cfg: ModelConfig, tensor_parallel: int = 1) -> ModelParallelConfig:
+    """megatron-core's per-layer config: CPU master-weight init, so every TP layout gets the same weights."""
+    return ModelParallelConfig(
+        tensor_model_parallel_size=tensor_parallel,
+        use_cpu_initialization=True,
+        perform_initialization=True,
+        params_dtype=getattr(torch, cfg.params_dtype),
+        gradient_accumulation_fusion=False,
+        sequence_parallel=False,
+    )

@@ -1,0 +1,36 @@
+"""Shared test fixtures: tiny model configs, the real tokenizers and small packed batches."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+
+import pytest
+import torch
+
+import megatron_genlip  # noqa: F401  (warning filters)
+from megatron_genlip.config import ModelConfig
+
+torch.set_num_threads(1)
+
+
+def small_model_config(**kw) -> ModelConfig:
+    """A small model with in_proj/proj present (text_embed_dim != hidden) and the Qwen vocabulary size."""
+    base = dict(num_layers=2, hidden_size=48, ffn_hidden_size=128, num_attention_heads=4, text_embed_dim=40,
+                vocab_size=151936, mrope_section=[1, 2, 1], drop_path_rate=0.0)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer():
+    from megatron_genlip.data.tokenizer import load_qwen_tokenizer
+
+    return load_qwen_tokenizer()
+
+
+def random_image(grid: tuple[int, int], seed: int, patch: int = 16) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(grid[0] * grid[1], 3, patch, patch, generator=g) * 2 - 1
