@@ -66,7 +66,12 @@ class DataConfig:
     min_pixels: int = 4096  # stage 2 smart_resize budget
     max_pixels: int = 262144
     seq_length: int = 16384  # packed row length
-    max_sample_length: int = 16384  # per-sample cap (stage 2 uses 4096)
+    max_sample_length: int = 16384  # per-sample cap (stage 2 uses 4096); longer samples are skipped
+    train_data: str | None = None  # indexed dataset prefix (tools/preprocess_data.py --output-prefix)
+    valid_data: str | None = None  # held-out indexed dataset prefix
+    pack_buffer_size: int = 2048  # samples scanned when filling a row (first-fit in arrival order)
+    seed: int = 1234  # shuffling and packing seed (epoch e uses seed + e)
+    num_workers: int = 2  # DataLoader worker processes per rank
 
 
 @dataclass

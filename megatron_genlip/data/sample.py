@@ -79,34 +79,47 @@ def parse_conversation(turns: list[dict]) -> list[tuple[str, bool]]:
     return pieces
 
 
-def build_sample(tokenizer, patches: torch.Tensor, grid: tuple[int, int], caption: str | None = None,
-                 prompt: str = "Describe the image in detail.", conversations: list[dict] | None = None,
-                 max_length: int | None = None) -> Sample:
-    """Assemble one sample from patches and a caption (stage 1) or a conversation (stage 2)."""
+def tokenize_text(tokenizer, caption: str | None = None, prompt: str = "Describe the image in detail.",
+                  conversations: list[dict] | None = None) -> tuple[list[int], list[bool]]:
+    """Text token ids of a sample (prompt/conversation, then ``<|im_end|>`` ``\\n``) and their label flags."""
     if conversations is not None:
         pieces = parse_conversation(conversations)
     else:
         pieces = [(_clean(prompt, "prompt"), False), (_clean(caption, "caption"), True)]
-    text_ids: list[int] = []
-    text_labels: list[int] = []
+    ids: list[int] = []
+    flags: list[bool] = []
     for text, supervised in pieces:
-        ids = tokenizer.encode(text)
-        text_ids += ids
-        text_labels += ids if supervised else [IGNORE_INDEX] * len(ids)
-    suffix = [tokenizer.eos_id, tokenizer.newline_id]
-    text_ids += suffix
-    text_labels += suffix
+        piece = tokenizer.encode(text)
+        ids += piece
+        flags += [supervised] * len(piece)
+    ids += [tokenizer.eos_id, tokenizer.newline_id]
+    flags += [True, True]
+    return ids, flags
 
-    n_img, n_txt = patches.shape[0], len(text_ids)
-    if n_img != grid[0] * grid[1]:
-        raise SampleError(f"{n_img} patches do not match grid {grid}")
+
+def assemble_sample(patches: torch.Tensor, grid: tuple[int, int], ids: list[int], flags: list[bool],
+                    max_length: int | None = None) -> Sample:
+    """Lay out [image slots][text] with labels, kinds and 3-axis positions."""
+    n_img, n_txt = grid[0] * grid[1], len(ids)
+    if patches.shape[0] != n_img:
+        raise SampleError(f"{patches.shape[0]} patches do not match grid {tuple(grid)}")
     if max_length is not None and n_img + n_txt > max_length:
         raise SampleError(f"sample of {n_img + n_txt} tokens exceeds the per-sample cap {max_length}")
+    t_ids = torch.tensor(ids, dtype=torch.long)
+    t_labels = torch.where(torch.tensor(flags, dtype=torch.bool), t_ids, torch.full_like(t_ids, IGNORE_INDEX))
     return Sample(
-        input_ids=torch.tensor([0] * n_img + text_ids, dtype=torch.long),
-        labels=torch.tensor([IGNORE_INDEX] * n_img + text_labels, dtype=torch.long),
+        input_ids=torch.cat((torch.zeros(n_img, dtype=torch.long), t_ids)),
+        labels=torch.cat((torch.full((n_img,), IGNORE_INDEX, dtype=torch.long), t_labels)),
         positions=torch.cat((image_positions(*grid), text_positions(grid, n_txt)), dim=1),
         token_kinds=torch.tensor([KIND_IMAGE] * n_img + [KIND_TEXT] * n_txt, dtype=torch.long),
         patches=patches,
-        grid=grid,
+        grid=(int(grid[0]), int(grid[1])),
     )
+
+
+def build_sample(tokenizer, patches: torch.Tensor, grid: tuple[int, int], caption: str | None = None,
+                 prompt: str = "Describe the image in detail.", conversations: list[dict] | None = None,
+                 max_length: int | None = None) -> Sample:
+    """Assemble one sample from patches and a caption (stage 1) or a conversation (stage 2)."""
+    ids, flags = tokenize_text(tokenizer, caption, prompt, conversations)
+    return assemble_sample(patches, grid, ids, flags, max_length)
