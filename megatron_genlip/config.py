@@ -76,10 +76,48 @@ class DataConfig:
 
 @dataclass
 class ParallelConfig:
-    """Parallel layout. Only TP=PP=1 is built by this version of the model code."""
+    """Parallel layout: world size = tensor_parallel x pipeline_parallel x data_parallel."""
 
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
+    data_parallel: int | None = None  # None: world size / (TP x PP); else checked against the world size
+    zero_stage: int = 1  # DeepSpeed ZeRO stage over the data-parallel group: 0, 1, 2 or 3 (<= 1 with PP > 1)
+    sequence_parallel: bool = False  # Megatron sequence parallelism (needs tensor_parallel > 1)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, checkpoints, logging and evaluation (GENLIP_SPEC.md §5)."""
+
+    output_dir: str = "outputs/run"  # checkpoints, logs, TensorBoard, summary
+    micro_batch_size: int = 1  # packed rows per data-parallel rank per micro-step
+    global_batch_size: int = 1  # packed rows per optimizer step over all DP ranks (= micro x DP x grad. accumulation)
+    train_steps: int = 100  # optimizer steps of the whole run (the lr schedule spans them)
+    lr: float = 1e-3  # peak learning rate
+    min_lr: float = 1e-6  # cosine floor
+    warmup_ratio: float = 0.007  # linear warmup from 0 over this fraction of train_steps
+    warmup_steps: int | None = None  # overrides warmup_ratio when set
+    weight_decay: float = 0.01  # AdamW, on every parameter
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0  # global gradient-norm clipping
+    precision: str = "bf16"  # "bf16" (fp32 master weights and optimizer state) or "fp32"; fp16 is not offered
+    activation_checkpointing: bool = False  # recompute each transformer block in backward (RNG replayed)
+    seed: int = 42
+    log_interval: int = 1  # steps between log lines
+    save_interval: int = 1000  # steps between checkpoints (and one at the end)
+    keep_last: int = 3  # checkpoints kept; older ones are deleted
+    load: str | None = None  # checkpoint directory to start from when output_dir has none
+    eval_interval: int = 1000  # steps between evaluations (and one at the end)
+    eval_rows: int = 8  # held-out packed rows for the validation loss
+    eval_captions: int = 16  # held-out images captioned for exact-match / token accuracy
+    max_new_tokens: int = 64  # generation limit for evaluation captions
+    nan_policy: str = "skip"  # non-finite loss/grad norm: "skip" the step (counted) or "stop" the run
+    inject_nan_steps: list[int] = field(default_factory=list)  # fault injection: poison these steps' batches
+    peak_tflops: float = 989.0  # per device, for MFU (H100 dense bf16)
+    tensorboard: bool = True
+    progress_bar: str = "auto"  # "auto" (when stderr is a terminal), "always" or "never"
 
 
 @dataclass
@@ -88,6 +126,7 @@ class Config:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -123,6 +162,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return int(value)
     if tp is float:
+        if isinstance(value, str):  # PyYAML (YAML 1.1) reads "1e-3" as a string; accept the usual notation
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)
@@ -168,16 +212,33 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_yaml(path: str | Path, _seen: tuple = ()) -> dict[str, Any]:
+    """A config file as a raw mapping; ``base: OTHER.yaml`` (relative to the file) is loaded first and
+    overridden section by section, so recipe configs can extend the model configs."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    if path.resolve() in _seen:
+        raise ConfigError(f"config file {path} includes itself through 'base'")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections")
+    base = raw.pop("base", None)
+    if base is not None:
+        raw = _merge(read_yaml(path.parent / base, _seen + (path.resolve(),)), raw)
+    return raw
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Load a YAML config file (or defaults when ``path`` is None) and apply dotted overrides."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        raw = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of sections")
+    raw: dict[str, Any] = read_yaml(path) if path is not None else {}
     apply_overrides(raw, list(overrides or []))
     cfg = _from_dict(Config, raw)
     validate_model(cfg.model)
@@ -203,3 +264,69 @@ def validate_model(m: ModelConfig) -> None:
         raise ConfigError(f"model.params_dtype must be 'float32' or 'bfloat16', got {m.params_dtype!r}")
     if not 0.0 <= m.drop_path_rate < 1.0:
         raise ConfigError(f"model.drop_path_rate must be in [0, 1), got {m.drop_path_rate}")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The resolved parallel layout of a run."""
+
+    world_size: int
+    tensor_parallel: int
+    pipeline_parallel: int
+    data_parallel: int
+    grad_accumulation: int
+
+
+def resolve_layout(cfg: Config, world_size: int) -> Layout:
+    """Check the parallel/batch fields against each other and the world size; fail naming the fields."""
+    p, t, m = cfg.parallel, cfg.train, cfg.model
+    errors = []
+    tp, pp = p.tensor_parallel, p.pipeline_parallel
+    if tp < 1 or pp < 1:
+        raise ConfigError("parallel.tensor_parallel and parallel.pipeline_parallel must be >= 1")
+    if world_size % (tp * pp):
+        raise ConfigError(f"world size {world_size} is not divisible by parallel.tensor_parallel ({tp}) x "
+                          f"parallel.pipeline_parallel ({pp})")
+    dp = world_size // (tp * pp)
+    if p.data_parallel is not None and p.data_parallel != dp:
+        errors.append(f"parallel.data_parallel ({p.data_parallel}) x parallel.tensor_parallel ({tp}) x "
+                      f"parallel.pipeline_parallel ({pp}) != world size {world_size}")
+    if p.zero_stage not in (0, 1, 2, 3):
+        errors.append(f"parallel.zero_stage must be 0, 1, 2 or 3, got {p.zero_stage}")
+    if pp > 1 and p.zero_stage > 1:
+        errors.append(f"parallel.zero_stage={p.zero_stage} with parallel.pipeline_parallel={pp}: DeepSpeed's "
+                      "pipeline engine supports ZeRO stage 0 or 1 only")
+    if m.num_attention_heads % tp:
+        errors.append(f"model.num_attention_heads ({m.num_attention_heads}) not divisible by "
+                      f"parallel.tensor_parallel ({tp})")
+    if m.ffn_hidden_size % tp:
+        errors.append(f"model.ffn_hidden_size ({m.ffn_hidden_size}) not divisible by parallel.tensor_parallel ({tp})")
+    if m.vocab_size % tp:
+        errors.append(f"model.vocab_size ({m.vocab_size}) not divisible by parallel.tensor_parallel ({tp}); "
+                      "pad the vocabulary")
+    if m.num_layers % pp:
+        errors.append(f"model.num_layers ({m.num_layers}) not divisible by parallel.pipeline_parallel ({pp})")
+    per_step = t.micro_batch_size * dp
+    if t.micro_batch_size < 1 or t.global_batch_size % per_step:
+        errors.append(f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
+                      f"train.micro_batch_size ({t.micro_batch_size}) x data-parallel size ({dp})")
+    if t.precision not in ("bf16", "fp32"):
+        errors.append(f"train.precision must be 'bf16' or 'fp32' (fp16 is not offered), got {t.precision!r}")
+    if t.nan_policy not in ("skip", "stop"):
+        errors.append(f"train.nan_policy must be 'skip' or 'stop', got {t.nan_policy!r}")
+    if t.nan_policy == "skip" and p.zero_stage == 0:
+        errors.append("train.nan_policy=skip relies on ZeRO's skipped step on a non-finite gradient norm: "
+                      "use parallel.zero_stage >= 1 or train.nan_policy=stop")
+    if warmup_steps(t) >= t.train_steps:
+        errors.append(f"warmup ({warmup_steps(t)} steps) must be shorter than train.train_steps ({t.train_steps})")
+    if t.progress_bar not in ("auto", "always", "never"):
+        errors.append(f"train.progress_bar must be auto, always or never, got {t.progress_bar!r}")
+    if p.sequence_parallel:
+        errors.append("parallel.sequence_parallel=true is not implemented in this version")
+    if errors:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
+    return Layout(world_size, tp, pp, dp, t.global_batch_size // per_step)
+
+
+def warmup_steps(t: TrainConfig) -> int:
+    return t.warmup_steps if t.warmup_steps is not None else int(round(t.warmup_ratio * t.train_steps))

@@ -158,7 +158,8 @@ def test_every_bad_input_is_skipped_and_counted(tmp_path):
     assert all(s["shard"] == shard for s in report["skipped_samples"])
     assert report["skipped_by_reason"]["undecodable_image"] == 2
     ds = GenLIPIndexedDataset(prefix, tiny_cfg().data)
-    assert [ds[i].grid for i in range(3)] == [(4, 4)] * 3  # nothing half-written
+    g = tiny_cfg().data.image_size // 16
+    assert [ds[i].grid for i in range(3)] == [(g, g)] * 3  # nothing half-written
     # the conversation sample: user turn without loss, assistant turn with loss
     from megatron_genlip.data.tokenizer import load_tokenizer
 
@@ -166,7 +167,7 @@ def test_every_bad_input_is_skipped_and_counted(tmp_path):
     conv = ds[1]
     labelled = conv.input_ids[conv.labels != -100].tolist()
     assert labelled == tok.encode("A red image.") + [tok.eos_id, tok.newline_id]
-    assert tok.decode(conv.input_ids[16:][conv.labels[16:] == -100].tolist()) == "What is it?"
+    assert tok.decode(conv.input_ids[g * g:][conv.labels[g * g:] == -100].tolist()) == "What is it?"
 
 
 def test_aspect_ratio_rejected_in_stage2_and_truncated_shard(tmp_path):
@@ -236,8 +237,9 @@ def test_rows_hold_whole_samples_and_cache_is_reused(packed):
         idx = (row["sample_ids"] == s).nonzero().flatten()
         assert torch.equal(idx, torch.arange(idx[0], idx[-1] + 1))
         kinds = row["token_kinds"][idx]
-        assert (kinds[:16] == 1).all() and (kinds[16:] == 0).all()
-        assert row["positions"][:, idx[16]].tolist() == [4, 4, 4]
+        g = packed.dataset.cfg.image_size // 16
+        assert (kinds[: g * g] == 1).all() and (kinds[g * g:] == 0).all()
+        assert row["positions"][:, idx[g * g]].tolist() == [g, g, g]
     cached = list(packed.cache_dir.glob(f"{packed.key}-epoch0.npz"))
     assert len(cached) == 1
     again = PackedRows(packed.dataset, packed.seq_length, 7, 64)

@@ -131,10 +131,10 @@ def collate_rows(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]
 
 
 def build_loader(rows: PackedRows, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_world: int,
-                 num_workers: int = 0, limit: int | None = None) -> torch.utils.data.DataLoader:
+                 num_workers: int = 0, limit: int | None = None, worker_init_fn=None) -> torch.utils.data.DataLoader:
     """A DataLoader over packed rows for one DP rank (deterministic: no randomness in loading)."""
     sampler = MicroBatchSampler(consumed_samples, micro_batch_size, dp_rank, dp_world, limit)
     return torch.utils.data.DataLoader(
         rows, batch_sampler=sampler, collate_fn=collate_rows, num_workers=num_workers,
-        persistent_workers=False, prefetch_factor=4 if num_workers else None,
+        persistent_workers=False, prefetch_factor=4 if num_workers else None, worker_init_fn=worker_init_fn,
     )

@@ -9,8 +9,8 @@ attention and returns the ``ln_post`` output (not ``proj``), which is what an ML
 from __future__ import annotations
 
 import torch
-from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
+from megatron_genlip.parallel.state import gather_last_dim
 from megatron_genlip.data.sample import image_positions, text_positions
 from megatron_genlip.model.layers import KVCache
 from megatron_genlip.model.masks import KIND_IMAGE, KIND_TEXT, image_only_mask, sdpa_mask
@@ -26,7 +26,7 @@ def _prefix(tokenizer, grid: tuple[int, int], prompt: str) -> dict[str, torch.Te
 
 
 def _next_token(model, h_last: torch.Tensor) -> int:
-    logits = gather_from_tensor_model_parallel_region(model.head(h_last).float())
+    logits = gather_last_dim(model.head(h_last).float())
     return int(logits.argmax(-1))
 
 

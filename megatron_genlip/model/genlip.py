@@ -14,10 +14,12 @@ Module names follow the Hugging Face keys of GENLIP_SPEC.md §6 where they can (
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
 from megatron_genlip.config import ModelConfig
@@ -44,59 +46,58 @@ class LossOutput:
         return self.token_losses.numel()
 
 
+class PatchEmbedding(torch.nn.Module):
+    """Conv2d(C -> d, kernel = stride = patch) on one patch, i.e. a linear map of the flattened (c, y, x) patch.
+
+    Parameters have the Conv2d shapes ([d, C, p, p] and [d]) and names of the official checkpoints; the
+    module owns its forward so ZeRO-3 gathers its parameters when it runs.
+    """
+
+    def __init__(self, channels: int, hidden: int, patch: int):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.empty(hidden, channels, patch, patch))
+        self.bias = torch.nn.Parameter(torch.empty(hidden))
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        """patches [N, C, p, p] -> [N, d]."""
+        return F.linear(patches.to(self.weight.dtype).flatten(1), self.weight.flatten(1), self.bias)
+
+
 class VisionEmbeddings(torch.nn.Module):
-    """Conv2d(3 -> d, kernel = stride = patch) applied per 16x16 patch: no position embedding, no CLS."""
+    """Patch embedding only: no position embedding, no CLS token, no pre-norm (GENLIP_SPEC.md §2.2)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        p = cfg.patch_size
-        self.patch_embedding = torch.nn.Conv2d(cfg.num_channels, cfg.hidden_size, kernel_size=p, stride=p)
+        self.patch_embedding = PatchEmbedding(cfg.num_channels, cfg.hidden_size, cfg.patch_size)
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
-        """patches [N, C, p, p] -> [N, d]; identical to the conv on the patch (a linear map of (c, y, x))."""
-        w = self.patch_embedding.weight
-        return F.linear(patches.to(w.dtype).flatten(1), w.flatten(1), self.patch_embedding.bias)
+        return self.patch_embedding(patches)
 
 
-class GenLIPModel(torch.nn.Module):
-    def __init__(self, cfg: ModelConfig, tensor_parallel: int = 1):
-        super().__init__()
-        state.ensure_initialized(tensor_parallel)
-        self.cfg = cfg
-        spec = get_layer_spec(cfg)
-        pconfig = parallel_config(cfg, tensor_parallel)
-        tp_group = state.tensor_parallel_group()
+@contextlib.contextmanager
+def component_rng(seed: int, index: int):
+    """Initialise one model component from its own RNG stream, so every layout (TP, PP stage split) builds
+    bit-identical weights: component 0 = embeddings, 1..L = blocks, L+1 = head."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed * 100_003 + index)
+        yield
+
+
+class EmbeddingMixin:
+    """Patch embedding, text embedding and in_proj; shared by the model and the first pipeline stage."""
+
+    def _build_embedding(self, cfg: ModelConfig, spec, pconfig, tp_group) -> None:
         d, e = cfg.hidden_size, cfg.text_embed_dim
-        init = normal_init(cfg.init_std)
-
         self.vision_embeddings = VisionEmbeddings(cfg)
-        self.embeddings = spec.vocab_embedding(cfg.vocab_size, e, init_method=init, config=pconfig, tp_group=tp_group)
+        self.embeddings = spec.vocab_embedding(cfg.vocab_size, e, init_method=normal_init(cfg.init_std),
+                                               config=pconfig, tp_group=tp_group)
         self.in_proj = torch.nn.Linear(e, d) if e != d else None
-        self.rotary = MultimodalRotaryEmbedding(cfg.head_dim, cfg.mrope_section, cfg.rope_theta)
-        self.layers = torch.nn.ModuleList(
-            TransformerBlock(cfg, spec, pconfig, tp_group, i) for i in range(cfg.num_layers)
-        )
-        self.ln_post = spec.layer_norm(d, eps=cfg.layernorm_eps)
-        self.proj = torch.nn.Linear(d, e) if e != d else None
-        self.lm_head = spec.column_linear(e, cfg.vocab_size, bias=False, init_method=init, config=pconfig,
-                                          tp_group=tp_group)
-        self._init_replicated_modules()
-        self.to(getattr(torch, cfg.params_dtype))
-
-    def _init_replicated_modules(self) -> None:
-        """§2.10 for the modules megatron-core does not initialise (TP layers get init_method at build)."""
-        std = self.cfg.init_std
-        with torch.no_grad():
-            pe = self.vision_embeddings.patch_embedding
-            torch.nn.init.normal_(pe.weight, std=std)
-            pe.bias.zero_()
-            for lin in (self.in_proj, self.proj):
-                if lin is not None:
-                    torch.nn.init.normal_(lin.weight, std=std)
-                    lin.bias.zero_()
-
-    # ----------------------------------------------------------------------------------------------
-    # pieces (reused by training, generation and feature extraction)
+        with torch.no_grad():  # §2.10 for what megatron-core does not initialise
+            torch.nn.init.normal_(self.vision_embeddings.patch_embedding.weight, std=cfg.init_std)
+            self.vision_embeddings.patch_embedding.bias.zero_()
+            if self.in_proj is not None:
+                torch.nn.init.normal_(self.in_proj.weight, std=cfg.init_std)
+                self.in_proj.bias.zero_()
 
     def embed(self, input_ids: torch.Tensor, token_kinds: torch.Tensor, patches: torch.Tensor | None) -> torch.Tensor:
         """Text embedding of every slot, then image-patch embeddings scattered over image slots: [L, B, d]."""
@@ -111,19 +112,70 @@ class GenLIPModel(torch.nn.Module):
             x = x.masked_scatter(image_slots[..., None], img)
         return x.transpose(0, 1).contiguous()
 
-    def encode(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
-               cache: KVCache | None = None) -> torch.Tensor:
-        """Blocks and ln_post. x [L, B, d]; positions [B, 3, L]; mask bool [B|1, 1, L, L_kv]."""
-        cos, sin = self.rotary(positions, x.dtype)
-        for layer in self.layers:
-            x = layer(x, cos, sin, mask, cache)
-        return self.ln_post(x)
+
+class HeadMixin:
+    """ln_post, proj, the LM head and the loss; shared by the model and the last pipeline stage."""
+
+    def _build_head(self, cfg: ModelConfig, spec, pconfig, tp_group) -> None:
+        d, e = cfg.hidden_size, cfg.text_embed_dim
+        self.ln_post = spec.layer_norm(d, eps=cfg.layernorm_eps)
+        self.proj = torch.nn.Linear(d, e) if e != d else None
+        self.lm_head = spec.column_linear(e, cfg.vocab_size, bias=False, init_method=normal_init(cfg.init_std),
+                                          config=pconfig, tp_group=tp_group)
+        if self.proj is not None:
+            with torch.no_grad():
+                torch.nn.init.normal_(self.proj.weight, std=cfg.init_std)
+                self.proj.bias.zero_()
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """proj + lm_head: [..., d] -> vocab logits (the local vocab shard under TP)."""
         if self.proj is not None:
             h = self.proj(h)
         return self.lm_head(h)
+
+    def loss_from_hidden(self, h: torch.Tensor, labels: torch.Tensor, sample_ids: torch.Tensor) -> LossOutput:
+        """Next-token loss from ln_post output h [B, L, d]; the LM head runs only where a label follows."""
+        targets = labels[:, 1:]
+        selected = targets != IGNORE_INDEX  # position i predicts label i+1; cross-sample pairs are -100
+        logits = self.head(h[:, :-1][selected]).float()  # [N_lab, V/TP]
+        token_losses = vocab_parallel_cross_entropy(logits[None], targets[selected][None])[0]
+        rows = torch.arange(h.shape[0], device=h.device)[:, None].expand_as(targets)[selected]
+        loss = token_losses.mean() if token_losses.numel() else h.sum() * 0.0
+        return LossOutput(loss, token_losses, rows, sample_ids[:, 1:][selected])
+
+
+class GenLIPModel(EmbeddingMixin, HeadMixin, torch.nn.Module):
+    def __init__(self, cfg: ModelConfig, tensor_parallel: int = 1, seed: int = 0):
+        super().__init__()
+        state.ensure_initialized(tensor_parallel)
+        self.cfg = cfg
+        self.activation_checkpointing = False  # per-block recomputation in backward (set by the trainer)
+        spec = get_layer_spec(cfg)
+        pconfig = parallel_config(cfg, tensor_parallel)
+        tp_group = state.tensor_parallel_group()
+        with component_rng(seed, 0):
+            self._build_embedding(cfg, spec, pconfig, tp_group)
+        self.rotary = MultimodalRotaryEmbedding(cfg.head_dim, cfg.mrope_section, cfg.rope_theta)
+        layers = []
+        for i in range(cfg.num_layers):
+            with component_rng(seed, 1 + i):
+                layers.append(TransformerBlock(cfg, spec, pconfig, tp_group, i))
+        self.layers = torch.nn.ModuleList(layers)
+        with component_rng(seed, cfg.num_layers + 1):
+            self._build_head(cfg, spec, pconfig, tp_group)
+        self.to(getattr(torch, cfg.params_dtype))
+
+    def encode(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+               cache: KVCache | None = None) -> torch.Tensor:
+        """Blocks and ln_post. x [L, B, d]; positions [B, 3, L]; mask bool [B|1, 1, L, L_kv]."""
+        cos, sin = self.rotary(positions, x.dtype)
+        recompute = self.activation_checkpointing and self.training and cache is None
+        for layer in self.layers:
+            if recompute:  # non-reentrant; the RNG state is replayed, so DropPath drops the same rows
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, None, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache)
+        return self.ln_post(x)
 
     # ----------------------------------------------------------------------------------------------
     # training / evaluation entry points
@@ -136,14 +188,7 @@ class GenLIPModel(torch.nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> LossOutput:
         """Next-token loss; the LM head runs only on positions whose next token carries a label (§2.9)."""
-        h = self.final_hidden(batch)
-        targets = batch["labels"][:, 1:]
-        selected = targets != IGNORE_INDEX  # position i predicts label i+1; cross-sample pairs are -100
-        logits = self.head(h[:, :-1][selected]).float()  # [N_lab, V/TP]
-        token_losses = vocab_parallel_cross_entropy(logits[None], targets[selected][None])[0]
-        rows = torch.arange(h.shape[0], device=h.device)[:, None].expand_as(targets)[selected]
-        loss = token_losses.mean() if token_losses.numel() else h.sum() * 0.0
-        return LossOutput(loss, token_losses, rows, batch["sample_ids"][:, 1:][selected])
+        return self.loss_from_hidden(self.final_hidden(batch), batch["labels"], batch["sample_ids"])
 
     def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Logits for every slot [B, L, V/TP] (tests and export parity; training never builds these)."""
@@ -151,7 +196,8 @@ class GenLIPModel(torch.nn.Module):
 
 
 def build_model(cfg: ModelConfig, tensor_parallel: int = 1, seed: int | None = None) -> GenLIPModel:
-    """Build a model with the §2.10 init; ``seed`` makes the weights identical on every rank and layout."""
-    if seed is not None:
-        torch.manual_seed(seed)
-    return GenLIPModel(cfg, tensor_parallel)
+    """Build a model with the §2.10 init; ``seed`` makes the weights identical on every rank and layout
+    (None: a seed drawn from torch's RNG)."""
+    if seed is None:
+        seed = int(torch.randint(0, 2**31 - 1, ()))
+    return GenLIPModel(cfg, tensor_parallel, seed)

@@ -3,6 +3,10 @@
 The model's layers always take their tensor-parallel group from here, so a single-process run (a demo,
 a unit test, a conversion tool) needs a world of one: :func:`ensure_initialized` creates it on demand with
 an in-memory store (no ports, no network).
+
+Rank order: megatron-core's default order puts TP innermost, then DP, then PP outermost, exactly like
+DeepSpeed's ``PipeModelDataParallelTopology`` (axes pipe, data, model). :func:`check_rank_order` asserts it,
+because DeepSpeed's ZeRO/pipeline groups and megatron-core's TP groups must name the same ranks.
 """
 
 from __future__ import annotations
@@ -23,8 +27,71 @@ def ensure_initialized(tensor_parallel: int = 1, pipeline_parallel: int = 1) -> 
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tensor_parallel, pipeline_model_parallel_size=pipeline_parallel
         )
+    got = (parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_pipeline_model_parallel_world_size())
+    if got != (tensor_parallel, pipeline_parallel):
+        raise RuntimeError(f"model parallelism already initialised as TP={got[0]} PP={got[1]}, "
+                           f"not TP={tensor_parallel} PP={pipeline_parallel}")
+
+
+def reinitialize(tensor_parallel: int, pipeline_parallel: int = 1) -> None:
+    """Tear down megatron-core's groups and build them for another layout (tests compare layouts)."""
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    ensure_initialized(tensor_parallel, pipeline_parallel)
 
 
 def tensor_parallel_group() -> dist.ProcessGroup:
-    ensure_initialized()
+    if not parallel_state.model_parallel_is_initialized():
+        ensure_initialized()
     return parallel_state.get_tensor_model_parallel_group()
+
+
+def gather_last_dim(x):
+    """All-gather a tensor-parallel shard along its last dimension (e.g. vocab-parallel logits) over the TP
+    group. megatron-core's own gather allocates on ``torch.cuda.current_device()``, which fails on CPU."""
+    import torch
+
+    group = parallel_state.get_tensor_model_parallel_group()
+    world = dist.get_world_size(group)
+    if world == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=-1)
+
+
+def deepspeed_topology(tensor_parallel: int, pipeline_parallel: int):
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+    dp = dist.get_world_size() // (tensor_parallel * pipeline_parallel)
+    return PipeModelDataParallelTopology(num_pp=pipeline_parallel, num_mp=tensor_parallel, num_dp=dp)
+
+
+def check_rank_order(tensor_parallel: int, pipeline_parallel: int) -> None:
+    """Every rank's (pipe, data, model) coordinate in DeepSpeed's topology equals megatron-core's
+    (PP rank, DP rank, TP rank); all ranks compare all ranks."""
+    topo = deepspeed_topology(tensor_parallel, pipeline_parallel)
+    mine = [parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_data_parallel_rank(),
+            parallel_state.get_tensor_model_parallel_rank()]
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    for rank, coords in enumerate(everyone):
+        c = topo.get_coord(rank)
+        if [c.pipe, c.data, c.model] != coords:
+            raise RuntimeError(f"rank {rank}: DeepSpeed topology (pipe, data, model) = {(c.pipe, c.data, c.model)} but "
+                               f"megatron-core (pp, dp, tp) = {tuple(coords)}; the two rank orders must agree")
+
+
+class MegatronMPU:
+    """The ``mpu`` DeepSpeed expects (ENGINES_ON_CPU.md §9): megatron-core's parallel_state plus the two
+    methods DeepSpeed calls that it lacks. ZeRO then partitions over the data-parallel group only and the
+    initial weight broadcast stays inside it (tensor-parallel shards are not overwritten)."""
+
+    def __getattr__(self, name):
+        return getattr(parallel_state, name)
+
+    def get_model_parallel_world_size(self) -> int:
+        return dist.get_world_size(parallel_state.get_model_parallel_group())
+
+    def get_model_parallel_rank(self) -> int:
+        return dist.get_rank(parallel_state.get_model_parallel_group())

@@ -1,0 +1,108 @@
+"""Pipeline parallelism: the GenLIP model as a DeepSpeed ``PipelineModule`` of ``LayerSpec``s.
+
+Stages: the embeddings (patch + text + in_proj) on the first stage, the transformer blocks split evenly
+by count (``partition_method="type:BlockStage"``), ln_post / proj / LM head / loss on the last. Between
+stages flows a fixed-shape tuple (rows are fixed length):
+
+    (hidden [L, B, d], positions [B, 3, L], sample_ids [B, L], token_kinds [B, L], labels [B, L])
+
+so every stage rebuilds its rotary tables and prefix-LM mask from the positions and ids, and the labels
+reach the last stage with the activations. Parameter names inside each stage equal the single-device
+model's (``vision_embeddings.*``, ``layer_norm1.*`` of block i, ``ln_post.*``, ...), and every component is
+initialised from its own RNG stream (``component_rng``), so a pipeline holds exactly the weights of the
+one-device model built with the same seed.
+"""
+
+from __future__ import annotations
+
+import torch
+from deepspeed.pipe import LayerSpec, PipelineModule
+
+from megatron_genlip.config import ModelConfig
+from megatron_genlip.model.genlip import EmbeddingMixin, HeadMixin, component_rng
+from megatron_genlip.model.layers import TransformerBlock
+from megatron_genlip.model.masks import sdpa_mask
+from megatron_genlip.model.rope import MultimodalRotaryEmbedding
+from megatron_genlip.model.spec import get_layer_spec, parallel_config
+from megatron_genlip.parallel import state
+
+INPUT_KEYS = ("input_ids", "positions", "sample_ids", "token_kinds", "labels", "patches")
+
+
+def pipeline_inputs(batch: dict[str, torch.Tensor]) -> tuple:
+    """A collated micro-batch -> (inputs for the first stage, labels for the last) as DeepSpeed expects."""
+    return tuple(batch[k] for k in INPUT_KEYS), batch["labels"]
+
+
+def _common(cfg: ModelConfig, tensor_parallel: int):
+    return get_layer_spec(cfg), parallel_config(cfg, tensor_parallel), state.tensor_parallel_group()
+
+
+class EmbedStage(EmbeddingMixin, torch.nn.Module):
+    def __init__(self, cfg: ModelConfig, tensor_parallel: int, seed: int):
+        super().__init__()
+        with component_rng(seed, 0):
+            self._build_embedding(cfg, *_common(cfg, tensor_parallel))
+        self.to(getattr(torch, cfg.params_dtype))
+
+    def forward(self, inputs: tuple) -> tuple:
+        input_ids, positions, sample_ids, token_kinds, labels, patches = inputs
+        return self.embed(input_ids, token_kinds, patches), positions, sample_ids, token_kinds, labels
+
+
+class BlockStage(TransformerBlock):
+    """One transformer block that rebuilds its rotary tables and mask from the tuple it receives."""
+
+    def __init__(self, cfg: ModelConfig, tensor_parallel: int, seed: int, index: int,
+                 activation_checkpointing: bool = False):
+        with component_rng(seed, 1 + index):
+            super().__init__(cfg, *_common(cfg, tensor_parallel), index)
+        self.rotary = MultimodalRotaryEmbedding(cfg.head_dim, cfg.mrope_section, cfg.rope_theta)
+        self.activation_checkpointing = activation_checkpointing
+        self.to(getattr(torch, cfg.params_dtype))
+
+    def forward(self, inputs: tuple) -> tuple:
+        x, positions, sample_ids, token_kinds, labels = inputs
+        cos, sin = self.rotary(positions, x.dtype)
+        mask = sdpa_mask(sample_ids, token_kinds)
+        if self.activation_checkpointing and self.training:  # RNG replayed: DropPath drops the same rows
+            x = torch.utils.checkpoint.checkpoint(super().forward, x, cos, sin, mask, None, use_reentrant=False)
+        else:
+            x = super().forward(x, cos, sin, mask)
+        return x, positions, sample_ids, token_kinds, labels
+
+
+class HeadStage(HeadMixin, torch.nn.Module):
+    """ln_post, proj, LM head on labelled positions and the token-mean loss: the pipeline's output."""
+
+    def __init__(self, cfg: ModelConfig, tensor_parallel: int, seed: int):
+        super().__init__()
+        with component_rng(seed, cfg.num_layers + 1):
+            self._build_head(cfg, *_common(cfg, tensor_parallel))
+        self.to(getattr(torch, cfg.params_dtype))
+
+    def forward(self, inputs: tuple) -> torch.Tensor:
+        x, _positions, sample_ids, _token_kinds, labels = inputs
+        h = self.ln_post(x).transpose(0, 1)
+        return self.loss_from_hidden(h, labels, sample_ids).loss
+
+
+def build_pipeline(cfg: ModelConfig, tensor_parallel: int, pipeline_parallel: int, seed: int,
+                   activation_checkpointing: bool = False) -> PipelineModule:
+    layers = [LayerSpec(EmbedStage, cfg, tensor_parallel, seed)]
+    layers += [LayerSpec(BlockStage, cfg, tensor_parallel, seed, i, activation_checkpointing)
+               for i in range(cfg.num_layers)]
+    layers += [LayerSpec(HeadStage, cfg, tensor_parallel, seed)]
+    return PipelineModule(layers=layers, num_stages=pipeline_parallel, loss_fn=None,
+                          topology=state.deepspeed_topology(tensor_parallel, pipeline_parallel),
+                          partition_method="type:BlockStage", activation_checkpoint_interval=0)
+
+
+def pipeline_to_model_names(stage_state: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
+    """PipelineModule state names ("<layer index>.<name>") -> the single-device model's names."""
+    out = {}
+    for name, t in stage_state.items():
+        idx, rest = name.split(".", 1)
+        idx = int(idx)
+        out[rest if idx == 0 or idx == num_layers + 1 else f"layers.{idx - 1}.{rest}"] = t
+    return out

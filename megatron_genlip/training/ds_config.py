@@ -1,0 +1,42 @@
+"""The one place that turns the project config into DeepSpeed's JSON config."""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_genlip.config import Config, Layout
+
+
+def deepspeed_config(cfg: Config, layout: Layout) -> dict:
+    t, p = cfg.train, cfg.parallel
+    on_gpu = torch.cuda.is_available()
+    zero: dict = {"stage": p.zero_stage}
+    if p.zero_stage >= 2:
+        zero.update(overlap_comm=on_gpu, contiguous_gradients=True, reduce_bucket_size=5e8)
+    if p.zero_stage == 3:
+        zero.update(stage3_gather_16bit_weights_on_model_save=False)
+    return {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": layout.grad_accumulation,
+        "gradient_clipping": t.clip_grad,
+        "bf16": {"enabled": t.precision == "bf16"},
+        "fp16": {"enabled": False},
+        # fp32 master weights, Adam moments and gradient reduction (GENLIP_SPEC.md §5, §11)
+        "communication_data_type": "fp32",
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": t.lr,
+                "betas": [t.adam_beta1, t.adam_beta2],
+                "eps": t.adam_eps,
+                "weight_decay": t.weight_decay,
+                # CPU: torch's AdamW (nothing to compile); GPU: DeepSpeed's fused Adam
+                "torch_adam": not on_gpu,
+            },
+        },
+        "zero_optimization": zero,
+        "steps_per_print": 2**31 - 1,  # the trainer logs; keep DeepSpeed quiet
+        "wall_clock_breakdown": False,
+        "dump_state": False,
+    }

@@ -1,0 +1,80 @@
+"""Evaluation on the held-out split: validation loss and greedy captioning (exact match, token accuracy).
+
+Work is split over data-parallel ranks and the sums are all-reduced over the data-parallel group (tensor-
+parallel peers compute the same rows), so every rank returns the same numbers. The model passed in must hold full (not ZeRO-3-partitioned) parameters.
+
+Metrics:
+  val_loss            token-mean next-token loss over ``eval_rows`` held-out packed rows
+  val_token_accuracy  teacher-forced argmax accuracy on the same labelled tokens
+  caption_exact_match fraction of held-out images whose greedy caption equals the reference exactly
+  caption_token_accuracy  position-wise agreement of generated and reference caption tokens, divided by
+                      the longer of the two (a missing or extra token counts as wrong), averaged over images
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megatron_genlip.data.indexed import GenLIPIndexedDataset
+from megatron_genlip.data.packed_dataset import PackedRows
+from megatron_genlip.data.packing import stack_rows
+from megatron_genlip.inference.generate import generate_caption
+from megatron_genlip.model.genlip import IGNORE_INDEX
+from megatron_genlip.parallel.state import gather_last_dim
+
+
+def caption_token_accuracy(generated: list[int], reference: list[int]) -> float:
+    longest = max(len(generated), len(reference))
+    if longest == 0:
+        return 1.0
+    return sum(a == b for a, b in zip(generated, reference)) / longest
+
+
+def reference_caption(sample) -> list[int]:
+    """Labelled tokens of a stage-1 sample without the final <|im_end|> and "\\n"."""
+    return sample.input_ids[sample.labels != IGNORE_INDEX].tolist()[:-2]
+
+
+@torch.no_grad()
+def validation_loss(model, rows: PackedRows, num_rows: int, dp_rank: int, dp_world: int, device) -> dict:
+    """Token-mean loss and teacher-forced accuracy over the first ``num_rows`` held-out rows."""
+    model.eval()
+    totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, tokens
+    for r in range(dp_rank, min(num_rows, rows.rows_in_epoch(0)), dp_world):
+        batch = {k: v.to(device) for k, v in stack_rows([rows[r]]).items()}
+        out = model(batch)
+        totals[0] += float(out.token_losses.double().sum())
+        h = model.final_hidden(batch)[:, :-1][batch["labels"][:, 1:] != IGNORE_INDEX]
+        logits = gather_last_dim(model.head(h).float())
+        totals[1] += float((logits.argmax(-1) == batch["labels"][:, 1:][batch["labels"][:, 1:] != IGNORE_INDEX]).sum())
+        totals[2] += out.num_tokens
+    dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+    tokens = max(1.0, float(totals[2]))
+    return {"val_loss": float(totals[0]) / tokens, "val_token_accuracy": float(totals[1]) / tokens,
+            "val_tokens": int(totals[2])}
+
+
+@torch.no_grad()
+def caption_metrics(model, dataset: GenLIPIndexedDataset, tokenizer, prompt: str, num_images: int,
+                    max_new_tokens: int, dp_rank: int, dp_world: int, examples: int = 4) -> dict:
+    """Greedy captions of the first ``num_images`` held-out samples against their references."""
+    model.eval()
+    totals = torch.zeros(3, dtype=torch.float64)  # exact, token accuracy sum, images
+    mine = []
+    for i in range(dp_rank, min(num_images, len(dataset)), dp_world):
+        sample = dataset[i]
+        ref = reference_caption(sample)
+        gen = generate_caption(model, tokenizer, sample.patches, sample.grid, prompt, max_new_tokens)
+        totals += torch.tensor([float(gen == ref), caption_token_accuracy(gen, ref), 1.0], dtype=torch.float64)
+        if len(mine) < examples:
+            mine.append({"index": i, "reference": tokenizer.decode(ref), "generated": tokenizer.decode(gen)})
+    group = parallel_state.get_data_parallel_group()  # tensor-parallel peers hold the same numbers
+    dist.all_reduce(totals, group=group)
+    gathered: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, mine, group=group)
+    shown = sorted((e for part in gathered for e in part), key=lambda e: e["index"])[:examples]
+    n = max(1.0, float(totals[2]))
+    return {"caption_exact_match": float(totals[0]) / n, "caption_token_accuracy": float(totals[1]) / n,
+            "caption_images": int(totals[2]), "caption_examples": shown}

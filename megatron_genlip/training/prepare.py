@@ -1,0 +1,55 @@
+"""Prepare the embedded default data for the main job: synthetic shards -> indexed train/val datasets.
+
+Idempotent and safe to call from every rank: a file lock serialises the work, finished steps are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import os
+from pathlib import Path
+
+from megatron_genlip.config import load_config
+from megatron_genlip.data.builder import build_indexed_dataset
+from megatron_genlip.data.synthetic import generate_default_dataset
+
+
+def prepare_default_data(config: str, data_dir: str, overrides: list[str] | None = None, workers: int = 2,
+                         quiet: bool = False) -> dict[str, str]:
+    """Generate ``data_dir/shards`` (if absent) and build ``data_dir/indexed/{train,val}`` (if absent)."""
+    cfg = load_config(config, overrides)
+    root = Path(data_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".prepare.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        info = generate_default_dataset(str(root / "shards"))
+        if not quiet:
+            print(f"synthetic data: {'reused' if info.get('reused') else 'generated'} {root / 'shards'} "
+                  f"({info['params']['num_train']} train, {info['params']['num_val']} val)")
+        out = {}
+        for split in ("train", "val"):
+            prefix = root / "indexed" / split
+            if not Path(f"{prefix}.json").is_file():
+                report = build_indexed_dataset([str(root / "shards" / f"{split}-*.tar")], str(prefix), cfg,
+                                               workers=workers, progress=not quiet)
+                if not quiet:
+                    print(f"indexed {split}: {report['samples_written']} samples, {report['samples_skipped']} skipped")
+            out[split] = str(prefix)
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--config", required=True, help="config whose tokenizer/data sections define the dataset")
+    ap.add_argument("--data-dir", required=True, help="where shards/ and indexed/ are written")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="dotted config override (repeatable)")
+    ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="preprocessing processes")
+    args = ap.parse_args()
+    prepare_default_data(args.config, args.data_dir, args.overrides, args.workers)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,380 @@
+"""The training loop on the DeepSpeed engine.
+
+One optimizer step = ``grad_accumulation`` micro-batches per data-parallel rank; DeepSpeed owns data
+parallelism, ZeRO, bf16, gradient clipping, the optimizer and the lr schedule's stepping. The trainer owns
+the data position (``consumed_samples``), checkpoints with exact resume, guards against non-finite values,
+signals, logging and evaluation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megatron_genlip.config import Config, ConfigError, resolve_layout
+from megatron_genlip.data.builder import tokenizer_fingerprint
+from megatron_genlip.data.indexed import GenLIPIndexedDataset
+from megatron_genlip.data.packed_dataset import PackedRows, build_loader
+from megatron_genlip.data.tokenizer import load_tokenizer
+from megatron_genlip.model.genlip import build_model
+from megatron_genlip.parallel import state
+from megatron_genlip.parallel.pipeline import build_pipeline, pipeline_inputs
+from megatron_genlip.training import checkpoint as ckpt
+from megatron_genlip.training.distributed import device, init_distributed
+from megatron_genlip.training.ds_config import deepspeed_config
+from megatron_genlip.training.evaluate import caption_metrics, validation_loss
+from megatron_genlip.training.metrics import RunLogger, batch_stats, format_step, memory_gb
+from megatron_genlip.training.schedule import build_scheduler
+from megatron_genlip.training.signals import STOP_SIGNALS, install_stop_handlers
+
+
+
+class NonFiniteError(RuntimeError):
+    """A non-finite loss or gradient norm under ``train.nan_policy=stop``."""
+
+
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """DataLoader workers leave SIGTERM/SIGUSR1 to the trainer, which checkpoints before exiting."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.stop_requested = False
+        self.rank, self.world = init_distributed()
+        self.layout = resolve_layout(cfg, self.world)
+        state.ensure_initialized(self.layout.tensor_parallel, self.layout.pipeline_parallel)
+        state.check_rank_order(self.layout.tensor_parallel, self.layout.pipeline_parallel)
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.dp_world = parallel_state.get_data_parallel_world_size()
+        self.device = device()
+        self.out = Path(cfg.train.output_dir)
+        self.ckpt_dir = self.out / "checkpoints"
+        self.iteration = 0
+        self.consumed_samples = 0
+        self.skipped_steps = 0
+        self.samples_seen = 0.0
+        self.tokens_seen = 0.0
+        self._build_data()
+        self._build_engine()
+        self.resumed_from = self._resume()
+        install_stop_handlers(self)
+
+    # ---------------------------------------------------------------------------------------------
+    # set-up
+
+    def _build_data(self) -> None:
+        cfg = self.cfg
+        if not cfg.data.train_data:
+            raise ConfigError("data.train_data is not set: point it at a dataset built by tools/preprocess_data.py")
+        fp = tokenizer_fingerprint(cfg.tokenizer.kind, cfg.tokenizer.path)
+        self.tokenizer = load_tokenizer(cfg.tokenizer.kind, cfg.tokenizer.path)
+        if self.tokenizer.n_vocab > cfg.model.vocab_size:
+            raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's "
+                              f"{self.tokenizer.n_vocab} ids")
+        train = GenLIPIndexedDataset(cfg.data.train_data, cfg.data, fp)
+        self.train_rows = PackedRows(train, cfg.data.seq_length, cfg.data.seed, cfg.data.pack_buffer_size)
+        self.valid = self.valid_rows = None
+        if cfg.data.valid_data:
+            self.valid = GenLIPIndexedDataset(cfg.data.valid_data, cfg.data, fp)
+            self.valid_rows = PackedRows(self.valid, cfg.data.seq_length, cfg.data.seed, cfg.data.pack_buffer_size)
+
+    def _build_engine(self) -> None:
+        cfg, tp, pp = self.cfg, self.layout.tensor_parallel, self.layout.pipeline_parallel
+        if pp > 1:  # DeepSpeed's pipeline engine; its own grid equals megatron-core's groups (checked above)
+            model = build_pipeline(cfg.model, tp, pp, cfg.train.seed, cfg.train.activation_checkpointing)
+        else:
+            model = build_model(cfg.model, tp, seed=cfg.train.seed)
+            model.activation_checkpointing = cfg.train.activation_checkpointing
+        torch.manual_seed(cfg.train.seed + 1000 * self.dp_rank)  # DropPath differs per data-parallel rank
+        self.ds_config = deepspeed_config(cfg, self.layout)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+            config=self.ds_config, lr_scheduler=lambda opt: build_scheduler(opt, cfg.train),
+            mpu=state.MegatronMPU() if tp > 1 and pp == 1 else None,
+        )
+        self.pipelined = pp > 1
+
+    def _client_state(self) -> dict:
+        """Trainer state saved with every checkpoint, under its own key (DeepSpeed's own top-level keys such
+        as ``skipped_steps`` would otherwise collide and be dropped on load)."""
+        return {"genlip": {
+            "iteration": self.iteration,
+            "consumed_samples": self.consumed_samples,
+            "skipped_steps": self.skipped_steps,
+            "samples_seen": self.samples_seen,
+            "tokens_seen": self.tokens_seen,
+            "config": self.cfg.to_dict(),
+            "data_fingerprint": self.train_rows.dataset.fingerprint(),
+            "layout": dataclasses.asdict(self.layout),
+        }}
+
+    def _resume(self) -> str:
+        """Output dir's latest checkpoint, else train.load, else scratch; say which."""
+        sources = [(self.ckpt_dir, "the output directory")]
+        if self.cfg.train.load:
+            sources.append((Path(self.cfg.train.load), "train.load"))
+        for directory, what in sources:
+            tag = ckpt.latest_tag(directory)
+            if tag is None:
+                continue
+            client = ckpt.load_checkpoint(self.engine, directory, tag).get("genlip")
+            if client is None:
+                raise ConfigError(f"{directory / tag} holds no megatron-genlip trainer state")
+            if client.get("data_fingerprint") != self.train_rows.dataset.fingerprint():
+                raise ConfigError(
+                    f"checkpoint {directory / tag} was trained on data {client.get('data_fingerprint')} but "
+                    f"data.train_data is {self.train_rows.dataset.fingerprint()}; resuming would not continue "
+                    "the same data stream (use a new train.output_dir to start a new run)")
+            for key in ("iteration", "consumed_samples", "skipped_steps", "samples_seen", "tokens_seen"):
+                setattr(self, key, client[key])
+            return f"resumed from {directory / tag} ({what}) at step {self.iteration}"
+        return "started from scratch (no checkpoint in the output directory or train.load)"
+
+
+    # ---------------------------------------------------------------------------------------------
+    # the loop
+
+    def train(self) -> dict:
+        cfg, t = self.cfg, self.cfg.train
+        rank0 = self.rank == 0
+        show_bar = t.progress_bar == "always" or (t.progress_bar == "auto" and sys.stderr.isatty())
+        log = RunLogger(self.out, rank0, t.tensorboard, t.train_steps if show_bar else None, self.iteration)
+        if rank0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=1))
+        log.print(f"{self.resumed_from}; layout {dataclasses.asdict(self.layout)}; "
+                  f"packing efficiency (epoch 0) {100 * self.train_rows.efficiency(0):.2f}%")
+        loader = build_loader(self.train_rows, self.consumed_samples, t.micro_batch_size, self.dp_rank,
+                              self.dp_world, cfg.data.num_workers, worker_init_fn=_ignore_stop_signals)
+        batches = iter(loader)
+        try:
+            return self._loop(batches, log)
+        finally:  # workers ignore SIGTERM (the trainer owns it), so they are stopped here, never signalled
+            if hasattr(batches, "_shutdown_workers"):
+                batches._shutdown_workers()
+            log.close()
+
+    def _loop(self, batches, log: RunLogger) -> dict:
+        t = self.cfg.train
+        self.engine.train()
+        window = _Window()
+        last_eval = {}
+        stopped_by_signal = False
+        while self.iteration < t.train_steps:
+            self._train_step(batches, window)
+            log.advance()
+            stop = self._agree(self.stop_requested)
+            last = self.iteration == t.train_steps
+            save = stop or last or self.iteration % t.save_interval == 0
+            if save or self.iteration % t.log_interval == 0:  # counters are exact in every checkpoint
+                log.print(format_step(self.iteration, t.train_steps, window.summarise(self, log)))
+            if save:
+                self.save(log)
+            if stop:
+                log.print(f"stop signal received: checkpoint saved at step {self.iteration}; exiting")
+                stopped_by_signal = True
+                break
+            if self.valid is not None and (self.iteration % t.eval_interval == 0 or self.iteration == t.train_steps):
+                last_eval = self.evaluate(log)
+        return self._summary(window, last_eval, stopped_by_signal)
+
+    def _next_batch(self, batches, window: "_Window", rows: list) -> dict:
+        """The next micro-batch on the device, counted in the window; poisoned if fault injection asks."""
+        start = time.perf_counter()
+        batch = next(batches)
+        window.data_wait += time.perf_counter() - start
+        rows += batch.pop("row_index").tolist()
+        for k, v in batch_stats(batch, self.cfg.model).items():
+            window.stats[k] += v
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        if self.iteration + 1 in self.cfg.train.inject_nan_steps:
+            batch["patches"] = batch["patches"] * float("nan")
+        return batch
+
+    def _pipeline_step(self, batches, window: "_Window") -> tuple[torch.Tensor, list]:
+        """One optimizer step through DeepSpeed's pipeline schedule (it pulls grad_accumulation micro-batches
+        on the first and last stage)."""
+        rows: list = []
+        feed = (pipeline_inputs(self._next_batch(batches, window, rows)) for _ in range(self.layout.grad_accumulation))
+        loss = float(self.engine.train_batch(data_iter=feed))  # mean over micro-batches and DP, on every stage
+        finite = math.isfinite(loss)
+        if not finite and self.cfg.train.nan_policy == "stop":
+            raise NonFiniteError(f"non-finite loss at step {self.iteration + 1} (train.nan_policy=stop); packed rows "
+                                 f"of this rank's micro-batches: {rows}")
+        return torch.tensor([loss if finite else 0.0, float(finite), float(not finite)], dtype=torch.float64), rows
+
+    def _train_step(self, batches, window: "_Window") -> None:
+        t = self.cfg.train
+        if self.pipelined:
+            step_losses, rows = self._pipeline_step(batches, window)
+        else:
+            step_losses, rows = self._data_parallel_step(batches, window)
+        self.iteration += 1
+        self.consumed_samples += t.global_batch_size
+        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = float("nan") if grad_norm is None else float(grad_norm)
+        applied = self.engine.was_step_applied()
+        if not applied or step_losses[2] > 0:
+            if applied:
+                raise NonFiniteError(f"step {self.iteration}: a non-finite loss reached an applied optimizer step")
+            self.skipped_steps += 1
+        elif not math.isfinite(grad_norm) and t.nan_policy == "stop":
+            raise NonFiniteError(f"non-finite gradient norm at step {self.iteration}")
+        window.add_step(step_losses, grad_norm, self.engine.get_lr()[0])
+
+    def _data_parallel_step(self, batches, window: "_Window") -> tuple[torch.Tensor, list]:
+        t = self.cfg.train
+        step_losses = torch.zeros(3, dtype=torch.float64)  # sum of finite micro-batch losses, their count, non-finite
+        rows: list = []
+        for _ in range(self.layout.grad_accumulation):
+            batch = self._next_batch(batches, window, rows)
+            out = self.engine(batch)
+            finite = bool(torch.isfinite(out.loss.detach()))
+            bad = self._agree(not finite)
+            if bad and t.nan_policy == "stop":
+                raise NonFiniteError(
+                    f"non-finite loss at step {self.iteration + 1} (train.nan_policy=stop); packed rows of this "
+                    f"rank's micro-batch: {rows}; consumed_samples before the step: {self.consumed_samples}")
+            self.engine.backward(out.loss)
+            self.engine.step()
+            step_losses += torch.tensor([float(out.loss.detach()) if finite else 0.0, float(finite), float(not finite)],
+                                        dtype=torch.float64)
+        return step_losses, rows
+
+    def _agree(self, flag: bool) -> bool:
+        """True on every rank if ``flag`` is True on any rank."""
+        x = torch.tensor([1.0 if flag else 0.0])
+        dist.all_reduce(x, op=dist.ReduceOp.MAX)
+        return bool(x.item() > 0)
+
+    # ---------------------------------------------------------------------------------------------
+    # checkpoints and evaluation
+
+    def save(self, log: RunLogger) -> None:
+        tag = ckpt.save_checkpoint(self.engine, self.ckpt_dir, self.iteration, self._client_state(),
+                                   self.cfg.train.keep_last)
+        log.print(f"saved checkpoint {self.ckpt_dir / tag}")
+        log.record("checkpoint", self.iteration, {"tag": tag})
+
+    def _eval_model(self):
+        """A model with full parameters: the engine's module, or a gathered copy under ZeRO-3."""
+        if self.cfg.parallel.zero_stage != 3:
+            return self.engine.module
+        copy = build_model(self.cfg.model, self.cfg.parallel.tensor_parallel, seed=0).to(self.device)
+        params = dict(self.engine.module.named_parameters())
+        with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
+            copy.load_state_dict({k: v.detach().clone() for k, v in params.items()}, strict=False)
+        return copy.to(next(iter(params.values())).dtype)
+
+    def _pipeline_validation(self) -> dict:
+        """Validation loss through the pipeline schedule (mean over micro-batches of their token means).
+        Captioning needs the whole model on one rank: export the checkpoint for that under PP."""
+        t = self.cfg.train
+        n = max(1, t.eval_rows // (t.micro_batch_size * self.dp_world))
+        loader = build_loader(self.valid_rows, 0, t.micro_batch_size, self.dp_rank, self.dp_world, limit=n)
+        feed = (pipeline_inputs({k: v.to(self.device) for k, v in b.items() if k != "row_index"}) for b in loader)
+        loss = float(self.engine.eval_batch(data_iter=feed, num_micro_batches=n))
+        return {"val_loss": loss, "val_rows": n * t.micro_batch_size * self.dp_world}
+
+    def evaluate(self, log: RunLogger) -> dict:
+        t = self.cfg.train
+        if self.pipelined:
+            res = self._pipeline_validation()
+            self.engine.train()
+            log.print(f"eval step {self.iteration} | val loss {res['val_loss']:.4f} on {res['val_rows']} rows "
+                      "(caption evaluation needs parallel.pipeline_parallel=1)")
+            log.record("eval", self.iteration, res)
+            return res
+        model = self._eval_model()
+        start = time.perf_counter()
+        res = validation_loss(model, self.valid_rows, t.eval_rows, self.dp_rank, self.dp_world, self.device)
+        res.update(caption_metrics(model, self.valid, self.tokenizer, self.cfg.tokenizer.prompt, t.eval_captions,
+                                   t.max_new_tokens, self.dp_rank, self.dp_world))
+        res["eval_seconds"] = time.perf_counter() - start
+        self.engine.train()
+        log.print(f"eval step {self.iteration} | val loss {res['val_loss']:.4f} | val token acc "
+                  f"{100 * res['val_token_accuracy']:.1f}% | captions: exact {100 * res['caption_exact_match']:.1f}% "
+                  f"token acc {100 * res['caption_token_accuracy']:.1f}% on {res['caption_images']} images")
+        log.record("eval", self.iteration, {k: v for k, v in res.items() if k != "caption_examples"})
+        return res
+
+    def _summary(self, window: "_Window", last_eval: dict, stopped: bool) -> dict:
+        s = {
+            "steps": self.iteration,
+            "stopped_by_signal": stopped,
+            "final_train_loss": window.last_loss,
+            "skipped_steps": self.skipped_steps,
+            "consumed_rows": self.consumed_samples,
+            "samples_seen": self.samples_seen,
+            "tokens_seen": self.tokens_seen,
+            "output_dir": str(self.out),
+            "checkpoint": str(self.ckpt_dir / (ckpt.latest_tag(self.ckpt_dir) or "-")),
+            "train_log": str(self.out / "logs" / "train.jsonl"),
+            "tensorboard": str(self.out / "tensorboard"),
+            "resumed_from": self.resumed_from,
+        }
+        s.update(last_eval)
+        if self.rank == 0:
+            (self.out / "summary.json").write_text(json.dumps(s, indent=1))
+        return s
+
+
+class _Window:
+    """Accumulates what happened since the last log line."""
+
+    def __init__(self):
+        self.reset()
+        self.last_loss = float("nan")
+
+    def reset(self) -> None:
+        self.start = time.perf_counter()
+        self.data_wait = 0.0
+        self.steps = 0
+        self.loss = torch.zeros(3, dtype=torch.float64)
+        self.stats = {"samples": 0.0, "tokens": 0.0, "slots": 0.0, "flops": 0.0}
+        self.grad_norm = float("nan")
+        self.lr = 0.0
+
+    def add_step(self, losses: torch.Tensor, grad_norm: float, lr: float) -> None:
+        self.loss += losses
+        self.grad_norm, self.lr = grad_norm, lr
+        self.steps += 1
+
+    def summarise(self, trainer: Trainer, log: RunLogger) -> dict:
+        """All-reduce the window over ranks, log it, reset. Loss = the optimised objective: the mean over
+        micro-batches and data-parallel ranks of each micro-batch's token-mean loss (GENLIP_SPEC.md §2.9)."""
+        totals = torch.tensor([self.loss[0], self.loss[1], self.stats["samples"], self.stats["tokens"],
+                               self.stats["slots"], self.stats["flops"], self.data_wait], dtype=torch.float64)
+        dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())  # TP peers share the rows
+        elapsed = time.perf_counter() - self.start
+        world = trainer.world
+        trainer.samples_seen += float(totals[2])
+        trainer.tokens_seen += float(totals[3])
+        loss = float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")
+        self.last_loss = loss
+        tflops = float(totals[5]) / elapsed / world / 1e12
+        m = {
+            "loss": loss, "lr": self.lr, "grad_norm": self.grad_norm, "skipped_steps": trainer.skipped_steps,
+            "samples_per_s": float(totals[2]) / elapsed, "tokens_per_s": float(totals[3]) / elapsed,
+            "rows_per_s": self.steps * trainer.cfg.train.global_batch_size / elapsed,
+            "tflops_per_device": tflops, "mfu": tflops / trainer.cfg.train.peak_tflops,
+            "packing_efficiency": float(totals[3] / totals[4]) if totals[4] > 0 else 0.0,
+            "data_wait_fraction": float(totals[6]) / trainer.dp_world / elapsed, "memory_gb": memory_gb(),
+            "consumed_samples": trainer.consumed_samples, "step_seconds": elapsed / max(1, self.steps),
+        }
+        log.record("train", trainer.iteration, m)
+        self.reset()
+        return m

@@ -1,0 +1,32 @@
+"""Tensor parallelism through megatron-core layers: TP=2 computes the same function as TP=1."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from dist_harness import run_ranks
+from test_trainer import SHORT, data, losses  # noqa: F401  (the module-scoped dataset fixture)
+from trainer_harness import run
+
+TOLERANCE = 1e-5  # relative, fp32
+
+
+def test_tp2_loss_and_gathered_gradients_match_tp1(tmp_path):
+    out = tmp_path / "errors.pt"
+    run_ranks(2, "tp_cases", "tp2_matches_tp1", str(out))
+    errors = torch.load(out)
+    assert len(errors) > 20  # loss, token losses and every parameter
+    bad = {k: v for k, v in errors.items() if not v <= TOLERANCE}
+    assert not bad, bad
+
+
+def test_trainer_tp2_matches_tp1_over_three_steps(tmp_path, data):  # noqa: F811
+    common = SHORT + ["train.train_steps=3", "train.precision=fp32", "train.global_batch_size=2",
+                      "train.micro_batch_size=2"]
+    run(1, data, tmp_path / "tp1", common)
+    run(2, data, tmp_path / "tp2", common + ["parallel.tensor_parallel=2"])
+    ref, got = losses(tmp_path / "tp1"), losses(tmp_path / "tp2")
+    assert len(ref) == 3
+    assert all(math.isclose(a, b, rel_tol=TOLERANCE) for a, b in zip(got, ref)), (got, ref)

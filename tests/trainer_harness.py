@@ -1,0 +1,64 @@
+"""Helpers for tests that run the real trainer through the real ``deepspeed`` launcher."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).parent.parent
+ENTRY = ROOT / "examples" / "pretrain_genlip.py"
+TINY = ROOT / "examples" / "configs" / "tiny.yaml"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env() -> dict:
+    e = dict(os.environ, OMP_NUM_THREADS="1", TORCHDYNAMO_DISABLE="1", PYTHONUNBUFFERED="1")
+    e.pop("RANK", None)
+    e.pop("WORLD_SIZE", None)
+    return e
+
+
+def launcher() -> list[str]:
+    """The ``deepspeed`` console script installed next to this Python (the real launcher)."""
+    script = Path(sys.executable).parent / "deepspeed"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "deepspeed.launcher.runner"]
+
+
+def command(nproc: int, data: dict, out_dir: str | Path, overrides: list[str]) -> list[str]:
+    """The deepspeed launch of the trainer on the test dataset ``data`` ({"train": prefix, "val": prefix})."""
+    sets = [f"data.train_data={data['train']}", f"data.valid_data={data['val']}", f"train.output_dir={out_dir}",
+            "train.progress_bar=never", "train.tensorboard=false", "data.num_workers=1", *overrides]
+    cmd = [*launcher(), "--num_gpus", str(nproc),
+           "--master_port", str(free_port()), str(ENTRY), "--config", str(TINY)]
+    for s in sets:
+        cmd += ["--set", s]
+    return cmd
+
+
+def run(nproc: int, data: dict, out_dir: str | Path, overrides: list[str], timeout: int = 300,
+        check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(command(nproc, data, out_dir, overrides), env=env(), cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"trainer failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def train_log(out_dir: str | Path, kind: str = "train") -> dict[int, dict]:
+    """step -> the last record of that kind (a resumed run's records replace the killed run's)."""
+    records: dict[int, dict] = {}
+    path = Path(out_dir) / "logs" / "train.jsonl"
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        if rec["kind"] == kind:
+            records[rec["step"]] = rec
+    return records
