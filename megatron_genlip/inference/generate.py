@@ -25,8 +25,9 @@ def _prefix(tokenizer, grid: tuple[int, int], prompt: str) -> dict[str, torch.Te
     return {"input_ids": ids, "token_kinds": kinds, "positions": positions, "sample_ids": torch.zeros_like(ids)}
 
 
-def _next_token(model, h_last: torch.Tensor) -> int:
-    logits = gather_last_dim(model.head(h_last).float())
+def _next_token(model, h_last: torch.Tensor, n_vocab: int) -> int:
+    """Greedy choice among the tokenizer's ids (the model's vocabulary is padded beyond them)."""
+    logits = gather_last_dim(model.head(h_last).float())[..., :n_vocab]
     return int(logits.argmax(-1))
 
 
@@ -45,7 +46,7 @@ def generate_caption(model, tokenizer, patches: torch.Tensor, grid: tuple[int, i
         cache = KVCache(len(model.layers))
         x = model.embed(pre["input_ids"], pre["token_kinds"], patches)
         h = model.encode(x, pre["positions"], sdpa_mask(pre["sample_ids"], pre["token_kinds"]), cache)
-        token = _next_token(model, h[-1, 0])
+        token = _next_token(model, h[-1, 0], tokenizer.n_vocab)
         next_pos = int(pre["positions"].max()) + 1
         while token != tokenizer.eos_id and len(out) < max_new_tokens:
             out.append(token)
@@ -54,7 +55,7 @@ def generate_caption(model, tokenizer, patches: torch.Tensor, grid: tuple[int, i
             pos = torch.full((1, 3, 1), next_pos, device=device)
             mask = torch.ones(1, 1, 1, cache.length + 1, dtype=torch.bool, device=device)
             h = model.encode(x, pos, mask, cache)
-            token = _next_token(model, h[-1, 0])
+            token = _next_token(model, h[-1, 0], tokenizer.n_vocab)
             next_pos += 1
         return out
     # reference path: recompute the whole sequence for every new token
@@ -65,7 +66,7 @@ def generate_caption(model, tokenizer, patches: torch.Tensor, grid: tuple[int, i
         extra = torch.arange(start, start + len(out), device=device).expand(1, 3, len(out))
         batch = {"input_ids": ids, "token_kinds": kinds, "positions": torch.cat((pre["positions"], extra), dim=2),
                  "sample_ids": torch.zeros_like(ids), "patches": patches}
-        token = _next_token(model, model.final_hidden(batch)[0, -1])
+        token = _next_token(model, model.final_hidden(batch)[0, -1], tokenizer.n_vocab)
         if token == tokenizer.eos_id or len(out) >= max_new_tokens:
             return out
         out.append(token)
