@@ -16,11 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from megatron_genlip.config import load_config
-from megatron_genlip.data.builder import build_indexed_dataset
-from megatron_genlip.data.synthetic import write_shards
 from slurm_local import SlurmError, missing_binaries, slurm_cluster  # noqa: F401  (slurm_cluster: the fixture)
-from trainer_harness import ROOT, TINY, env as trainer_env, train_log
+from trainer_harness import ROOT, TINY, build_test_dataset, env as trainer_env, train_log
 
 SBATCH = ROOT / "examples" / "slurm" / "pretrain_genlip.sbatch"
 STEPS = 20
@@ -33,14 +30,7 @@ OVERRIDES = [f"train.train_steps={STEPS}", "train.warmup_steps=2", "train.log_in
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """200 train / 20 held-out synthetic samples, indexed (as tests/test_trainer.py builds them)."""
-    tmp = tmp_path_factory.mktemp("slurm-data")
-    cfg = load_config(TINY)
-    out = {}
-    for split, n in (("train", 200), ("val", 20)):
-        shards = write_shards(str(tmp / "shards"), split, n, 100, seed=11)
-        build_indexed_dataset(shards, str(tmp / split), cfg, progress=False)
-        out[split] = str(tmp / split)
-    return out
+    return build_test_dataset(tmp_path_factory.mktemp("slurm-data"), 200, 20)
 
 
 def job_env(cluster, data: dict, run_dir: Path, **knobs) -> dict:

@@ -11,24 +11,14 @@ from pathlib import Path
 import psutil
 import pytest
 
-from megatron_genlip.config import load_config
-from megatron_genlip.data.builder import build_indexed_dataset
-from megatron_genlip.data.synthetic import write_shards
 from megatron_genlip.training.schedule import learning_rate
-from trainer_harness import ROOT, command, env, run, train_log
+from trainer_harness import ROOT, build_test_dataset, command, env, run, train_log
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """A small embedded-style dataset: 400 train and 40 held-out synthetic samples, indexed."""
-    tmp = tmp_path_factory.mktemp("trainer-data")
-    cfg = load_config(ROOT / "examples/configs/tiny.yaml")
-    out = {}
-    for split, n in (("train", 400), ("val", 40)):
-        shards = write_shards(str(tmp / "shards"), split, n, 100, seed=11)
-        build_indexed_dataset(shards, str(tmp / split), cfg, progress=False)
-        out[split] = str(tmp / split)
-    return out
+    return build_test_dataset(tmp_path_factory.mktemp("trainer-data"), 400, 40)
 
 
 SHORT = ["train.warmup_steps=2", "train.log_interval=1", "train.eval_interval=100000", "train.save_interval=100000"]

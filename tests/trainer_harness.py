@@ -27,6 +27,21 @@ def env() -> dict:
     return e
 
 
+def build_test_dataset(tmp: Path, num_train: int, num_val: int) -> dict[str, str]:
+    """Synthetic shards (seed 11) indexed with the tiny config: {"train": prefix, "val": prefix}."""
+    from megatron_genlip.config import load_config
+    from megatron_genlip.data.builder import build_indexed_dataset
+    from megatron_genlip.data.synthetic import write_shards
+
+    cfg = load_config(TINY)
+    out = {}
+    for split, n in (("train", num_train), ("val", num_val)):
+        shards = write_shards(str(tmp / "shards"), split, n, 100, seed=11)
+        build_indexed_dataset(shards, str(tmp / split), cfg, progress=False)
+        out[split] = str(tmp / split)
+    return out
+
+
 def launcher() -> list[str]:
     """The ``deepspeed`` console script installed next to this Python (the real launcher)."""
     script = Path(sys.executable).parent / "deepspeed"

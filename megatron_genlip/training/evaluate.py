@@ -44,12 +44,14 @@ def validation_loss(model, rows: PackedRows, num_rows: int, dp_rank: int, dp_wor
     totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, tokens
     for r in range(dp_rank, min(num_rows, rows.rows_in_epoch(0)), dp_world):
         batch = {k: v.to(device) for k, v in stack_rows([rows[r]]).items()}
-        out = model(batch)
-        totals[0] += float(out.token_losses.double().sum())
-        h = model.final_hidden(batch)[:, :-1][batch["labels"][:, 1:] != IGNORE_INDEX]
-        logits = gather_last_dim(model.head(h).float())
-        totals[1] += float((logits.argmax(-1) == batch["labels"][:, 1:][batch["labels"][:, 1:] != IGNORE_INDEX]).sum())
-        totals[2] += out.num_tokens
+        hidden = model.final_hidden(batch)  # one forward serves the loss and the accuracy
+        out = model.loss_from_hidden(hidden, batch["labels"], batch["sample_ids"])
+        targets = batch["labels"][:, 1:]
+        selected = targets != IGNORE_INDEX
+        logits = gather_last_dim(model.head(hidden[:, :-1][selected]).float())
+        totals += torch.tensor([float(out.token_losses.double().sum()),
+                                float((logits.argmax(-1) == targets[selected]).sum()), out.num_tokens],
+                               dtype=torch.float64)
     dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
     tokens = max(1.0, float(totals[2]))
     return {"val_loss": float(totals[0]) / tokens, "val_token_accuracy": float(totals[1]) / tokens,
