@@ -18,6 +18,7 @@ from megatron.core.model_parallel_config import ModelParallelConfig
 from megatron_genlip.config import ModelConfig
 from megatron_genlip.model.rope import apply_rotary
 from megatron_genlip.model.spec import LayerSpec
+from megatron_genlip.parallel import rng, sequence
 
 
 def normal_init(std: float):
@@ -38,7 +39,11 @@ def xavier_uniform_init(fan_in: int, fan_out: int):
 
 
 class DropPath(torch.nn.Module):
-    """Stochastic depth per packed row (batch element); rescales kept rows by 1/keep."""
+    """Stochastic depth per packed row (batch element); rescales kept rows by 1/keep.
+
+    The keep/drop decisions come from the replicated random stream (``rng.replicated_generator``), identical
+    on the ranks of a tensor-parallel group: under sequence parallelism each rank holds a slice of every row,
+    and all slices of a row must be dropped together."""
 
     def __init__(self, rate: float):
         super().__init__()
@@ -48,7 +53,8 @@ class DropPath(torch.nn.Module):
         if self.rate == 0.0 or not self.training:
             return x
         keep = 1.0 - self.rate
-        mask = torch.empty((1, x.shape[1], 1), dtype=x.dtype, device=x.device).bernoulli_(keep)
+        mask = torch.empty((1, x.shape[1], 1), dtype=x.dtype, device=x.device)
+        mask.bernoulli_(keep, generator=rng.replicated_generator(x.device))
         return x * mask / keep
 
 
@@ -116,7 +122,7 @@ class GatedSelfAttention(torch.nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         out = self.kernel(q, k, v, mask)  # [B, h, L, hd]
-        out = out.permute(2, 0, 1, 3).reshape(x.shape[0], x.shape[1], -1)  # [L, B, h*hd], head-major
+        out = out.permute(2, 0, 1, 3).flatten(2)  # [L, B, h*hd], head-major (full L also under SP)
         if self.gated:
             out = out * torch.sigmoid(self.gate(x))
         return self.o(out)
@@ -148,6 +154,8 @@ class TransformerBlock(torch.nn.Module):
         self.mlp = SwiGLU(cfg, spec, pconfig, tp_group)
         self.layer_scale2 = LayerScale(d, cfg.layer_scale_init)
         self.drop_path = DropPath(cfg.drop_path_rate)
+        if pconfig.sequence_parallel:  # norms, LayerScale, row-parallel biases see a sequence slice
+            sequence.reduce_replicated_grads(self, tp_group)
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None = None):
         x = x + self.drop_path(self.layer_scale1(self.self_attn(self.layer_norm1(x), cos, sin, mask, cache)))

@@ -46,6 +46,10 @@ def tensor_parallel_group() -> dist.ProcessGroup:
     return parallel_state.get_tensor_model_parallel_group()
 
 
+def tensor_parallel_world_size() -> int:
+    return dist.get_world_size(tensor_parallel_group())
+
+
 def gather_last_dim(x):
     """All-gather a tensor-parallel shard along its last dimension (e.g. vocab-parallel logits) over the TP
     group. megatron-core's own gather allocates on ``torch.cuda.current_device()``, which fails on CPU."""
@@ -58,6 +62,30 @@ def gather_last_dim(x):
     parts = [torch.empty_like(x) for _ in range(world)]
     dist.all_gather(parts, x.contiguous(), group=group)
     return torch.cat(parts, dim=-1)
+
+
+def apply_cpu_sequence_parallel_shim() -> bool:
+    """Let megatron-core's sequence-parallel collectives allocate on CPU (gloo); True when applied.
+
+    Under sequence parallelism megatron-core 0.16.1 allocates its all-gather / reduce-scatter outputs with
+    ``device=torch.cuda.current_device()`` (tensor_parallel/mappings.py:141/148/181, layers.py:552, the global
+    memory buffer at utils.py:631), which raises "Torch not compiled with CUDA enabled" on a CPU-only torch
+    (ENGINES_ON_CPU.md §2.3). gloo itself implements ``all_gather_into_tensor`` and ``reduce_scatter_tensor``,
+    so the only change needed is ``torch.cuda.current_device()`` returning the CPU device. Applied only when
+    CUDA is unavailable (the model calls it only with sequence parallelism on); on a GPU nothing changes.
+    tests/test_sequence_parallel.py keeps a canary that the stock call still fails without it.
+    """
+    import torch
+
+    if torch.cuda.is_available():
+        return False
+    if not getattr(torch.cuda.current_device, "_genlip_cpu_shim", False):
+        def current_device() -> "torch.device":
+            return torch.device("cpu")
+
+        current_device._genlip_cpu_shim = True
+        torch.cuda.current_device = current_device
+    return True
 
 
 def deepspeed_topology(tensor_parallel: int, pipeline_parallel: int):
