@@ -7,7 +7,9 @@ Each row carries per-token ``sample_ids`` (0, 1, ... per packed sample; -1 = pad
  or (kind[q] > 0  and  kind[q] == kind[k]  and  sample[q] == sample[k])          # image<->image, bidirectional
 
 so image tokens see their own image, text sees its image and earlier text, nothing crosses samples and
-padding neither sees nor is seen. This dense form is the reference every attention kernel is tested against.
+padding neither sees nor is seen. :func:`may_attend` states the rule once, elementwise; the dense masks below
+and the FlexAttention ``mask_mod`` (``megatron_genlip.model.attention``) both evaluate it. The dense form is the
+reference every attention kernel is tested against.
 """
 
 from __future__ import annotations
@@ -19,15 +21,24 @@ KIND_IMAGE = 1
 KIND_PAD = -1
 
 
+def may_attend(q_idx, k_idx, s_q, s_k, kind_q, kind_k, pad_self: bool = False):
+    """The §2.7 rule, elementwise on broadcastable tensors (or vmapped scalars): True = q may attend k.
+
+    ``pad_self`` adds the padding diagonal of :func:`sdpa_mask` (a padding query sees itself only).
+    """
+    same = s_q == s_k
+    allowed = (same & (s_q >= 0) & (q_idx >= k_idx)) | ((kind_q > 0) & (kind_q == kind_k) & same)
+    if pad_self:
+        allowed = allowed | ((s_q < 0) & (q_idx == k_idx))
+    return allowed
+
+
 def prefix_lm_mask(sample_ids: torch.Tensor, token_kinds: torch.Tensor) -> torch.Tensor:
     """Exact rule of §2.7: bool [B, L, L], True = query (dim 1) may attend key (dim 2)."""
     L = sample_ids.shape[-1]
     q = torch.arange(L, device=sample_ids.device)
-    causal = q[:, None] >= q[None, :]
-    s_q, s_k = sample_ids[:, :, None], sample_ids[:, None, :]
-    k_q, k_k = token_kinds[:, :, None], token_kinds[:, None, :]
-    same = s_q == s_k
-    return (causal & same & (s_q >= 0)) | ((k_q > 0) & (k_q == k_k) & same)
+    return may_attend(q[:, None], q[None, :], sample_ids[:, :, None], sample_ids[:, None, :],
+                      token_kinds[:, :, None], token_kinds[:, None, :])
 
 
 def sdpa_mask(sample_ids: torch.Tensor, token_kinds: torch.Tensor) -> torch.Tensor:
@@ -37,10 +48,10 @@ def sdpa_mask(sample_ids: torch.Tensor, token_kinds: torch.Tensor) -> torch.Tens
     with no visible key would make softmax produce NaN. Padding outputs carry no label and are
     seen by no other token, so this changes no real token's output or gradient.
     """
-    mask = prefix_lm_mask(sample_ids, token_kinds)
-    pad = sample_ids < 0
-    eye = torch.eye(mask.shape[-1], dtype=torch.bool, device=mask.device)
-    mask = mask | (pad[:, :, None] & eye)
+    L = sample_ids.shape[-1]
+    q = torch.arange(L, device=sample_ids.device)
+    mask = may_attend(q[:, None], q[None, :], sample_ids[:, :, None], sample_ids[:, None, :],
+                      token_kinds[:, :, None], token_kinds[:, None, :], pad_self=True)
     return mask[:, None]
 
 

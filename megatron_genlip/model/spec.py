@@ -9,20 +9,21 @@ Uniform signatures of the spec's classes:
   row_linear(in, out, *, bias, init_method, config, tp_group)     -> y[..., out]      (input sharded, sums over TP)
   vocab_embedding(vocab, dim, *, init_method, config, tp_group)   -> [..., dim]
   layer_norm(dim, eps)
-  attention(q, k, v, mask) -> [B, heads, L, head_dim]             (mask: bool, True = attend)
+  attention(q, k, v, mask) -> [B, heads, L, head_dim]             (mask: what attention.build_mask returns)
+  attention.build_mask(sample_ids, token_kinds) -> mask           (built once per forward, shared by all layers)
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from megatron.core.model_parallel_config import ModelParallelConfig
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 
-from megatron_genlip.config import ConfigError, ModelConfig
+from megatron_genlip.config import FP8_TORCHAO_RECIPES, ConfigError, ModelConfig
+from megatron_genlip.model.attention import SdpaAttention, get_attention
 
 
 class ColumnLinear(ColumnParallelLinear):
@@ -58,18 +59,13 @@ class VocabEmbedding(VocabParallelEmbedding):
         super().__init__(num_embeddings, embedding_dim, init_method=init_method, config=config, tp_group=tp_group)
 
 
-def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Reference kernel: torch SDPA with the dense boolean prefix-LM mask (True = attend)."""
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0)
-
-
 @dataclass(frozen=True)
 class LayerSpec:
     column_linear: type
     row_linear: type
     vocab_embedding: type
     layer_norm: Callable[..., torch.nn.Module]
-    attention: Callable[..., torch.Tensor]
+    attention: Callable[..., torch.Tensor]  # a kernel of megatron_genlip.model.attention (has build_mask)
 
 
 LOCAL_SPEC = LayerSpec(
@@ -77,29 +73,40 @@ LOCAL_SPEC = LayerSpec(
     row_linear=RowLinear,
     vocab_embedding=VocabEmbedding,
     layer_norm=torch.nn.LayerNorm,
-    attention=sdpa_attention,
+    attention=SdpaAttention(),
 )
 
 
 def get_layer_spec(cfg: ModelConfig) -> LayerSpec:
-    """The spec for ``model.backend`` / ``model.attention``."""
+    """The spec for ``model.backend`` / ``model.attention`` / ``model.fp8``."""
     if cfg.backend == "te":
         if not torch.cuda.is_available():
             raise ConfigError(
                 "model.backend='te' needs a CUDA GPU and Transformer Engine; this machine has no CUDA device. "
                 "Use model.backend=local on CPU."
             )
-        raise ConfigError("model.backend='te' is not implemented in this version; use model.backend=local")
-    return LOCAL_SPEC
+        from megatron_genlip.model.te_spec import te_layer_spec  # CUDA only: TE fails to import without it
+
+        return te_layer_spec(cfg)
+    if cfg.fp8 in FP8_TORCHAO_RECIPES:
+        from megatron_genlip.model.fp8 import require_fp8_hardware, torchao_layer_spec
+
+        require_fp8_hardware(cfg)
+        return torchao_layer_spec(cfg, replace(LOCAL_SPEC, attention=get_attention(cfg.attention)))
+    if cfg.attention == LOCAL_SPEC.attention.name:
+        return LOCAL_SPEC
+    return replace(LOCAL_SPEC, attention=get_attention(cfg.attention))
 
 
-def parallel_config(cfg: ModelConfig, tensor_parallel: int = 1) -> ModelParallelConfig:
-    """megatron-core's per-layer config: CPU master-weight init, so every TP layout gets the same weights."""
+def parallel_config(cfg: ModelConfig, tensor_parallel: int = 1, sequence_parallel: bool = False) -> ModelParallelConfig:
+    """megatron-core's per-layer config: CPU master-weight init, so every TP layout gets the same weights.
+    ``sequence_parallel``: the column-parallel layers all-gather their input along the sequence and the
+    row-parallel layers reduce-scatter their output (``megatron_genlip.parallel.sequence``)."""
     return ModelParallelConfig(
         tensor_model_parallel_size=tensor_parallel,
         use_cpu_initialization=True,
         perform_initialization=True,
         params_dtype=getattr(torch, cfg.params_dtype),
         gradient_accumulation_fusion=False,
-        sequence_parallel=False,
+        sequence_parallel=sequence_parallel,
     )
