@@ -77,3 +77,14 @@ def train_log(out_dir: str | Path, kind: str = "train") -> dict[int, dict]:
         if rec["kind"] == kind:
             records[rec["step"]] = rec
     return records
+
+
+def run_tool(script: str, args: list[str], timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
+    """``python tools/<script> ARGS`` from the repository root (one process, no launcher)."""
+    e = env()
+    e["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), e.get("PYTHONPATH")) if p)
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / script), *args], env=e, cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc

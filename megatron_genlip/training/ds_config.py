@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from megatron_genlip.config import Config, Layout
+from megatron_genlip.training.checkpoint import resumes_from_universal
 
 
 def deepspeed_config(cfg: Config, layout: Layout) -> dict:
@@ -15,7 +16,7 @@ def deepspeed_config(cfg: Config, layout: Layout) -> dict:
         zero.update(overlap_comm=on_gpu, contiguous_gradients=True, reduce_bucket_size=5e8)
     if p.zero_stage == 3:
         zero.update(stage3_gather_16bit_weights_on_model_save=False)
-    return {
+    ds = {
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": layout.grad_accumulation,
@@ -40,3 +41,6 @@ def deepspeed_config(cfg: Config, layout: Layout) -> dict:
         "wall_clock_breakdown": False,
         "dump_state": False,
     }
+    if resumes_from_universal(cfg):  # a resharded checkpoint (tools/reshard_checkpoint.py): any TP/PP/DP layout
+        ds["checkpoint"] = {"load_universal": True}
+    return ds
