@@ -40,7 +40,12 @@ class ModelConfig:
     init_std: float = 0.02
     gated_attention: bool = True
     backend: str = "local"  # layer classes: "local" (megatron-core TP layers) | "te" (Transformer Engine, GPU)
-    attention: str = "sdpa"  # attention kernel: "sdpa" (dense prefix-LM mask reference)
+    attention: str = "sdpa"  # attention kernel: "sdpa" (dense prefix-LM mask reference) | "flex" (FlexAttention)
+    loss_chunk_size: int = 0  # labelled positions per LM-head/cross-entropy chunk, recomputed in backward (0: one pass)
+    # FP8 on the transformer-block projections (embeddings and LM head stay bf16); needs train.precision=bf16 and CUDA:
+    # "none" | Transformer Engine recipes (model.backend=te) "delayed" | "current" | "mxfp8"
+    # | torchao float8 (model.backend=local, parallel.tensor_parallel=1) "torchao-tensorwise" | "torchao-rowwise"
+    fp8: str = "none"
     params_dtype: str = "float32"  # dtype the parameters are created in
 
     @property
@@ -82,7 +87,9 @@ class ParallelConfig:
     pipeline_parallel: int = 1
     data_parallel: int | None = None  # None: world size / (TP x PP); else checked against the world size
     zero_stage: int = 1  # DeepSpeed ZeRO stage over the data-parallel group: 0, 1, 2 or 3 (<= 1 with PP > 1)
-    sequence_parallel: bool = False  # Megatron sequence parallelism (needs tensor_parallel > 1)
+    # Megatron sequence parallelism: norms, LayerScale, DropPath and residuals run on L/TP slices of each row
+    # (needs tensor_parallel > 1 and data.seq_length divisible by it)
+    sequence_parallel: bool = False
 
 
 @dataclass
@@ -241,12 +248,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     raw: dict[str, Any] = read_yaml(path) if path is not None else {}
     apply_overrides(raw, list(overrides or []))
     cfg = _from_dict(Config, raw)
-    validate_model(cfg.model)
+    validate_model(cfg.model, cfg.train, cfg.parallel)
     return cfg
 
 
-def validate_model(m: ModelConfig) -> None:
-    """Fail fast, naming the fields, on a model that cannot be built."""
+FP8_TE_RECIPES = ("delayed", "current", "mxfp8")
+FP8_TORCHAO_RECIPES = ("torchao-tensorwise", "torchao-rowwise")
+
+
+def validate_model(m: ModelConfig, train: TrainConfig | None = None, parallel: ParallelConfig | None = None) -> None:
+    """Fail fast, naming the fields, on a model that cannot be built (``train``/``parallel``: the FP8 checks)."""
     if m.hidden_size % m.num_attention_heads:
         raise ConfigError(
             f"model.hidden_size ({m.hidden_size}) must be divisible by "
@@ -258,12 +269,37 @@ def validate_model(m: ModelConfig) -> None:
         raise ConfigError(f"model.mrope_section must have 3 entries (T, H, W), got {m.mrope_section}")
     if m.backend not in ("local", "te"):
         raise ConfigError(f"model.backend must be 'local' or 'te', got {m.backend!r}")
-    if m.attention not in ("sdpa",):
-        raise ConfigError(f"model.attention must be 'sdpa' in this version, got {m.attention!r}")
+    if m.attention not in ("sdpa", "flex"):
+        raise ConfigError(f"model.attention must be 'sdpa' or 'flex', got {m.attention!r}")
+    if m.loss_chunk_size < 0:
+        raise ConfigError(f"model.loss_chunk_size must be >= 0 (0 = no chunking), got {m.loss_chunk_size}")
+    _validate_fp8(m, train, parallel)
     if m.params_dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"model.params_dtype must be 'float32' or 'bfloat16', got {m.params_dtype!r}")
     if not 0.0 <= m.drop_path_rate < 1.0:
         raise ConfigError(f"model.drop_path_rate must be in [0, 1), got {m.drop_path_rate}")
+
+
+def _validate_fp8(m: ModelConfig, train: TrainConfig | None, parallel: ParallelConfig | None) -> None:
+    """Field combinations only; CUDA, the GPU generation and the packages are checked when the model is built."""
+    if m.fp8 == "none":
+        return
+    if m.fp8 not in FP8_TE_RECIPES + FP8_TORCHAO_RECIPES:
+        raise ConfigError(f"model.fp8 must be 'none', one of {', '.join(FP8_TE_RECIPES)} (model.backend=te) or "
+                          f"one of {', '.join(FP8_TORCHAO_RECIPES)} (model.backend=local), got {m.fp8!r}")
+    if m.fp8 in FP8_TE_RECIPES and m.backend != "te":
+        raise ConfigError(f"model.fp8={m.fp8} is a Transformer Engine recipe: it needs model.backend=te "
+                          f"(got {m.backend!r}); with model.backend=local use model.fp8=torchao-tensorwise or "
+                          "torchao-rowwise")
+    if m.fp8 in FP8_TORCHAO_RECIPES and m.backend != "local":
+        raise ConfigError(f"model.fp8={m.fp8} (torchao) needs model.backend=local (got {m.backend!r}); "
+                          f"with model.backend=te use model.fp8 in {FP8_TE_RECIPES}")
+    if train is not None and train.precision != "bf16":
+        raise ConfigError(f"model.fp8={m.fp8} needs train.precision=bf16 (got {train.precision!r})")
+    if m.fp8 in FP8_TORCHAO_RECIPES and parallel is not None and parallel.tensor_parallel != 1:
+        raise ConfigError(f"model.fp8={m.fp8} converts plain nn.Linear projections and needs "
+                          f"parallel.tensor_parallel=1 (got {parallel.tensor_parallel}); use model.backend=te with "
+                          f"model.fp8 in {FP8_TE_RECIPES} for FP8 under tensor parallelism")
 
 
 @dataclass(frozen=True)
@@ -319,10 +355,16 @@ def resolve_layout(cfg: Config, world_size: int) -> Layout:
                       "use parallel.zero_stage >= 1 or train.nan_policy=stop")
     if warmup_steps(t) >= t.train_steps:
         errors.append(f"warmup ({warmup_steps(t)} steps) must be shorter than train.train_steps ({t.train_steps})")
+    if not t.lr > 0 or not 0 <= t.min_lr <= t.lr:
+        errors.append(f"train.lr ({t.lr}) must be > 0 and train.min_lr ({t.min_lr}) within [0, train.lr]")
     if t.progress_bar not in ("auto", "always", "never"):
         errors.append(f"train.progress_bar must be auto, always or never, got {t.progress_bar!r}")
-    if p.sequence_parallel:
-        errors.append("parallel.sequence_parallel=true is not implemented in this version")
+    if p.sequence_parallel and tp == 1:
+        errors.append("parallel.sequence_parallel=true splits the sequence over the tensor-parallel group: it "
+                      "needs parallel.tensor_parallel > 1 (got 1)")
+    elif p.sequence_parallel and cfg.data.seq_length % tp:
+        errors.append(f"parallel.sequence_parallel=true: data.seq_length ({cfg.data.seq_length}) must be divisible "
+                      f"by parallel.tensor_parallel ({tp})")
     if errors:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
     return Layout(world_size, tp, pp, dp, t.global_batch_size // per_step)

@@ -151,3 +151,12 @@ def test_deepspeed_runs_the_shell_script(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "==== summary ====" in proc.stdout
     assert (tmp_path / "out" / "checkpoints" / "latest").read_text() == "iter_0000003"
+
+
+def test_zero0_fp32_reports_the_clipped_gradient_norm(tmp_path, data):
+    """ZeRO-0 + fp32 takes DeepSpeed's plain-optimizer path, whose clipping norm DeepSpeed drops: the trainer
+    keeps it, so the log shows it and train.nan_policy=stop does not mistake the missing norm for NaN."""
+    run(1, data, tmp_path / "z0", SHORT + ["train.train_steps=3", "train.precision=fp32", "parallel.zero_stage=0",
+                                          "train.nan_policy=stop"])
+    norms = [r["grad_norm"] for r in train_log(tmp_path / "z0").values()]
+    assert len(norms) == 3 and all(math.isfinite(n) and n > 0 for n in norms), norms

@@ -24,10 +24,10 @@ from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
 from megatron_genlip.config import ModelConfig
 from megatron_genlip.model.layers import KVCache, TransformerBlock, normal_init
-from megatron_genlip.model.masks import KIND_IMAGE, sdpa_mask
+from megatron_genlip.model.masks import KIND_IMAGE
 from megatron_genlip.model.rope import MultimodalRotaryEmbedding
 from megatron_genlip.model.spec import get_layer_spec, parallel_config
-from megatron_genlip.parallel import state
+from megatron_genlip.parallel import rng, sequence, state
 
 IGNORE_INDEX = -100
 
@@ -122,6 +122,7 @@ class HeadMixin:
         self.proj = torch.nn.Linear(d, e) if e != d else None
         self.lm_head = spec.column_linear(e, cfg.vocab_size, bias=False, init_method=normal_init(cfg.init_std),
                                           config=pconfig, tp_group=tp_group)
+        self.loss_chunk_size = cfg.loss_chunk_size  # labelled positions per LM-head chunk (0: all at once)
         if self.proj is not None:
             with torch.no_grad():
                 torch.nn.init.normal_(self.proj.weight, std=cfg.init_std)
@@ -133,25 +134,45 @@ class HeadMixin:
             h = self.proj(h)
         return self.lm_head(h)
 
+    def _token_losses(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy [N] of hidden states h [N, d] against targets [N]; vocab-parallel under TP."""
+        logits = self.head(h).float()  # [N, V/TP]
+        return vocab_parallel_cross_entropy(logits[None], targets[None])[0]
+
     def loss_from_hidden(self, h: torch.Tensor, labels: torch.Tensor, sample_ids: torch.Tensor) -> LossOutput:
-        """Next-token loss from ln_post output h [B, L, d]; the LM head runs only where a label follows."""
+        """Next-token loss from ln_post output h [B, L, d]; the LM head runs only where a label follows.
+
+        With ``model.loss_chunk_size`` = C > 0 the labelled positions go through proj, the LM head and the
+        cross-entropy C at a time, each chunk recomputed in backward (non-reentrant checkpoint), so at most one
+        chunk's [C, V/TP] logits (and their gradient) exist at any moment instead of [N_lab, V/TP].
+        """
         targets = labels[:, 1:]
         selected = targets != IGNORE_INDEX  # position i predicts label i+1; cross-sample pairs are -100
-        logits = self.head(h[:, :-1][selected]).float()  # [N_lab, V/TP]
-        token_losses = vocab_parallel_cross_entropy(logits[None], targets[selected][None])[0]
+        hidden, target = h[:, :-1][selected], targets[selected]  # [N_lab, d], [N_lab]
+        chunk = self.loss_chunk_size
+        if chunk <= 0 or hidden.shape[0] <= chunk:
+            token_losses = self._token_losses(hidden, target)
+        else:
+            token_losses = torch.cat([
+                torch.utils.checkpoint.checkpoint(self._token_losses, hidden[i:i + chunk], target[i:i + chunk],
+                                                  use_reentrant=False)
+                for i in range(0, hidden.shape[0], chunk)
+            ])
         rows = torch.arange(h.shape[0], device=h.device)[:, None].expand_as(targets)[selected]
         loss = token_losses.mean() if token_losses.numel() else h.sum() * 0.0
         return LossOutput(loss, token_losses, rows, sample_ids[:, 1:][selected])
 
 
 class GenLIPModel(EmbeddingMixin, HeadMixin, torch.nn.Module):
-    def __init__(self, cfg: ModelConfig, tensor_parallel: int = 1, seed: int = 0):
+    def __init__(self, cfg: ModelConfig, tensor_parallel: int = 1, seed: int = 0, sequence_parallel: bool = False):
         super().__init__()
         state.ensure_initialized(tensor_parallel)
+        sequence.check_supported(tensor_parallel, sequence_parallel)
         self.cfg = cfg
+        self.sequence_parallel = sequence_parallel  # blocks run on sequence slices (parallel/sequence.py)
         self.activation_checkpointing = False  # per-block recomputation in backward (set by the trainer)
         spec = get_layer_spec(cfg)
-        pconfig = parallel_config(cfg, tensor_parallel)
+        pconfig = parallel_config(cfg, tensor_parallel, sequence_parallel)
         tp_group = state.tensor_parallel_group()
         with component_rng(seed, 0):
             self._build_embedding(cfg, spec, pconfig, tp_group)
@@ -161,20 +182,27 @@ class GenLIPModel(EmbeddingMixin, HeadMixin, torch.nn.Module):
             with component_rng(seed, 1 + i):
                 layers.append(TransformerBlock(cfg, spec, pconfig, tp_group, i))
         self.layers = torch.nn.ModuleList(layers)
-        with component_rng(seed, cfg.num_layers + 1):
-            self._build_head(cfg, spec, pconfig, tp_group)
+        with component_rng(seed, cfg.num_layers + 1):  # the head runs on gathered, full-length hidden states
+            self._build_head(cfg, spec, parallel_config(cfg, tensor_parallel), tp_group)
         self.to(getattr(torch, cfg.params_dtype))
 
     def encode(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
                cache: KVCache | None = None) -> torch.Tensor:
-        """Blocks and ln_post. x [L, B, d]; positions [B, 3, L]; mask bool [B|1, 1, L, L_kv]."""
+        """Blocks and ln_post. x [L, B, d] (full length); positions [B, 3, L]; mask bool [B|1, 1, L, L_kv].
+        Under sequence parallelism the blocks run on this rank's L/TP slice (rotary tables and mask stay full
+        length: attention sees the whole sequence) and the output is gathered before ln_post."""
         cos, sin = self.rotary(positions, x.dtype)
         recompute = self.activation_checkpointing and self.training and cache is None
-        for layer in self.layers:
-            if recompute:  # non-reentrant; the RNG state is replayed, so DropPath drops the same rows
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, None, use_reentrant=False)
-            else:
-                x = layer(x, cos, sin, mask, cache)
+        with sequence.parallel_region(self, x.shape[0], cache is not None) as split:
+            if split:
+                x = sequence.scatter(x)
+            for layer in self.layers:
+                if recompute:  # non-reentrant; the RNG streams are replayed, so DropPath drops the same rows
+                    x = rng.checkpoint(layer, x, cos, sin, mask, None)
+                else:
+                    x = layer(x, cos, sin, mask, cache)
+            if split:
+                x = sequence.gather(x)
         return self.ln_post(x)
 
     # ----------------------------------------------------------------------------------------------
@@ -183,7 +211,8 @@ class GenLIPModel(EmbeddingMixin, HeadMixin, torch.nn.Module):
     def final_hidden(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """ln_post output for every slot of a packed batch: [B, L, d]."""
         x = self.embed(batch["input_ids"], batch["token_kinds"], batch.get("patches"))
-        mask = sdpa_mask(batch["sample_ids"], batch["token_kinds"])
+        # the mask the layers' attention kernel takes (dense bool: sdpa, BlockMask: flex), built once for all layers
+        mask = self.layers[0].self_attn.kernel.build_mask(batch["sample_ids"], batch["token_kinds"])
         return self.encode(x, batch["positions"], mask).transpose(0, 1)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> LossOutput:
@@ -195,9 +224,10 @@ class GenLIPModel(EmbeddingMixin, HeadMixin, torch.nn.Module):
         return self.head(self.final_hidden(batch))
 
 
-def build_model(cfg: ModelConfig, tensor_parallel: int = 1, seed: int | None = None) -> GenLIPModel:
+def build_model(cfg: ModelConfig, tensor_parallel: int = 1, seed: int | None = None,
+                sequence_parallel: bool = False) -> GenLIPModel:
     """Build a model with the §2.10 init; ``seed`` makes the weights identical on every rank and layout
-    (None: a seed drawn from torch's RNG)."""
+    (None: a seed drawn from torch's RNG). ``sequence_parallel`` needs ``tensor_parallel`` > 1."""
     if seed is None:
         seed = int(torch.randint(0, 2**31 - 1, ()))
-    return GenLIPModel(cfg, tensor_parallel, seed)
+    return GenLIPModel(cfg, tensor_parallel, seed, sequence_parallel)

@@ -7,10 +7,14 @@ stages flows a fixed-shape tuple (rows are fixed length):
     (hidden [L, B, d], positions [B, 3, L], sample_ids [B, L], token_kinds [B, L], labels [B, L])
 
 so every stage rebuilds its rotary tables and prefix-LM mask from the positions and ids, and the labels
-reach the last stage with the activations. Parameter names inside each stage equal the single-device
-model's (``vision_embeddings.*``, ``layer_norm1.*`` of block i, ``ln_post.*``, ...), and every component is
-initialised from its own RNG stream (``component_rng``), so a pipeline holds exactly the weights of the
-one-device model built with the same seed.
+reach the last stage with the activations. Under sequence parallelism the hidden state passed between stages
+is this rank's sequence slice [L/TP, B, d] (scattered after the embeddings, gathered before ln_post); each TP
+rank sends its slice to the same TP rank of the next stage, so DeepSpeed's activation partitioning over the TP
+group (``pipeline.pipe_partitioned``, which assumes replicated activations) must be off (the trainer does so).
+
+Parameter names inside each stage equal the single-device model's (``vision_embeddings.*``, ``layer_norm1.*``
+of block i, ``ln_post.*``, ...), and every component is initialised from its own RNG stream
+(``component_rng``), so a pipeline holds exactly the weights of the one-device model built with the same seed.
 """
 
 from __future__ import annotations
@@ -21,10 +25,9 @@ from deepspeed.pipe import LayerSpec, PipelineModule
 from megatron_genlip.config import ModelConfig
 from megatron_genlip.model.genlip import EmbeddingMixin, HeadMixin, component_rng
 from megatron_genlip.model.layers import TransformerBlock
-from megatron_genlip.model.masks import sdpa_mask
 from megatron_genlip.model.rope import MultimodalRotaryEmbedding
 from megatron_genlip.model.spec import get_layer_spec, parallel_config
-from megatron_genlip.parallel import state
+from megatron_genlip.parallel import rng, sequence, state
 
 INPUT_KEYS = ("input_ids", "positions", "sample_ids", "token_kinds", "labels", "patches")
 
@@ -34,29 +37,35 @@ def pipeline_inputs(batch: dict[str, torch.Tensor]) -> tuple:
     return tuple(batch[k] for k in INPUT_KEYS), batch["labels"]
 
 
-def _common(cfg: ModelConfig, tensor_parallel: int):
-    return get_layer_spec(cfg), parallel_config(cfg, tensor_parallel), state.tensor_parallel_group()
+def _common(cfg: ModelConfig, tensor_parallel: int, sequence_parallel: bool = False):
+    sequence.check_supported(tensor_parallel, sequence_parallel)
+    return (get_layer_spec(cfg), parallel_config(cfg, tensor_parallel, sequence_parallel),
+            state.tensor_parallel_group())
 
 
 class EmbedStage(EmbeddingMixin, torch.nn.Module):
-    def __init__(self, cfg: ModelConfig, tensor_parallel: int, seed: int):
+    def __init__(self, cfg: ModelConfig, tensor_parallel: int, seed: int, sequence_parallel: bool = False):
         super().__init__()
+        self.sequence_parallel = sequence_parallel
         with component_rng(seed, 0):
             self._build_embedding(cfg, *_common(cfg, tensor_parallel))
         self.to(getattr(torch, cfg.params_dtype))
 
     def forward(self, inputs: tuple) -> tuple:
         input_ids, positions, sample_ids, token_kinds, labels, patches = inputs
-        return self.embed(input_ids, token_kinds, patches), positions, sample_ids, token_kinds, labels
+        x = self.embed(input_ids, token_kinds, patches)  # full length: image patches scattered into their slots
+        if self.sequence_parallel:
+            x = sequence.scatter(x)
+        return x, positions, sample_ids, token_kinds, labels
 
 
 class BlockStage(TransformerBlock):
     """One transformer block that rebuilds its rotary tables and mask from the tuple it receives."""
 
     def __init__(self, cfg: ModelConfig, tensor_parallel: int, seed: int, index: int,
-                 activation_checkpointing: bool = False):
+                 activation_checkpointing: bool = False, sequence_parallel: bool = False):
         with component_rng(seed, 1 + index):
-            super().__init__(cfg, *_common(cfg, tensor_parallel), index)
+            super().__init__(cfg, *_common(cfg, tensor_parallel, sequence_parallel), index)
         self.rotary = MultimodalRotaryEmbedding(cfg.head_dim, cfg.mrope_section, cfg.rope_theta)
         self.activation_checkpointing = activation_checkpointing
         self.to(getattr(torch, cfg.params_dtype))
@@ -64,9 +73,9 @@ class BlockStage(TransformerBlock):
     def forward(self, inputs: tuple) -> tuple:
         x, positions, sample_ids, token_kinds, labels = inputs
         cos, sin = self.rotary(positions, x.dtype)
-        mask = sdpa_mask(sample_ids, token_kinds)
+        mask = self.self_attn.kernel.build_mask(sample_ids, token_kinds)  # dense bool (sdpa) or BlockMask (flex)
         if self.activation_checkpointing and self.training:  # RNG replayed: DropPath drops the same rows
-            x = torch.utils.checkpoint.checkpoint(super().forward, x, cos, sin, mask, None, use_reentrant=False)
+            x = rng.checkpoint(super().forward, x, cos, sin, mask, None)
         else:
             x = super().forward(x, cos, sin, mask)
         return x, positions, sample_ids, token_kinds, labels
@@ -75,24 +84,29 @@ class BlockStage(TransformerBlock):
 class HeadStage(HeadMixin, torch.nn.Module):
     """ln_post, proj, LM head on labelled positions and the token-mean loss: the pipeline's output."""
 
-    def __init__(self, cfg: ModelConfig, tensor_parallel: int, seed: int):
+    def __init__(self, cfg: ModelConfig, tensor_parallel: int, seed: int, sequence_parallel: bool = False):
         super().__init__()
+        self.sequence_parallel = sequence_parallel
         with component_rng(seed, cfg.num_layers + 1):
-            self._build_head(cfg, *_common(cfg, tensor_parallel))
+            self._build_head(cfg, *_common(cfg, tensor_parallel))  # runs on full length, never split
         self.to(getattr(torch, cfg.params_dtype))
 
     def forward(self, inputs: tuple) -> torch.Tensor:
         x, _positions, sample_ids, _token_kinds, labels = inputs
+        if self.sequence_parallel:
+            x = sequence.gather(x)
         h = self.ln_post(x).transpose(0, 1)
         return self.loss_from_hidden(h, labels, sample_ids).loss
 
 
 def build_pipeline(cfg: ModelConfig, tensor_parallel: int, pipeline_parallel: int, seed: int,
-                   activation_checkpointing: bool = False) -> PipelineModule:
-    layers = [LayerSpec(EmbedStage, cfg, tensor_parallel, seed)]
-    layers += [LayerSpec(BlockStage, cfg, tensor_parallel, seed, i, activation_checkpointing)
+                   activation_checkpointing: bool = False, sequence_parallel: bool = False) -> PipelineModule:
+    sequence.check_supported(tensor_parallel, sequence_parallel)
+    sp = sequence_parallel
+    layers = [LayerSpec(EmbedStage, cfg, tensor_parallel, seed, sp)]
+    layers += [LayerSpec(BlockStage, cfg, tensor_parallel, seed, i, activation_checkpointing, sp)
                for i in range(cfg.num_layers)]
-    layers += [LayerSpec(HeadStage, cfg, tensor_parallel, seed)]
+    layers += [LayerSpec(HeadStage, cfg, tensor_parallel, seed, sp)]
     return PipelineModule(layers=layers, num_stages=pipeline_parallel, loss_fn=None,
                           topology=state.deepspeed_topology(tensor_parallel, pipeline_parallel),
                           partition_method="type:BlockStage", activation_checkpoint_interval=0)

@@ -27,9 +27,10 @@ from megatron_genlip.data.indexed import GenLIPIndexedDataset
 from megatron_genlip.data.packed_dataset import PackedRows, build_loader
 from megatron_genlip.data.tokenizer import load_tokenizer
 from megatron_genlip.model.genlip import build_model
-from megatron_genlip.parallel import state
+from megatron_genlip.parallel import rng, state
 from megatron_genlip.parallel.pipeline import build_pipeline, pipeline_inputs
 from megatron_genlip.training import checkpoint as ckpt
+from megatron_genlip.training import reshard
 from megatron_genlip.training.distributed import device, init_distributed
 from megatron_genlip.training.ds_config import deepspeed_config
 from megatron_genlip.training.evaluate import caption_metrics, validation_loss
@@ -47,6 +48,20 @@ def _ignore_stop_signals(_worker_id: int) -> None:
     """DataLoader workers leave SIGTERM/SIGUSR1 to the trainer, which checkpoints before exiting."""
     for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
+
+
+def _report_fp32_clip_norm(engine) -> None:
+    """With ZeRO-0 and fp32 DeepSpeed clips with torch's plain optimizer path and drops the norm it computed
+    (``get_global_grad_norm()`` stays None, which the NaN policy would read as non-finite); keep it."""
+    if engine.zero_optimization() or engine.bfloat16_enabled() or engine.fp16_enabled():
+        return
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    def clip_and_record() -> None:
+        engine._global_grad_norm = clip_grad_norm_(parameters=engine.module.parameters(),
+                                                   max_norm=engine.gradient_clipping(), mpu=engine.mpu)
+
+    engine.clip_fp32_gradients = clip_and_record
 
 
 class Trainer:
@@ -93,19 +108,33 @@ class Trainer:
 
     def _build_engine(self) -> None:
         cfg, tp, pp = self.cfg, self.layout.tensor_parallel, self.layout.pipeline_parallel
+        sp = cfg.parallel.sequence_parallel
         if pp > 1:  # DeepSpeed's pipeline engine; its own grid equals megatron-core's groups (checked above)
-            model = build_pipeline(cfg.model, tp, pp, cfg.train.seed, cfg.train.activation_checkpointing)
+            model = build_pipeline(cfg.model, tp, pp, cfg.train.seed, cfg.train.activation_checkpointing,
+                                   sequence_parallel=sp)
         else:
-            model = build_model(cfg.model, tp, seed=cfg.train.seed)
+            model = build_model(cfg.model, tp, seed=cfg.train.seed, sequence_parallel=sp)
             model.activation_checkpointing = cfg.train.activation_checkpointing
-        torch.manual_seed(cfg.train.seed + 1000 * self.dp_rank)  # DropPath differs per data-parallel rank
+        # random streams (parallel/rng.py): DropPath's stream is identical over TP, different per DP rank;
+        # megatron-core's tracker gets the per-TP-rank "model-parallel-rng" stream
+        rng.model_parallel_seed(cfg.train.seed, self.dp_rank)
         self.ds_config = deepspeed_config(cfg, self.layout)
+        if sp and pp > 1:
+            # stages exchange sequence slices that differ per TP rank; DeepSpeed's default splits the activation
+            # over the TP group and reassembles it from every rank's part, assuming it is replicated (with SP
+            # that trains silently wrong: measured loss 6.1081 vs 6.1032 at step 1)
+            self.ds_config["pipeline"] = dict(self.ds_config.get("pipeline", {}), pipe_partitioned=False,
+                                              grad_partitioned=False)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
             config=self.ds_config, lr_scheduler=lambda opt: build_scheduler(opt, cfg.train),
             mpu=state.MegatronMPU() if tp > 1 and pp == 1 else None,
         )
+        if sp and pp > 1 and (self.engine.is_pipe_partitioned or self.engine.is_grad_partitioned):
+            raise RuntimeError("parallel.sequence_parallel with parallel.pipeline_parallel > 1 needs DeepSpeed's "
+                               "pipeline.pipe_partitioned and pipeline.grad_partitioned off")
         self.pipelined = pp > 1
+        _report_fp32_clip_norm(self.engine)
 
     def _client_state(self) -> dict:
         """Trainer state saved with every checkpoint, under its own key (DeepSpeed's own top-level keys such
@@ -119,30 +148,41 @@ class Trainer:
             "config": self.cfg.to_dict(),
             "data_fingerprint": self.train_rows.dataset.fingerprint(),
             "layout": dataclasses.asdict(self.layout),
+            "zero_stage": self.cfg.parallel.zero_stage,
         }}
 
     def _resume(self) -> str:
-        """Output dir's latest checkpoint, else train.load, else scratch; say which."""
-        sources = [(self.ckpt_dir, "the output directory")]
-        if self.cfg.train.load:
-            sources.append((Path(self.cfg.train.load), "train.load"))
-        for directory, what in sources:
-            tag = ckpt.latest_tag(directory)
-            if tag is None:
-                continue
-            client = ckpt.load_checkpoint(self.engine, directory, tag).get("genlip")
-            if client is None:
-                raise ConfigError(f"{directory / tag} holds no megatron-genlip trainer state")
-            if client.get("data_fingerprint") != self.train_rows.dataset.fingerprint():
-                raise ConfigError(
-                    f"checkpoint {directory / tag} was trained on data {client.get('data_fingerprint')} but "
-                    f"data.train_data is {self.train_rows.dataset.fingerprint()}; resuming would not continue "
-                    "the same data stream (use a new train.output_dir to start a new run)")
-            for key in ("iteration", "consumed_samples", "skipped_steps", "samples_seen", "tokens_seen"):
-                setattr(self, key, client[key])
-            return f"resumed from {directory / tag} ({what}) at step {self.iteration}"
-        return "started from scratch (no checkpoint in the output directory or train.load)"
+        """Output dir's latest checkpoint, else train.load, else scratch; say which.
 
+        The checkpoint's layout is checked before DeepSpeed touches it (DeepSpeed fails obscurely, or loads
+        wrongly, at another layout); a resharded (universal) checkpoint loads at any layout, a weights-only one
+        starts a fresh run (step 0, new optimizer) from its weights."""
+        found = ckpt.find_resume(self.cfg)
+        if found is None:
+            return "started from scratch (no checkpoint in the output directory or train.load)"
+        directory, tag, what = found
+        client = ckpt.read_trainer_state(directory, tag)
+        if not client:
+            raise ConfigError(f"{ckpt.model_states_file(directory, tag)} holds no megatron-genlip trainer state")
+        current = reshard.run_layout(self.layout, self.cfg.parallel.zero_stage)
+        universal = ckpt.is_universal(directory, tag)
+        problem = (reshard.universal_target_problem(current["zero_stage"], current["tensor_parallel"]) if universal
+                   else reshard.layout_mismatch(client, current, directory, tag))
+        if problem:
+            raise ConfigError(problem)
+        if client.get("weights_only"):
+            ckpt.load_checkpoint(self.engine, directory, tag, weights_only=True, model_cfg=self.cfg.model)
+            return f"initialised from the weights of {directory / tag} ({what}); step 0, fresh optimizer"
+        client = ckpt.load_checkpoint(self.engine, directory, tag).get("genlip")
+        if client.get("data_fingerprint") != self.train_rows.dataset.fingerprint():
+            raise ConfigError(
+                f"checkpoint {directory / tag} was trained on data {client.get('data_fingerprint')} but "
+                f"data.train_data is {self.train_rows.dataset.fingerprint()}; resuming would not continue "
+                "the same data stream (use a new train.output_dir to start a new run)")
+        for key in ("iteration", "consumed_samples", "skipped_steps", "samples_seen", "tokens_seen"):
+            setattr(self, key, client[key])
+        how = f" (resharded from {reshard.describe(client['resharded']['source_layout'])})" if universal else ""
+        return f"resumed from {directory / tag} ({what}) at step {self.iteration}{how}"
 
     # ---------------------------------------------------------------------------------------------
     # the loop
@@ -224,14 +264,14 @@ class Trainer:
             step_losses, rows = self._data_parallel_step(batches, window)
         self.iteration += 1
         self.consumed_samples += t.global_batch_size
-        grad_norm = self.engine.get_global_grad_norm()
-        grad_norm = float("nan") if grad_norm is None else float(grad_norm)
+        reported = self.engine.get_global_grad_norm()  # None: not computed (train.clip_grad=0 with ZeRO-0 fp32)
+        grad_norm = float("nan") if reported is None else float(reported)
         applied = self.engine.was_step_applied()
         if not applied or step_losses[2] > 0:
             if applied:
                 raise NonFiniteError(f"step {self.iteration}: a non-finite loss reached an applied optimizer step")
             self.skipped_steps += 1
-        elif not math.isfinite(grad_norm) and t.nan_policy == "stop":
+        elif reported is not None and not math.isfinite(grad_norm) and t.nan_policy == "stop":
             raise NonFiniteError(f"non-finite gradient norm at step {self.iteration}")
         window.add_step(step_losses, grad_norm, self.engine.get_lr()[0])
 

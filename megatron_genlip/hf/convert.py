@@ -1,0 +1,501 @@
+"""Checkpoint <-> Hugging Face folder conversion (the logic behind ``tools/convert_checkpoint.py``).
+
+Trainer checkpoint -> full state dict (:func:`read_checkpoint`):
+  * ZeRO-3: DeepSpeed's ``zero_to_fp32`` rebuilds the fp32 weights from the per-rank partitions;
+  * TP = PP = 1, bf16 training: the same tool reads the fp32 master weights (the module file holds bf16);
+  * otherwise: the module files of every TP rank (``mp_rank_XX_model_states.pt``, or per pipeline layer
+    ``layer_LL-model_XX-model_states.pt``), pipeline layer names mapped back to the model's names and
+    TP shards concatenated along their partition dimension (:mod:`megatron_genlip.parallel.sharding`).
+Full state dict -> Hugging Face folder (:func:`write_hf_folder`): the §6 keys (``hf/keys.py``), safetensors
+(sharded with an index above a size), ``config.json`` with ``auto_map`` and the modeling code for
+``trust_remote_code``, tokenizer (``tokenizer.json`` built from the tiktoken ranks, plus the ranks file),
+image-processor config and a model card.
+Hugging Face folder -> weights-only trainer checkpoint (:func:`write_weights_only_checkpoint`): the full
+weights under trainer names in ``iter_0000000/`` with a marker; the trainer loads them into any layout
+(:func:`load_weights_only`) with a fresh optimizer at step 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from megatron_genlip.config import Config, ConfigError, ModelConfig, TokenizerConfig, resolve_layout
+from megatron_genlip.hf.keys import from_hf, to_hf
+from megatron_genlip.parallel.sharding import merge_tp, split_tp
+
+HF_DIR = Path(__file__).resolve().parent
+REMOTE_CODE = ("configuration_genlip.py", "modeling_genlip.py", "image_processing_genlip.py")
+WEIGHTS_ONLY_MARKER = "genlip_weights_only.json"
+WEIGHTS_ONLY_FILE = "model.safetensors"
+ENCODER_PREFIXES = ("vision_embeddings.", "visual.", "ln_post.")
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or Hugging Face folder that cannot be converted; the message names the file."""
+
+
+# --------------------------------------------------------------------------------------------------
+# reading trainer checkpoints
+
+
+def resolve_tag(ckpt_dir: str | Path, iteration: int | None = None) -> Path:
+    """The tag directory for ``iteration`` (None: the one ``latest`` names)."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        raise CheckpointError(f"checkpoint directory {ckpt_dir} does not exist")
+    tags = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and re.match(r"^iter_\d{7,}$", p.name))
+    if iteration is None:
+        pointer = ckpt_dir / "latest"
+        if not pointer.is_file():
+            raise CheckpointError(f"{pointer} is missing: pass --iteration (available: {', '.join(tags) or 'none'})")
+        tag = ckpt_dir / pointer.read_text().strip()
+    else:
+        tag = ckpt_dir / f"iter_{iteration:07d}"
+    if not tag.is_dir():
+        raise CheckpointError(f"no checkpoint {tag} (available: {', '.join(tags) or 'none'})")
+    return tag
+
+
+def _torch_load(path: Path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file; say which one
+        raise CheckpointError(f"cannot read {path}: {type(e).__name__}: {e} (truncated or not a checkpoint file?)") from e
+
+
+def _client_file(tag: Path) -> Path:
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
+        if (tag / name).is_file():
+            return tag / name
+    raise CheckpointError(f"{tag} has neither mp_rank_00_model_states.pt nor zero_pp_rank_0_mp_rank_00_model_states.pt "
+                          "(not a DeepSpeed checkpoint of this trainer)")
+
+
+def read_trainer_state(tag: Path) -> dict:
+    """The trainer's client state (config, layout, counters) stored with the checkpoint."""
+    marker = tag / WEIGHTS_ONLY_MARKER
+    if marker.is_file():
+        return json.loads(marker.read_text())
+    client = _torch_load(_client_file(tag)).get("genlip")
+    if client is None:
+        raise CheckpointError(f"{_client_file(tag)} holds no megatron-genlip trainer state")
+    return client
+
+
+def _pipeline_names(state: dict[str, torch.Tensor], layer_idx: int, num_layers: int) -> dict[str, torch.Tensor]:
+    if layer_idx == 0 or layer_idx == num_layers + 1:  # embedding stage / head stage: the model's own names
+        return dict(state)
+    return {f"layers.{layer_idx - 1}.{k}": v for k, v in state.items()}
+
+
+def _module_files(tag: Path, tp: int, pp: int, num_layers: int) -> list[dict[str, torch.Tensor]]:
+    """Per TP rank, that rank's module state under the single-device model's names."""
+    per_rank = []
+    for r in range(tp):
+        if pp == 1:
+            f = tag / f"mp_rank_{r:02d}_model_states.pt"
+            if not f.is_file():
+                raise CheckpointError(f"{f} is missing (checkpoint written at TP={tp})")
+            per_rank.append(dict(_torch_load(f)["module"]))
+            continue
+        files = sorted(glob.glob(str(tag / f"layer_*-model_{r:02d}-model_states.pt")))
+        if len(files) != num_layers + 2:
+            raise CheckpointError(f"{tag}: expected {num_layers + 2} pipeline layer files for TP rank {r}, "
+                                  f"found {len(files)}")
+        state: dict[str, torch.Tensor] = {}
+        for f in files:
+            idx = int(re.search(r"layer_(\d+)-", os.path.basename(f)).group(1))
+            state.update(_pipeline_names(_torch_load(Path(f)), idx, num_layers))
+        per_rank.append(state)
+    return per_rank
+
+
+def read_checkpoint(ckpt_dir: str | Path, iteration: int | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Merge a trainer checkpoint (any TP/PP/DP/ZeRO layout, or a weights-only one) into one state dict
+    with the single-device model's names; returns it with the trainer state (config, layout, counters)."""
+    tag = resolve_tag(ckpt_dir, iteration)
+    client = read_trainer_state(tag)
+    if (tag / WEIGHTS_ONLY_MARKER).is_file():
+        return _load_safetensors(tag / WEIGHTS_ONLY_FILE), client
+    cfg, layout = client["config"], client["layout"]
+    tp, pp, zero = layout["tensor_parallel"], layout["pipeline_parallel"], cfg["parallel"]["zero_stage"]
+    master = zero == 3 or (tp == pp == 1 and zero >= 1 and cfg["train"]["precision"] != "fp32")
+    if master:
+        if tp > 1:
+            raise CheckpointError(f"{tag}: ZeRO-3 with TP={tp} cannot be merged by zero_to_fp32; "
+                                  "reshard to TP=1 first (tools/reshard_checkpoint.py)")
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        try:
+            state = get_fp32_state_dict_from_zero_checkpoint(str(tag.parent), tag=tag.name)
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"zero_to_fp32 could not read the ZeRO partitions in {tag}: {e}") from e
+    else:
+        shards = _module_files(tag, tp, pp, cfg["model"]["num_layers"])
+        names = [k for k in shards[0] if not k.endswith("_extra_state")]  # megatron-core's (empty) FP8 metadata
+        state = {name: merge_tp(name, [s[name] for s in shards]) for name in names}
+    state = {k: v.detach().clone() for k, v in state.items() if not k.endswith("_extra_state")}
+    check_against_model(state, model_config(cfg), str(tag))
+    return state, client
+
+
+def model_config(cfg: dict) -> ModelConfig:
+    return ModelConfig(**cfg["model"])
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Trainer names and full (TP=1) shapes of a model config: the §6 list mapped to trainer names (no model
+    is built, so this works inside a run of any layout; a test checks it against the real model)."""
+    conf = {"hidden_size": cfg.hidden_size, "intermediate_size": cfg.ffn_hidden_size, "text_embed_dim": cfg.text_embed_dim,
+            "vocab_size": cfg.vocab_size, "num_channels": cfg.num_channels, "patch_size": cfg.patch_size,
+            "gated_attention": cfg.gated_attention, "num_hidden_layers": cfg.num_layers}
+    meta = {k: torch.empty(s, device="meta") for k, s in expected_hf_shapes(conf).items()}
+    return {k: tuple(v.shape) for k, v in from_hf(meta, gated=cfg.gated_attention).items()}
+
+
+def _check_shapes(state: dict[str, torch.Tensor], want: dict[str, tuple[int, ...]], where: str, against: str) -> None:
+    missing, extra = sorted(set(want) - set(state)), sorted(set(state) - set(want))
+    wrong = [f"{k}: {tuple(state[k].shape)} != {want[k]}" for k in want if k in state and tuple(state[k].shape) != want[k]]
+    if missing or extra or wrong:
+        raise CheckpointError(f"{where} does not match {against}: missing {missing[:5]}, unexpected {extra[:5]}, "
+                              f"wrong shapes {wrong[:5]}")
+
+
+def check_against_model(state: dict[str, torch.Tensor], cfg: ModelConfig, where: str) -> None:
+    _check_shapes(state, expected_shapes(cfg), where, "its model config")
+
+
+# --------------------------------------------------------------------------------------------------
+# Hugging Face folders
+
+
+def hf_config(cfg: ModelConfig, tokenizer, vision_only: bool, dtype: str, extra: dict | None = None) -> dict:
+    """config.json contents (GENLIP_SPEC.md §1, §6)."""
+    from megatron_genlip.hf.configuration_genlip import GenLIPConfig
+
+    conf = GenLIPConfig(
+        hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_hidden_size, num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_attention_heads, text_embed_dim=cfg.text_embed_dim, vocab_size=cfg.vocab_size,
+        text_vocab_size=tokenizer.n_vocab, patch_size=cfg.patch_size, num_channels=cfg.num_channels,
+        mrope_section=list(cfg.mrope_section), rope_theta=cfg.rope_theta, layer_scale_init_value=cfg.layer_scale_init,
+        drop_path_rate=cfg.drop_path_rate, layer_norm_eps=cfg.layernorm_eps, initializer_range=cfg.init_std,
+        gated_attention=cfg.gated_attention, vision_start_token_id=tokenizer.token_id("<|vision_start|>"),
+        vision_end_token_id=tokenizer.token_id("<|vision_end|>"), image_token_id=tokenizer.token_id("<|image_pad|>"),
+        eos_token_id=tokenizer.eos_id, vision_only=vision_only,
+    )
+    out = conf.to_dict()
+    out.update(
+        architectures=["GenLIPVisionModel" if vision_only else "GenLIPModel"],
+        auto_map={"AutoConfig": "configuration_genlip.GenLIPConfig",
+                  "AutoModel": "modeling_genlip.GenLIPAutoModel"},  # picks the class from vision_only
+        dtype={"bf16": "bfloat16", "fp32": "float32"}[dtype],
+    )
+    out.pop("torch_dtype", None)
+    if extra:
+        out["genlip_training"] = extra
+    return out
+
+
+def model_config_from_hf(conf: dict) -> ModelConfig:
+    """The trainer's ModelConfig of an exported (full, not vision-only) folder."""
+    return ModelConfig(
+        num_layers=conf["num_hidden_layers"], hidden_size=conf["hidden_size"], ffn_hidden_size=conf["intermediate_size"],
+        num_attention_heads=conf["num_attention_heads"], text_embed_dim=conf["text_embed_dim"],
+        vocab_size=conf["vocab_size"], patch_size=conf["patch_size"], num_channels=conf["num_channels"],
+        mrope_section=list(conf["mrope_section"]), rope_theta=conf["rope_theta"],
+        layer_scale_init=conf["layer_scale_init_value"], drop_path_rate=conf["drop_path_rate"],
+        layernorm_eps=conf["layer_norm_eps"], init_std=conf["initializer_range"], gated_attention=conf["gated_attention"],
+    )
+
+
+def _parse_size(text: str | int) -> int:
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B)?\s*", str(text).upper())
+    if not m:
+        raise ValueError(f"cannot parse size {text!r}; use e.g. 5GB, 500MB or a byte count")
+    return int(float(m.group(1)) * {None: 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}[m.group(2)])
+
+
+def save_safetensors(state: dict[str, torch.Tensor], out: Path, max_shard_size: str | int = "5GB") -> list[str]:
+    """model.safetensors, or model-0000i-of-0000n.safetensors + model.safetensors.index.json above the size."""
+    limit = _parse_size(max_shard_size)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k in sorted(state):
+        n = state[k].numel() * state[k].element_size()
+        if shards[-1] and size + n > limit:
+            shards.append({})
+            size = 0
+        shards[-1][k] = state[k].contiguous()
+        size += n
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], str(out / "model.safetensors"), metadata=meta)
+        return ["model.safetensors"]
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map = {}
+    for name, shard in zip(names, shards):
+        save_file(shard, str(out / name), metadata=meta)
+        weight_map.update({k: name for k in shard})
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return names
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {path}: {e} (truncated or corrupt?)") from e
+
+
+def load_hf_weights(hf_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(HF-keyed tensors, config.json) of an exported folder; every shard is read and checked."""
+    hf_dir = Path(hf_dir)
+    conf_file = hf_dir / "config.json"
+    if not conf_file.is_file():
+        raise CheckpointError(f"{conf_file} is missing (not a Hugging Face model folder)")
+    conf = json.loads(conf_file.read_text())
+    if conf.get("model_type") != "genlip":
+        raise CheckpointError(f"{conf_file}: model_type is {conf.get('model_type')!r}, expected 'genlip'")
+    index = hf_dir / "model.safetensors.index.json"
+    state: dict[str, torch.Tensor] = {}
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        for name in sorted(set(weight_map.values())):
+            part = _load_safetensors(hf_dir / name)
+            want = {k for k, v in weight_map.items() if v == name}
+            if set(part) != want:
+                raise CheckpointError(f"{hf_dir / name} holds {sorted(set(part) ^ want)[:5]} unlike its index {index}")
+            state.update(part)
+    else:
+        state = _load_safetensors(hf_dir / "model.safetensors")
+    return state, conf
+
+
+def expected_hf_shapes(conf: dict) -> dict[str, tuple[int, ...]]:
+    """The §6 key list with shapes, from a config.json mapping (what the official loader expects)."""
+    d, f, e, V = conf["hidden_size"], conf["intermediate_size"], conf["text_embed_dim"], conf["vocab_size"]
+    C, p = conf["num_channels"], conf["patch_size"]
+    q = 2 * d if conf["gated_attention"] else d
+    want = {"vision_embeddings.patch_embedding.weight": (d, C, p, p), "vision_embeddings.patch_embedding.bias": (d,),
+            "ln_post.weight": (d,), "ln_post.bias": (d,)}
+    for i in range(conf["num_hidden_layers"]):
+        b = f"visual.layers.{i}."
+        for n in ("layer_norm1", "layer_norm2"):
+            want[b + n + ".weight"] = want[b + n + ".bias"] = (d,)
+        want[b + "self_attn.q_proj.weight"], want[b + "self_attn.q_proj.bias"] = (q, d), (q,)
+        for n in ("k_proj", "v_proj", "out_proj"):
+            want[b + f"self_attn.{n}.weight"], want[b + f"self_attn.{n}.bias"] = (d, d), (d,)
+        for n in ("fc1", "gate_fc"):
+            want[b + f"mlp.{n}.weight"], want[b + f"mlp.{n}.bias"] = (f, d), (f,)
+        want[b + "mlp.fc2.weight"], want[b + "mlp.fc2.bias"] = (d, f), (d,)
+        want[b + "layer_scale1.lambda1"] = want[b + "layer_scale2.lambda1"] = (d,)
+    if not conf.get("vision_only"):
+        want["embeddings.weight"], want["lm_head.weight"] = (V, e), (V, e)
+        if e != d:
+            want.update({"in_proj.weight": (d, e), "in_proj.bias": (d,), "proj.weight": (e, d), "proj.bias": (e,)})
+    return want
+
+
+def check_hf_weights(state: dict[str, torch.Tensor], conf: dict, where: str) -> None:
+    _check_shapes(state, expected_hf_shapes(conf), where, "its config.json")
+
+
+def _write_tokenizer(tok_cfg: TokenizerConfig, out: Path) -> None:
+    """tokenizer.json (a byte-level BPE rebuilt from the tiktoken ranks, loadable with AutoTokenizer),
+    tokenizer_config.json, the ranks file itself and the special-token ids."""
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    from megatron_genlip.data.tokenizer import QWEN2_SPECIAL_TOKENS, QWEN_PAT, QWEN_RANKS_PATH, load_tokenizer, resolve_asset
+
+    tok = load_tokenizer(tok_cfg.kind, tok_cfg.path)
+    ranks = QWEN_RANKS_PATH if tok_cfg.kind == "qwen" and tok_cfg.path is None else resolve_asset(tok_cfg.path)
+    backend = TikTokenConverter(vocab_file=str(ranks), pattern=QWEN_PAT,
+                                extra_special_tokens=list(QWEN2_SPECIAL_TOKENS)).converted()
+    fast = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    fast.save_pretrained(str(out))
+    shutil.copyfile(ranks, out / "genlip.tiktoken")
+    specials = {t: tok.token_id(t) for t in QWEN2_SPECIAL_TOKENS}
+    (out / "special_tokens.json").write_text(json.dumps({"pattern": QWEN_PAT, "special_tokens": specials,
+                                                         "prompt": tok_cfg.prompt}, indent=2) + "\n")
+    if tok_cfg.kind == "qwen":
+        for name in ("LICENSE-qwen-tiktoken", "NOTICE-qwen-tiktoken"):
+            if (QWEN_RANKS_PATH.parent / name).is_file():
+                shutil.copyfile(QWEN_RANKS_PATH.parent / name, out / name)
+
+
+def _model_card(conf: dict, client: dict, vision_only: bool, files: list[str]) -> str:
+    cfg, t, d = client["config"], client["config"]["train"], client["config"]["data"]
+    layout = client.get("layout") or client.get("target_layout") or {}
+    what = "vision encoder only (patch embedding, blocks, ln_post)" if vision_only else \
+        "the full pre-training model (encoder + text embedding + LM head)"
+    load = "AutoModel.from_pretrained(path, trust_remote_code=True)"
+    return f"""---
+library_name: transformers
+tags: [genlip, vision-encoder, megatron-genlip]
+---
+# GenLIP export ({what})
+
+Exported by megatron-genlip `tools/convert_checkpoint.py` from `{client.get('source', '?')}` at step
+{client.get('iteration', '?')} ({client.get('samples_seen', 0):.0f} samples, {client.get('tokens_seen', 0):.0f} tokens seen).
+Key names and layouts follow the official GenLIP checkpoints (GENLIP_SPEC.md §6): `q_proj` is `[2d, d]`,
+query rows first, gate rows second.
+
+## Use
+```python
+from transformers import AutoModel, AutoTokenizer
+model = {load}
+features = model.get_image_features(pixel_values, image_grid_thw)  # ln_post output, [N_patches, {conf['hidden_size']}]
+```
+Image preprocessing: `image_processing_genlip.GenLIPImageProcessor.from_pretrained(path)` (stage {d['stage']}:
+{'resize to %dx%d' % (d['image_size'], d['image_size']) if d['stage'] == 1 else 'native aspect ratio, smart_resize'},
+bilinear, mean = std = 0.5, 16x16 patches in row-major order). For MLLMs read `ln_post` features, not `proj`.
+
+## Model
+{conf['num_hidden_layers']} layers, width {conf['hidden_size']}, {conf['num_attention_heads']} heads, SwiGLU
+{conf['intermediate_size']}, interleaved M-RoPE {conf['mrope_section']}, gated attention, LayerScale
+{conf['layer_scale_init_value']}, text_embed_dim {conf['text_embed_dim']}, vocabulary {conf['vocab_size']}.
+
+## Training recipe
+- objective: next-token loss on `[image][prompt][caption]` packed rows ({d['seq_length']} tokens), prefix-LM attention
+- data: `{d.get('train_data')}` (stage {d['stage']})
+- optimizer: AdamW lr {t['lr']} (min {t['min_lr']}), betas ({t['adam_beta1']}, {t['adam_beta2']}), weight decay
+  {t['weight_decay']}, clip {t['clip_grad']}, {t['train_steps']} steps, global batch {t['global_batch_size']} rows,
+  precision {t['precision']}
+- layout: TP={layout.get('tensor_parallel')} PP={layout.get('pipeline_parallel')} DP={layout.get('data_parallel', '-')},
+  ZeRO-{cfg['parallel']['zero_stage']}
+
+Files: {', '.join(files)}.
+"""
+
+
+def write_hf_folder(state: dict[str, torch.Tensor], client: dict, save_dir: str | Path, dtype: str = "bf16",
+                    vision_only: bool = False, max_shard_size: str | int = "5GB") -> Path:
+    """Write the Hugging Face folder of a merged trainer state dict (see the module docstring)."""
+    from megatron_genlip.data.tokenizer import load_tokenizer
+
+    cfg_dict = client["config"]
+    mcfg, tok_cfg = model_config(cfg_dict), TokenizerConfig(**cfg_dict["tokenizer"])
+    tokenizer = load_tokenizer(tok_cfg.kind, tok_cfg.path)
+    out = Path(save_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    hf = {k: v.to(DTYPES[dtype]) for k, v in to_hf(state).items()}
+    if vision_only:
+        hf = {k: v for k, v in hf.items() if k.startswith(ENCODER_PREFIXES)}
+    extra = {k: client.get(k) for k in ("source", "iteration", "consumed_samples", "samples_seen", "tokens_seen")}
+    extra["config"] = cfg_dict  # the resolved training config: recipe for the card, tokenizer for re-imports
+    conf = hf_config(mcfg, tokenizer, vision_only, dtype, extra)
+    check_hf_weights(hf, conf, "the converted state dict")
+    for old in glob.glob(str(out / "model*.safetensors")) + glob.glob(str(out / "model.safetensors.index.json")):
+        os.remove(old)
+    files = save_safetensors(hf, out, max_shard_size)
+    (out / "config.json").write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n")
+    for name in REMOTE_CODE:
+        shutil.copyfile(HF_DIR / name, out / name)
+    data = cfg_dict["data"]
+    (out / "preprocessor_config.json").write_text(json.dumps({
+        "processor_class": "GenLIPImageProcessor", "image_processor_type": "GenLIPImageProcessor",
+        "stage": data["stage"], "image_size": data["image_size"], "patch_size": mcfg.patch_size,
+        "min_pixels": data["min_pixels"], "max_pixels": data["max_pixels"], "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5], "resample": "bilinear", "rescale_factor": 1 / 255,
+    }, indent=2) + "\n")
+    _write_tokenizer(tok_cfg, out)
+    (out / "README.md").write_text(_model_card(conf, client, vision_only, files))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Hugging Face folder -> trainer checkpoint (weights only, fresh optimizer)
+
+
+def write_weights_only_checkpoint(hf_dir: str | Path, save_dir: str | Path, tp: int = 1, pp: int = 1) -> Path:
+    """A checkpoint the trainer starts from (``train.load``): the full weights under trainer names, with
+    the marker the trainer recognises. ``tp``/``pp`` are checked against the model now (heads, widths,
+    vocabulary and layers divisible), so a bad target layout fails here, not on the cluster."""
+    state, conf = load_hf_weights(hf_dir)
+    if conf.get("vision_only"):
+        raise CheckpointError(f"{Path(hf_dir) / 'config.json'}: a --vision-only export has no text embedding or LM "
+                              "head; convert the full model to continue training")
+    check_hf_weights(state, conf, str(Path(hf_dir)))
+    mcfg = model_config_from_hf(conf)
+    probe = Config(model=mcfg)
+    probe.parallel.tensor_parallel, probe.parallel.pipeline_parallel = tp, pp
+    resolve_layout(probe, tp * pp)  # raises ConfigError naming the fields
+    trainer_state = {k: v.float().contiguous() for k, v in from_hf(state, gated=mcfg.gated_attention).items()}
+    check_against_model(trainer_state, mcfg, str(hf_dir))
+    tag = Path(save_dir) / "iter_0000000"
+    tag.mkdir(parents=True, exist_ok=True)
+    save_file(trainer_state, str(tag / WEIGHTS_ONLY_FILE), metadata={"format": "pt"})
+    # the source run's config when the folder is one of ours (tokenizer, recipe), else the defaults (Qwen
+    # tokenizer, as the official checkpoints); the model section always comes from config.json
+    source_cfg = conf.get("genlip_training", {}).get("config") or Config().to_dict()
+    source_cfg = dict(source_cfg, model=dataclasses.asdict(mcfg))
+    marker = {"weights_only": True, "source": str(Path(hf_dir).resolve()), "iteration": 0,
+              "target_layout": {"tensor_parallel": tp, "pipeline_parallel": pp}, "config": source_cfg}
+    (tag / WEIGHTS_ONLY_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+    (Path(save_dir) / "latest").write_text(tag.name)
+    return tag
+
+
+def is_weights_only(tag_dir: str | Path) -> bool:
+    return (Path(tag_dir) / WEIGHTS_ONLY_MARKER).is_file()
+
+
+def load_weights_only(engine, tag_dir: str | Path, model_cfg: ModelConfig) -> None:
+    """Copy a weights-only checkpoint into a DeepSpeed engine of any layout (this rank's TP shard, this
+    pipeline stage's layers), then refresh the optimizer's fp32 master copy. Works for ZeRO 0-3."""
+    from deepspeed.pipe import PipelineModule
+    from megatron.core import parallel_state
+
+    tag_dir = Path(tag_dir)
+    state = _load_safetensors(tag_dir / WEIGHTS_ONLY_FILE)
+    check_against_model(state, model_cfg, str(tag_dir / WEIGHTS_ONLY_FILE))
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    module = engine.module
+    names = {}
+    for name, p in module.named_parameters():
+        if isinstance(module, PipelineModule):
+            idx, rest = name.split(".", 1)
+            names[name] = next(iter(_pipeline_names({rest: p}, int(idx), model_cfg.num_layers)))
+        else:
+            names[name] = name
+    params = dict(module.named_parameters())
+    with _gathered(list(params.values())):
+        with torch.no_grad():
+            for name, p in params.items():
+                shard = split_tp(names[name], state[names[name]], tp, rank)
+                if tuple(shard.shape) != tuple(p.shape):
+                    raise CheckpointError(f"{tag_dir / WEIGHTS_ONLY_FILE}: {names[name]} has shard shape "
+                                          f"{tuple(shard.shape)}, the model {tuple(p.shape)}")
+                p.copy_(shard.to(p.dtype))
+    if engine.optimizer is not None and hasattr(engine.optimizer, "refresh_fp32_params"):
+        engine.optimizer.refresh_fp32_params()
+
+
+def _gathered(params):
+    """ZeRO-3 partitions parameters; gather them for the copy (a no-op context otherwise)."""
+    import contextlib
+
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+    return contextlib.nullcontext()
