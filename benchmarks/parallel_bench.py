@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Time of one training step for TP=1 (DP=2), TP=2 and PP=2 on the same global batch, side by side, through
+"""Time of one training step for TP=1 (DP=2), TP=2, TP=2 with sequence parallelism and PP=2 on the same global batch, side by side, through
 the real trainer and the deepspeed launcher (2 ranks). On a 2-core CPU this shows the overhead of the parallel
 paths (communication, pipeline bubbles), not speed-ups. Layouts are run in interleaved rounds; the table gives
 the median step time of each (steps after the first two of every run) and its ratio to TP=1.
@@ -27,6 +27,7 @@ from megatron_genlip.data.synthetic import write_shards  # noqa: E402
 LAYOUTS = {
     "TP=1 x DP=2 (ZeRO-1)": [],
     "TP=2": ["parallel.tensor_parallel=2"],
+    "TP=2 + SP": ["parallel.tensor_parallel=2", "parallel.sequence_parallel=true"],
     "PP=2": ["parallel.pipeline_parallel=2"],
 }
 

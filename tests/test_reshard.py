@@ -101,6 +101,20 @@ def test_other_layout_without_resharding_fails_at_start_up(tmp_path, source, dat
     assert (tmp_path / "converted" / "latest").read_text() == "iter_0000004"
 
 
+def test_resharded_checkpoint_exports_the_same_weights(tmp_path, source):
+    """A resharded (universal) checkpoint is a valid export source: its fp32 masters, merged by DeepSpeed,
+    equal the weights merged from the original TP=2 x PP=2 module files (fp32 run: module weights = masters)."""
+    from megatron_genlip.hf.convert import read_checkpoint
+
+    new = tmp_path / "tp1pp1"
+    rs.reshard(source["ckpt"], new, 1, 1, iteration=2)
+    merged, _ = read_checkpoint(source["ckpt"], 2)
+    universal, client = read_checkpoint(new, 2)
+    assert client["iteration"] == 2 and sorted(universal) == sorted(merged)
+    diff = {k: float((universal[k] - merged[k]).abs().max()) for k in merged}
+    assert max(diff.values()) == 0.0, {k: v for k, v in diff.items() if v}
+
+
 def test_tool_errors_name_the_problem(tmp_path, source):
     with pytest.raises(rs.ReshardError, match=r"iter_0000003 does not exist \(checkpoints in .*: iter_0000002, "
                                               r"iter_0000004\)"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 import signal
 import subprocess
 import time
@@ -160,3 +161,21 @@ def test_zero0_fp32_reports_the_clipped_gradient_norm(tmp_path, data):
                                           "train.nan_policy=stop"])
     norms = [r["grad_norm"] for r in train_log(tmp_path / "z0").values()]
     assert len(norms) == 3 and all(math.isfinite(n) and n > 0 for n in norms), norms
+
+
+def test_zero0_checkpoint_resumes_at_another_data_parallel_size(tmp_path, data):
+    """ZeRO-0 keeps whole optimizer states, so its checkpoint needs no resharding to change DP: DP=2 saved at
+    step 2 and resumed on one rank (2x accumulation, same global batch) gives the DP=2 run's steps 3-4 (fp32)."""
+    steps = SHORT + ["train.train_steps=4", "train.precision=fp32", "parallel.zero_stage=0", "train.nan_policy=stop",
+                     "train.global_batch_size=4", "train.micro_batch_size=2", "train.save_interval=2",
+                     "train.keep_last=2"]
+    run(2, data, tmp_path / "dp2", steps)
+    ref = train_log(tmp_path / "dp2")
+    src = tmp_path / "at2"  # train.load resumes the tag `latest` names: a directory holding only step 2
+    shutil.copytree(tmp_path / "dp2" / "checkpoints" / "iter_0000002", src / "iter_0000002")
+    (src / "latest").write_text("iter_0000002")
+    run(1, data, tmp_path / "dp1", steps + [f"train.load={src}"])
+    got = train_log(tmp_path / "dp1")
+    assert sorted(got) == [3, 4]
+    for s in (3, 4):
+        assert math.isclose(got[s]["loss"], ref[s]["loss"], rel_tol=1e-5), (s, got[s]["loss"], ref[s]["loss"])

@@ -54,13 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     status = 0
     for path in args.image:
         try:
-            image = Image.open(path)
-            image.load()
+            with Image.open(path) as image:
+                inputs = processor([image])
         except Exception as e:  # noqa: BLE001 - report and go on with the other images
             print(f"{path}\tERROR: cannot read image: {e}", file=sys.stderr)
             status = 1
             continue
-        inputs = processor([image])
         ids = model.generate(inputs["pixel_values"], inputs["image_grid_thw"], prompt_ids,
                              max_new_tokens=args.max_new_tokens)[0].tolist()
         text = tokenizer.decode(ids)

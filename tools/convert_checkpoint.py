@@ -26,7 +26,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from megatron_genlip.config import ConfigError  # noqa: E402
-from megatron_genlip.hf.convert import CheckpointError, read_checkpoint, write_hf_folder, write_weights_only_checkpoint  # noqa: E402
+from megatron_genlip.hf.convert import (CheckpointError, parse_size, read_checkpoint, write_hf_folder,  # noqa: E402
+                                         write_weights_only_checkpoint)
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,8 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="dtype of the exported weights (default bf16, as the official checkpoints)")
     ap.add_argument("--vision-only", action="store_true",
                     help="export only the encoder (patch embedding, blocks, ln_post) for MLLM builders")
-    ap.add_argument("--max-shard-size", default="5GB",
-                    help="split model.safetensors into shards of at most this size, with an index (default 5GB)")
+    ap.add_argument("--max-shard-size", default="5GB", type=_size,
+                    help="split model.safetensors into shards of at most this size, with an index (default 5GB; "
+                         "units B, KB, MB, GB)")
     ap.add_argument("--tp", type=int, default=1,
                     help="with --from-hf: the tensor-parallel size the run will use (checked against the model)")
     ap.add_argument("--pp", type=int, default=1,

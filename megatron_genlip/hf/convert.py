@@ -31,11 +31,12 @@ from safetensors.torch import load_file, save_file
 
 from megatron_genlip.config import Config, ConfigError, ModelConfig, TokenizerConfig, resolve_layout
 from megatron_genlip.hf.keys import from_hf, to_hf
-from megatron_genlip.parallel.sharding import merge_tp, split_tp
+from megatron_genlip.parallel.sharding import merge_tp, model_name, split_tp
 
 HF_DIR = Path(__file__).resolve().parent
 REMOTE_CODE = ("configuration_genlip.py", "modeling_genlip.py", "image_processing_genlip.py")
 WEIGHTS_ONLY_MARKER = "genlip_weights_only.json"
+UNIVERSAL_MARKER = "genlip_universal.json"  # written by tools/reshard_checkpoint.py
 WEIGHTS_ONLY_FILE = "model.safetensors"
 ENCODER_PREFIXES = ("vision_embeddings.", "visual.", "ln_post.")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -128,6 +129,10 @@ def read_checkpoint(ckpt_dir: str | Path, iteration: int | None = None) -> tuple
     client = read_trainer_state(tag)
     if (tag / WEIGHTS_ONLY_MARKER).is_file():
         return _load_safetensors(tag / WEIGHTS_ONLY_FILE), client
+    if (tag / UNIVERSAL_MARKER).is_file():  # tools/reshard_checkpoint.py: full fp32 masters in zero/<name>/
+        state = _universal_weights(tag, client["config"]["model"]["num_layers"])
+        check_against_model(state, model_config(client["config"]), str(tag))
+        return state, client
     cfg, layout = client["config"], client["layout"]
     tp, pp, zero = layout["tensor_parallel"], layout["pipeline_parallel"], cfg["parallel"]["zero_stage"]
     master = zero == 3 or (tp == pp == 1 and zero >= 1 and cfg["train"]["precision"] != "fp32")
@@ -148,6 +153,21 @@ def read_checkpoint(ckpt_dir: str | Path, iteration: int | None = None) -> tuple
     state = {k: v.detach().clone() for k, v in state.items() if not k.endswith("_extra_state")}
     check_against_model(state, model_config(cfg), str(tag))
     return state, client
+
+
+def _universal_weights(tag: Path, num_layers: int) -> dict[str, torch.Tensor]:
+    """The full fp32 master weights of a resharded (DeepSpeed universal) checkpoint, under model names."""
+    zero = tag / "zero"
+    if not zero.is_dir():
+        raise CheckpointError(f"{zero} is missing (incomplete resharded checkpoint)")
+    state = {}
+    for d in sorted(p for p in zero.iterdir() if p.is_dir()):
+        f = d / "fp32.pt"
+        if not f.is_file():
+            raise CheckpointError(f"{f} is missing (incomplete resharded checkpoint)")
+        t = _torch_load(f)
+        state[model_name(d.name, num_layers)] = (t["param"] if isinstance(t, dict) else t).detach()
+    return state
 
 
 def model_config(cfg: dict) -> ModelConfig:
@@ -219,7 +239,7 @@ def model_config_from_hf(conf: dict) -> ModelConfig:
     )
 
 
-def _parse_size(text: str | int) -> int:
+def parse_size(text: str | int) -> int:
     if isinstance(text, int):
         return text
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B)?\s*", str(text).upper())
@@ -230,7 +250,7 @@ def _parse_size(text: str | int) -> int:
 
 def save_safetensors(state: dict[str, torch.Tensor], out: Path, max_shard_size: str | int = "5GB") -> list[str]:
     """model.safetensors, or model-0000i-of-0000n.safetensors + model.safetensors.index.json above the size."""
-    limit = _parse_size(max_shard_size)
+    limit = parse_size(max_shard_size)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for k in sorted(state):
@@ -370,7 +390,7 @@ bilinear, mean = std = 0.5, 16x16 patches in row-major order). For MLLMs read `l
 
 ## Model
 {conf['num_hidden_layers']} layers, width {conf['hidden_size']}, {conf['num_attention_heads']} heads, SwiGLU
-{conf['intermediate_size']}, interleaved M-RoPE {conf['mrope_section']}, gated attention, LayerScale
+{conf['intermediate_size']}, interleaved M-RoPE {conf['mrope_section']}, {'gated' if conf['gated_attention'] else 'ungated'} attention, LayerScale
 {conf['layer_scale_init_value']}, text_embed_dim {conf['text_embed_dim']}, vocabulary {conf['vocab_size']}.
 
 ## Training recipe
@@ -460,7 +480,8 @@ def is_weights_only(tag_dir: str | Path) -> bool:
 
 def load_weights_only(engine, tag_dir: str | Path, model_cfg: ModelConfig) -> None:
     """Copy a weights-only checkpoint into a DeepSpeed engine of any layout (this rank's TP shard, this
-    pipeline stage's layers), then refresh the optimizer's fp32 master copy. Works for ZeRO 0-3."""
+    pipeline stage's layers), then refresh the optimizer's fp32 master copy from them. In a bf16 run the masters
+    therefore start bf16-rounded (exact for the default bf16 exports). Tested at TP=2 with ZeRO-1 in fp32."""
     from deepspeed.pipe import PipelineModule
     from megatron.core import parallel_state
 
@@ -486,8 +507,11 @@ def load_weights_only(engine, tag_dir: str | Path, model_cfg: ModelConfig) -> No
                     raise CheckpointError(f"{tag_dir / WEIGHTS_ONLY_FILE}: {names[name]} has shard shape "
                                           f"{tuple(shard.shape)}, the model {tuple(p.shape)}")
                 p.copy_(shard.to(p.dtype))
-    if engine.optimizer is not None and hasattr(engine.optimizer, "refresh_fp32_params"):
-        engine.optimizer.refresh_fp32_params()
+    if engine.optimizer is not None:
+        if not hasattr(engine.optimizer, "refresh_fp32_params"):
+            raise CheckpointError(f"{type(engine.optimizer).__name__} cannot refresh its fp32 master weights; the "
+                                  f"weights of {tag_dir} would be overwritten by the first step")
+        engine.optimizer.refresh_fp32_params()  # masters from the (model-dtype) weights just copied
 
 
 def _gathered(params):

@@ -71,6 +71,9 @@ class GenLIPRotary(nn.Module):
 
     def __init__(self, config: GenLIPConfig):
         super().__init__()
+        if not getattr(config, "mrope_interleaved", True):
+            raise ValueError("mrope_interleaved=false (Qwen2-VL chunked sections) is not what GenLIP trains with "
+                             "and is not implemented here")
         self.head_dim, self.section, self.theta = config.head_dim, list(config.mrope_section), config.rope_theta
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -86,16 +86,17 @@ def reshard_command(ckpt_dir: Path, tag: str, target: dict) -> tuple[str, Path]:
 def layout_mismatch(state: dict, current: dict, ckpt_dir: Path, tag: str) -> str | None:
     """None if a plain checkpoint with trainer state ``state`` loads at ``current``; else the error message,
     naming both layouts and the exact conversion command."""
-    saved = checkpoint_layout(state)
+    saved = checkpoint_layout(state)  # None for weights-only checkpoints: they load at any layout
     if saved is None or saved == current:
         return None
-    if state.get("weights_only"):  # only its module weights are read: TP and PP must match, DP and ZeRO need not
-        keys = ("tensor_parallel", "pipeline_parallel")
-        if all(saved[k] == current[k] for k in keys):
-            return None
-        return (f"weights-only checkpoint {Path(ckpt_dir) / tag} holds weights split for TP={saved['tensor_parallel']}"
-                f" x PP={saved['pipeline_parallel']} but this run is TP={current['tensor_parallel']} x "
-                f"PP={current['pipeline_parallel']}; write it again for this layout with the tool that made it")
+    tp_pp = ("tensor_parallel", "pipeline_parallel")
+    if saved["zero_stage"] == current["zero_stage"] == 0 and all(saved[k] == current[k] for k in tp_pp):
+        return None  # ZeRO-0 keeps whole optimizer states per model-parallel rank: DeepSpeed loads them at any DP
+    if saved["zero_stage"] == 0:
+        return (f"checkpoint {Path(ckpt_dir) / tag} was written at {describe(saved)} but this run is "
+                f"{describe(current)}. A ZeRO-0 checkpoint loads at another data-parallel size with ZeRO-0 and the "
+                "same TP and PP; resharding needs ZeRO optimizer partitions, so other changes are not possible for it "
+                "(tools/convert_checkpoint.py --load/--from-hf carries the weights over with a fresh optimizer)")
     command, save = reshard_command(ckpt_dir, tag, current)
     return (f"checkpoint {Path(ckpt_dir) / tag} was written at {describe(saved)} but this run is "
             f"{describe(current)}; DeepSpeed loads a checkpoint only at the layout it was written at. "
