@@ -39,3 +39,29 @@ def test_prefix_lm_isolation_survives_tp2_pp2(tmp_path):
     r = torch.load(out)
     assert math.isclose(r["single_packed"], r["alone_combined"], rel_tol=1e-6)
     assert math.isclose(r["pipeline"], r["alone_combined"], rel_tol=TOLERANCE), r
+
+
+def test_stage_builds_rotary_tables_and_mask_once_per_micro_batch():
+    """The blocks of a stage share one mask per micro-batch; a new micro-batch written into the same buffers
+    (DeepSpeed reuses its receive buffers) gets a freshly built mask, equal to a direct build."""
+    from conftest import small_model_config
+    from megatron_genlip.model.masks import sdpa_mask
+    from megatron_genlip.parallel import state
+    from megatron_genlip.parallel.pipeline import _TABLES, BlockStage
+
+    state.reinitialize(1)
+    cfg = small_model_config()
+    blocks = [BlockStage(cfg, 1, 0, i) for i in range(2)]
+    positions = torch.arange(12).expand(1, 3, 12).clone()
+    sample_ids = torch.tensor([[0] * 5 + [1] * 5 + [-1] * 2])
+    kinds = torch.tensor([[1, 1, 0, 0, 0, 1, 1, 1, 0, 0, -1, -1]])
+    first = _TABLES.get(blocks[0], positions, sample_ids, kinds, torch.float32)
+    assert _TABLES.get(blocks[1], positions, sample_ids, kinds, torch.float32)[2] is first[2]
+    sample_ids[0, 5:10] = 0  # the next micro-batch in the same buffer: one sample
+    kinds[0, 5:8] = 0
+    again = _TABLES.get(blocks[1], positions, sample_ids, kinds, torch.float32)
+    assert again[2] is not first[2] and torch.equal(again[2], sdpa_mask(sample_ids, kinds))
+    x = torch.randn(12, 1, cfg.hidden_size)
+    out = blocks[0]((x, positions, sample_ids, kinds, None))[0]
+    cos, sin = blocks[0].rotary(positions, x.dtype)
+    assert torch.equal(out, super(BlockStage, blocks[0]).forward(x, cos, sin, sdpa_mask(sample_ids, kinds)))

@@ -32,11 +32,10 @@ from safetensors.torch import load_file, save_file
 from megatron_genlip.config import Config, ConfigError, ModelConfig, TokenizerConfig, resolve_layout
 from megatron_genlip.hf.keys import from_hf, to_hf
 from megatron_genlip.parallel.sharding import merge_tp, model_name, split_tp
+from megatron_genlip.training import checkpoint as ckpt
 
 HF_DIR = Path(__file__).resolve().parent
 REMOTE_CODE = ("configuration_genlip.py", "modeling_genlip.py", "image_processing_genlip.py")
-WEIGHTS_ONLY_MARKER = "genlip_weights_only.json"
-UNIVERSAL_MARKER = "genlip_universal.json"  # written by tools/reshard_checkpoint.py
 WEIGHTS_ONLY_FILE = "model.safetensors"
 ENCODER_PREFIXES = ("vision_embeddings.", "visual.", "ln_post.")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -75,29 +74,24 @@ def _torch_load(path: Path):
         raise CheckpointError(f"cannot read {path}: {type(e).__name__}: {e} (truncated or not a checkpoint file?)") from e
 
 
-def _client_file(tag: Path) -> Path:
-    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
-        if (tag / name).is_file():
-            return tag / name
-    raise CheckpointError(f"{tag} has neither mp_rank_00_model_states.pt nor zero_pp_rank_0_mp_rank_00_model_states.pt "
-                          "(not a DeepSpeed checkpoint of this trainer)")
-
-
 def read_trainer_state(tag: Path) -> dict:
-    """The trainer's client state (config, layout, counters) stored with the checkpoint."""
-    marker = tag / WEIGHTS_ONLY_MARKER
-    if marker.is_file():
-        return json.loads(marker.read_text())
-    client = _torch_load(_client_file(tag)).get("genlip")
-    if client is None:
-        raise CheckpointError(f"{_client_file(tag)} holds no megatron-genlip trainer state")
+    """The trainer's client state (config, layout, counters) stored with the checkpoint (or the marker of a
+    weights-only one): ``training.checkpoint.read_trainer_state``, with errors that name the file."""
+    if (tag / ckpt.WEIGHTS_ONLY_MARKER).is_file():
+        source = tag / ckpt.WEIGHTS_ONLY_MARKER
+    else:
+        try:
+            source = ckpt.model_states_file(tag.parent, tag.name)
+        except FileNotFoundError as e:
+            raise CheckpointError(str(e)) from None
+    try:
+        client = ckpt.read_trainer_state(tag.parent, tag.name)
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file; say which one
+        raise CheckpointError(f"cannot read {source}: {type(e).__name__}: {e} "
+                              "(truncated or not a checkpoint of this trainer?)") from e
+    if not client:
+        raise CheckpointError(f"{source} holds no megatron-genlip trainer state")
     return client
-
-
-def _pipeline_names(state: dict[str, torch.Tensor], layer_idx: int, num_layers: int) -> dict[str, torch.Tensor]:
-    if layer_idx == 0 or layer_idx == num_layers + 1:  # embedding stage / head stage: the model's own names
-        return dict(state)
-    return {f"layers.{layer_idx - 1}.{k}": v for k, v in state.items()}
 
 
 def _module_files(tag: Path, tp: int, pp: int, num_layers: int) -> list[dict[str, torch.Tensor]]:
@@ -116,8 +110,8 @@ def _module_files(tag: Path, tp: int, pp: int, num_layers: int) -> list[dict[str
                                   f"found {len(files)}")
         state: dict[str, torch.Tensor] = {}
         for f in files:
-            idx = int(re.search(r"layer_(\d+)-", os.path.basename(f)).group(1))
-            state.update(_pipeline_names(_torch_load(Path(f)), idx, num_layers))
+            idx = re.search(r"layer_(\d+)-", os.path.basename(f)).group(1)
+            state.update({model_name(f"{idx}.{k}", num_layers): v for k, v in _torch_load(Path(f)).items()})
         per_rank.append(state)
     return per_rank
 
@@ -127,9 +121,9 @@ def read_checkpoint(ckpt_dir: str | Path, iteration: int | None = None) -> tuple
     with the single-device model's names; returns it with the trainer state (config, layout, counters)."""
     tag = resolve_tag(ckpt_dir, iteration)
     client = read_trainer_state(tag)
-    if (tag / WEIGHTS_ONLY_MARKER).is_file():
+    if (tag / ckpt.WEIGHTS_ONLY_MARKER).is_file():
         return _load_safetensors(tag / WEIGHTS_ONLY_FILE), client
-    if (tag / UNIVERSAL_MARKER).is_file():  # tools/reshard_checkpoint.py: full fp32 masters in zero/<name>/
+    if (tag / ckpt.UNIVERSAL_MARKER).is_file():  # tools/reshard_checkpoint.py: full fp32 masters in zero/<name>/
         state = _universal_weights(tag, client["config"]["model"]["num_layers"])
         check_against_model(state, model_config(client["config"]), str(tag))
         return state, client
@@ -469,20 +463,15 @@ def write_weights_only_checkpoint(hf_dir: str | Path, save_dir: str | Path, tp: 
     source_cfg = dict(source_cfg, model=dataclasses.asdict(mcfg))
     marker = {"weights_only": True, "source": str(Path(hf_dir).resolve()), "iteration": 0,
               "target_layout": {"tensor_parallel": tp, "pipeline_parallel": pp}, "config": source_cfg}
-    (tag / WEIGHTS_ONLY_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+    (tag / ckpt.WEIGHTS_ONLY_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
     (Path(save_dir) / "latest").write_text(tag.name)
     return tag
-
-
-def is_weights_only(tag_dir: str | Path) -> bool:
-    return (Path(tag_dir) / WEIGHTS_ONLY_MARKER).is_file()
 
 
 def load_weights_only(engine, tag_dir: str | Path, model_cfg: ModelConfig) -> None:
     """Copy a weights-only checkpoint into a DeepSpeed engine of any layout (this rank's TP shard, this
     pipeline stage's layers), then refresh the optimizer's fp32 master copy from them. In a bf16 run the masters
     therefore start bf16-rounded (exact for the default bf16 exports). Tested at TP=2 with ZeRO-1 in fp32."""
-    from deepspeed.pipe import PipelineModule
     from megatron.core import parallel_state
 
     tag_dir = Path(tag_dir)
@@ -490,15 +479,8 @@ def load_weights_only(engine, tag_dir: str | Path, model_cfg: ModelConfig) -> No
     check_against_model(state, model_cfg, str(tag_dir / WEIGHTS_ONLY_FILE))
     tp = parallel_state.get_tensor_model_parallel_world_size()
     rank = parallel_state.get_tensor_model_parallel_rank()
-    module = engine.module
-    names = {}
-    for name, p in module.named_parameters():
-        if isinstance(module, PipelineModule):
-            idx, rest = name.split(".", 1)
-            names[name] = next(iter(_pipeline_names({rest: p}, int(idx), model_cfg.num_layers)))
-        else:
-            names[name] = name
-    params = dict(module.named_parameters())
+    params = dict(engine.module.named_parameters())  # PipelineModule names "<layer idx>.<name>" under PP
+    names = {name: model_name(name, model_cfg.num_layers) for name in params}
     with _gathered(list(params.values())):
         with torch.no_grad():
             for name, p in params.items():

@@ -59,8 +59,32 @@ class EmbedStage(EmbeddingMixin, torch.nn.Module):
         return x, positions, sample_ids, token_kinds, labels
 
 
+class _MicroBatchTables:
+    """Rotary tables and attention mask of the current micro-batch, built once per stage instead of once per
+    block: consecutive blocks of a stage receive equal positions/ids/kinds. The key is compared by content
+    (O(L)), not identity, because DeepSpeed may receive every micro-batch into the same reused buffers."""
+
+    def __init__(self):
+        self.key: tuple | None = None
+        self.value: tuple | None = None
+
+    def get(self, block: "BlockStage", positions, sample_ids, token_kinds, dtype) -> tuple:
+        key = (positions, sample_ids, token_kinds)
+        if self.key is None or self.value[2] is not dtype or not all(
+                a.shape == b.shape and torch.equal(a, b) for a, b in zip(self.key, key)):
+            cos, sin = block.rotary(positions, dtype)
+            mask = block.self_attn.kernel.build_mask(sample_ids, token_kinds)  # dense bool (sdpa) or BlockMask (flex)
+            self.key, self.value = tuple(t.clone() for t in key), (cos, sin, dtype, mask)
+        cos, sin, _, mask = self.value
+        return cos, sin, mask
+
+
+_TABLES = _MicroBatchTables()
+
+
 class BlockStage(TransformerBlock):
-    """One transformer block that rebuilds its rotary tables and mask from the tuple it receives."""
+    """One transformer block; its rotary tables and mask come from the tuple it receives (built once per
+    micro-batch for all blocks of the stage)."""
 
     def __init__(self, cfg: ModelConfig, tensor_parallel: int, seed: int, index: int,
                  activation_checkpointing: bool = False, sequence_parallel: bool = False):
@@ -72,8 +96,7 @@ class BlockStage(TransformerBlock):
 
     def forward(self, inputs: tuple) -> tuple:
         x, positions, sample_ids, token_kinds, labels = inputs
-        cos, sin = self.rotary(positions, x.dtype)
-        mask = self.self_attn.kernel.build_mask(sample_ids, token_kinds)  # dense bool (sdpa) or BlockMask (flex)
+        cos, sin, mask = _TABLES.get(self, positions, sample_ids, token_kinds, x.dtype)
         if self.activation_checkpointing and self.training:  # RNG replayed: DropPath drops the same rows
             x = rng.checkpoint(super().forward, x, cos, sin, mask, None)
         else:
@@ -110,13 +133,3 @@ def build_pipeline(cfg: ModelConfig, tensor_parallel: int, pipeline_parallel: in
     return PipelineModule(layers=layers, num_stages=pipeline_parallel, loss_fn=None,
                           topology=state.deepspeed_topology(tensor_parallel, pipeline_parallel),
                           partition_method="type:BlockStage", activation_checkpoint_interval=0)
-
-
-def pipeline_to_model_names(stage_state: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
-    """PipelineModule state names ("<layer index>.<name>") -> the single-device model's names."""
-    out = {}
-    for name, t in stage_state.items():
-        idx, rest = name.split(".", 1)
-        idx = int(idx)
-        out[rest if idx == 0 or idx == num_layers + 1 else f"layers.{idx - 1}.{rest}"] = t
-    return out
