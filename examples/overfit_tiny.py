@@ -13,11 +13,13 @@ import random
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from megatron_genlip.config import load_config
 from megatron_genlip.data.image_processing import process_image
-from megatron_genlip.data.packing import collate_batch, first_fit
+from megatron_genlip.data.pack_index import pack_arrivals
+from megatron_genlip.data.packing import collate_batch
 from megatron_genlip.data.sample import build_sample
 from megatron_genlip.data.synthetic import make_scene, sample_rng
 from megatron_genlip.data.tokenizer import load_tokenizer
@@ -38,7 +40,8 @@ def overfit(num_samples: int = 8, steps: int = 300, lr: float = 3e-3, seed: int 
         patches, grid = process_image(img, stage=1, image_size=cfg.data.image_size)
         samples.append(build_sample(tok, patches, grid, caption, cfg.tokenizer.prompt))
         captions.append(caption)
-    rows = [[samples[j] for j in row] for row in first_fit([len(s) for s in samples], cfg.data.seq_length)]
+    order, sizes = pack_arrivals(np.array([len(s) for s in samples]), cfg.data.seq_length, len(samples))
+    rows = [[samples[j] for j in row] for row in np.split(order, np.cumsum(sizes)[:-1])]
     batch = collate_batch(rows, cfg.data.seq_length)
 
     model = build_model(cfg.model, seed=seed).train()

@@ -63,6 +63,14 @@ class TokenizerConfig:
 
 
 @dataclass
+class BlendSource:
+    """One dataset of a weighted mixture (``data.train_blend``)."""
+
+    data: str | list[str]  # dataset prefix(es), glob or .txt list, as data.train_data
+    weight: float  # relative share of packed rows (normalised over the blend)
+
+
+@dataclass
 class DataConfig:
     """How images and captions become packed rows (GENLIP_SPEC.md §2.1, §2.4, §4)."""
 
@@ -72,11 +80,24 @@ class DataConfig:
     max_pixels: int = 262144
     seq_length: int = 16384  # packed row length
     max_sample_length: int = 16384  # per-sample cap (stage 2 uses 4096); longer samples are skipped
-    train_data: str | None = None  # indexed dataset prefix (tools/preprocess_data.py --output-prefix)
-    valid_data: str | None = None  # held-out indexed dataset prefix
+    # indexed dataset(s) built by tools/preprocess_data.py: a prefix, a glob of prefixes, a .txt file listing
+    # prefixes, or a list of those (concatenated in order)
+    train_data: str | list[str] | None = None
+    valid_data: str | list[str] | None = None  # held-out dataset(s), same forms
+    # weighted mixture instead of train_data, e.g. [{data: /d/llava, weight: 0.7}, {data: /d/sharegpt, weight: 0.3}]:
+    # rows are drawn from each dataset's own packed stream in these proportions (deterministic, resumable)
+    train_blend: list[BlendSource] = field(default_factory=list)
     pack_buffer_size: int = 2048  # samples scanned when filling a row (first-fit in arrival order)
-    seed: int = 1234  # shuffling and packing seed (epoch e uses seed + e)
+    seed: int = 1234  # shuffling and packing seed (epoch e has its own permutation)
+    pack_index_dir: str | None = None  # where pack indices are kept; None = beside the (first) dataset: PREFIX.packs
+    # epochs missing from the pack index at start-up: true = built once, under a lock, by one process before
+    # training; false = an error naming tools/build_pack_index.py (build them ahead for large datasets)
+    build_missing_pack_index: bool = True
+    pack_index_workers: int = 0  # processes that pack chunks of an epoch (0 = min(8, CPU count))
+    max_open_parts: int = 64  # dataset parts kept memory-mapped per DataLoader worker
     num_workers: int = 2  # DataLoader worker processes per rank
+    prefetch_factor: int = 2  # micro-batches each worker prepares ahead
+    jpeg_draft: bool = False  # decode JPEGs at a reduced scale (PIL draft mode): faster, slightly different pixels
 
 
 @dataclass
@@ -151,7 +172,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], where)
+        for alternative in inner[:-1]:  # e.g. str | list[str]: the first form the value fits
+            try:
+                return _coerce(value, alternative, where)
+            except ConfigError:
+                pass
+        return _coerce(value, inner[-1], where)
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")

@@ -7,7 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from megatron_genlip.data.image_processing import ImageError, patchify, process_image, smart_resize
+from megatron_genlip.data.image_processing import (
+    ImageError, image_to_patches, normalize_pixels, patchify_into, process_image, smart_resize,
+)
 
 
 def test_stage1_resize_normalise_patchify():
@@ -30,12 +32,28 @@ def test_palette_and_grayscale_become_rgb():
 
 
 def test_patch_order_is_row_major():
-    pixels = torch.arange(2 * 32 * 48, dtype=torch.float32).view(2, 32, 48)
-    patches, grid = patchify(pixels, 16)
-    assert grid == (2, 3)
+    rgb = (np.arange(32 * 48 * 3) % 251).astype(np.uint8).reshape(32, 48, 3)
+    patches = patchify_into(rgb, 16)
+    assert patches.shape == (6, 3, 16, 16)
     for idx in range(6):
         r, c = divmod(idx, 3)
-        assert torch.equal(patches[idx], pixels[:, 16 * r:16 * r + 16, 16 * c:16 * c + 16])
+        assert np.array_equal(patches[idx], rgb[16 * r:16 * r + 16, 16 * c:16 * c + 16].transpose(2, 0, 1))
+    out = np.zeros_like(patches)
+    assert patchify_into(rgb, 16, out) is out and np.array_equal(out, patches)  # in place, same layout
+
+
+def test_uint8_patches_normalised_on_the_device_equal_the_float_reference():
+    """The loader ships uint8; normalize_pixels (run by the model) gives exactly the host-side float32 values of
+    the previous float pipeline: x / 255 then (x - 0.5) / 0.5 in float32, for all 256 byte values."""
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (37, 53, 3), dtype=np.uint8))
+    raw, grid = image_to_patches(img, stage=2, patch_size=16, min_pixels=4096, max_pixels=262144)
+    assert raw.dtype == np.uint8 and grid == (raw.shape[0] // grid[1], grid[1])
+    every = torch.arange(256, dtype=torch.uint8)
+    reference = (every.numpy().astype(np.float32) / 255.0 - 0.5) / 0.5  # the former host-side normalisation
+    assert torch.equal(normalize_pixels(every), torch.from_numpy(reference))
+    floats, grid2 = process_image(img, stage=2)
+    assert grid2 == grid and torch.equal(floats, normalize_pixels(torch.from_numpy(raw)))
 
 
 @pytest.mark.parametrize("h, w", [(300, 1000), (1000, 300), (4000, 3000), (20, 20), (224, 224), (517, 391), (50, 5000)])

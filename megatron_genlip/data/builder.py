@@ -1,10 +1,16 @@
-"""Build an indexed multimodal dataset from webdataset shards: multiprocess, deterministic, resumable.
+"""Build an indexed multimodal dataset from webdataset shards: parallel, across machines, resumable.
 
-Every input shard becomes one *part* (``OUT.parts/NNNNNN-<shard>.{bin,idx,lengths.npy,report.json}``),
-written by a worker under temporary names and committed by writing its report last. The final dataset is
-the parts concatenated in input order, so the output is identical whatever the worker count, and a killed
-build restarted with the same command redoes only the shards without a report. Bad samples are skipped
-and counted per reason, with shard and key, in the JSON report; a half sample is never written.
+Every input shard becomes one *part* (``OUT.parts/NNNNNN-<shard>.{bin,idx,lengths.npy,report.json}``, NNNNNN
+its index among the sorted inputs), written under host- and process-unique temporary names and committed by
+writing its report last. Parts are the dataset: they are never merged. A build can be split over machines
+(``shard_index``/``num_shards``, e.g. a SLURM array job: task i builds shards i, i+n, i+2n, ...); a
+metadata-only :func:`finalize_dataset` then writes the manifest ``OUT.json``, the concatenated
+``OUT.lengths.npy`` and the fingerprint, streaming part by part (O(parts) memory, no ``.bin`` byte copied).
+The result is identical whatever the number of machines and workers, and a killed build restarted with the
+same command redoes only the shards whose part is not committed, or was built with other settings.
+
+Bad samples are skipped and counted per reason, with shard and key, in the part reports and the summary
+report; a half sample is never written.
 """
 
 from __future__ import annotations
@@ -14,20 +20,22 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
-import shutil
+import socket
 import time
 from collections import Counter
-from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import webdataset as wds
 
 from megatron_genlip.config import Config
-from megatron_genlip.data.indexed import FORMAT_VERSION, STORAGES, SampleWriter, merge_parts, record_items
+from megatron_genlip.data.indexed import (
+    LENGTHS_DTYPE, STORAGES, SampleWriter, build_settings, file_fingerprint, record_items,
+)
 from megatron_genlip.data.records import SkipSample, decode_record, tokenize_record
 from megatron_genlip.data.tokenizer import load_tokenizer, resolve_asset
 
-MAX_LOGGED_SKIPS = 1000  # per part; the counters are always complete
+MAX_LOGGED_SKIPS = 1000  # skipped samples named per part and in the summary; the counters are always complete
 
 
 def tokenizer_fingerprint(kind: str, path: str | None) -> str:
@@ -61,6 +69,17 @@ def expand_inputs(inputs: list[str]) -> list[str]:
     return shards
 
 
+def temp_name(path: str) -> str:
+    """A temporary name beside ``path`` that no other host or process uses."""
+    return f"{path}.tmp-{socket.gethostname()}-{os.getpid()}"
+
+
+def replace_atomically(path: str | Path, text: str) -> None:
+    tmp = temp_name(str(path))
+    Path(tmp).write_text(text)
+    os.replace(tmp, path)
+
+
 def _iterate_shard(path: str):
     """Raw samples of one shard (no decoding); a broken tar ends the iteration with an exception."""
     return iter(wds.WebDataset([path], shardshuffle=False, empty_check=False, nodesplitter=lambda s: s,
@@ -71,7 +90,7 @@ def build_part(task: dict) -> dict:
     """Worker: one shard -> one committed part. Returns the part's report."""
     shard, part, cfg, storage = task["shard"], task["part"], task["config"], task["storage"]
     tokenizer = load_tokenizer(cfg.tokenizer.kind, cfg.tokenizer.path)
-    tmp = part + ".tmp"
+    tmp = temp_name(part)
     writer = SampleWriter(tmp)
     counts: Counter[str] = Counter()
     skipped: list[dict] = []
@@ -104,40 +123,72 @@ def build_part(task: dict) -> dict:
     for ext in (".bin", ".idx", ".lengths.npy"):
         os.replace(tmp + ext, part + ext)
     report = {"shard": shard, "written": written, "tokens": tokens, "image_bytes": image_bytes,
-              "skipped": dict(counts), "skipped_samples": skipped}
-    tmp_report = part + ".report.json.tmp"
-    Path(tmp_report).write_text(json.dumps(report, indent=1))
-    os.replace(tmp_report, part + ".report.json")  # the commit point of this part
+              "skipped": dict(counts), "skipped_samples": skipped, "settings": task["settings"],
+              "fingerprint": file_fingerprint([part + ".idx", part + ".lengths.npy"]),
+              "bin_bytes": os.path.getsize(part + ".bin"), "idx_bytes": os.path.getsize(part + ".idx")}
+    replace_atomically(part + ".report.json", json.dumps(report, indent=1))  # the commit point of this part
     return report
 
 
-def _part_name(parts_dir: Path, index: int, shard: str) -> str:
-    stem = Path(shard).name.replace(".tar", "")
+def part_name(parts_dir: Path, index: int, shard: str) -> str:
+    stem = Path(shard).name
+    for suffix in (".tar.gz", ".tgz", ".tar"):
+        if stem.endswith(suffix):
+            stem = stem[: -len(suffix)]
+            break
     return str(parts_dir / f"{index:06d}-{stem}")
 
 
+def read_part_report(part: str) -> dict | None:
+    """A committed part's report, or None (not built, or its report unreadable: it will be rebuilt)."""
+    try:
+        return json.loads(Path(part + ".report.json").read_text())
+    except (FileNotFoundError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+
+
+def _is_current(part: str, settings: dict) -> bool:
+    report = read_part_report(part)
+    return report is not None and report.get("settings") == settings
+
+
+def shard_task_from_env() -> tuple[int, int]:
+    """(shard index, number of shards) from a SLURM array job, else (0, 1)."""
+    env = os.environ
+    if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
+        first = int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
+        return int(env["SLURM_ARRAY_TASK_ID"]) - first, int(env["SLURM_ARRAY_TASK_COUNT"])
+    return 0, 1
+
+
 def build_indexed_dataset(inputs: list[str], output_prefix: str, cfg: Config, workers: int = 1,
-                          storage: str = "encoded", progress: bool = True, keep_parts: bool = False) -> dict:
-    """Build ``output_prefix.{bin,idx,lengths.npy,json}`` from webdataset shards; returns the report."""
+                          storage: str = "encoded", progress: bool = True, shard_index: int = 0,
+                          num_shards: int = 1, finalize: bool | None = None) -> dict:
+    """Build this task's parts of ``output_prefix`` (all of them when ``num_shards == 1``) and, unless the
+    build is split over several tasks (``finalize`` defaults to ``num_shards == 1``), finalize the dataset.
+    Returns the summary report (finalized) or this task's build report."""
     if storage not in STORAGES:
         raise ValueError(f"--image-storage must be one of {STORAGES}, got {storage!r}")
     if storage == "pixels" and cfg.data.stage != 1:
         raise ValueError("pixel storage needs a fixed resolution (data.stage=1); use --image-storage encoded")
+    if not 0 <= shard_index < num_shards:
+        raise ValueError(f"--shard-index {shard_index} must be in [0, --num-shards={num_shards})")
     shards = expand_inputs(inputs)
     out = Path(output_prefix)
-    out.parent.mkdir(parents=True, exist_ok=True)
     parts_dir = Path(str(out) + ".parts")
-    parts_dir.mkdir(exist_ok=True)
-    parts = [_part_name(parts_dir, i, s) for i, s in enumerate(shards)]
-    todo = [{"shard": s, "part": p, "config": cfg, "storage": storage}
-            for s, p in zip(shards, parts) if not os.path.exists(p + ".report.json")]
-    reused = len(shards) - len(todo)
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    settings = build_settings(cfg, storage)
+    parts = [part_name(parts_dir, i, s) for i, s in enumerate(shards)]
+    mine = range(shard_index, len(shards), num_shards)
+    todo = [{"shard": shards[i], "part": parts[i], "config": cfg, "storage": storage, "settings": settings}
+            for i in mine if not _is_current(parts[i], settings)]
+    reused = len(mine) - len(todo)
     start = time.perf_counter()
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(shards), initial=reused, unit="shard", desc="preprocess")
+        bar = tqdm(total=len(mine), initial=reused, unit="shard", desc=f"preprocess {shard_index}/{num_shards}")
     if workers > 1 and len(todo) > 1:
         with mp.get_context("spawn").Pool(min(workers, len(todo))) as pool:
             for _ in pool.imap_unordered(build_part, todo):
@@ -148,55 +199,68 @@ def build_indexed_dataset(inputs: list[str], output_prefix: str, cfg: Config, wo
             bar is not None and bar.update(1)
     if bar is not None:
         bar.close()
-
-    reports = [json.loads(Path(p + ".report.json").read_text()) for p in parts]
-    merge_parts(parts, str(out))
-    report = _summarise(reports, shards, cfg, storage, time.perf_counter() - start, reused)
-    Path(str(out) + ".report.json").write_text(json.dumps(report, indent=1))
-    meta = _metadata(report, cfg, storage, out)
-    Path(str(out) + ".json").write_text(json.dumps(meta, indent=1))
-    if not keep_parts:
-        shutil.rmtree(parts_dir)
-    return report
+    built = {"shards": len(mine), "shards_reused": reused, "seconds": round(time.perf_counter() - start, 3)}
+    if finalize if finalize is not None else num_shards == 1:
+        return finalize_dataset(inputs, output_prefix, cfg, storage, built)
+    return built
 
 
-def _summarise(reports: list[dict], shards: list[str], cfg: Config, storage: str, seconds: float,
-               reused: int) -> dict:
+def finalize_dataset(inputs: list[str], output_prefix: str, cfg: Config, storage: str = "encoded",
+                     built: dict | None = None) -> dict:
+    """Write the manifest, the concatenated lengths and the summary report from the committed parts.
+
+    Metadata only and streamed: each part's report and lengths are read once, one at a time (O(parts)
+    memory); the manifest is written last, so a dataset either has a complete manifest or none."""
+    shards = expand_inputs(inputs)
+    out = Path(output_prefix)
+    parts_dir = Path(str(out) + ".parts")
+    settings = build_settings(cfg, storage)
+    parts = [part_name(parts_dir, i, s) for i, s in enumerate(shards)]
+    entries, missing, stale = [], [], []
     skipped: Counter[str] = Counter()
-    for r in reports:
-        skipped.update(r["skipped"])
-    return {
-        "shards": len(shards),
-        "shards_reused": reused,
-        "samples_written": sum(r["written"] for r in reports),
-        "samples_skipped": sum(skipped.values()),
-        "skipped_by_reason": dict(sorted(skipped.items())),
-        "skipped_samples": [s for r in reports for s in r["skipped_samples"]],
-        "tokens": sum(r["tokens"] for r in reports),
-        "images": sum(r["written"] for r in reports),
-        "image_bytes": sum(r["image_bytes"] for r in reports),
-        "image_storage": storage,
-        "seconds": round(seconds, 3),
-        "config": {"data": asdict(cfg.data), "tokenizer": asdict(cfg.tokenizer)},
-    }
-
-
-def _metadata(report: dict, cfg: Config, storage: str, out: Path) -> dict:
-    h = hashlib.sha256()
-    for ext in (".idx", ".lengths.npy"):
-        h.update(Path(str(out) + ext).read_bytes())
-    return {
-        "format_version": FORMAT_VERSION,
-        "stage": cfg.data.stage,
-        "image_size": cfg.data.image_size,
-        "min_pixels": cfg.data.min_pixels,
-        "max_pixels": cfg.data.max_pixels,
-        "patch_size": cfg.model.patch_size,
-        "max_sample_length": cfg.data.max_sample_length,
-        "prompt": cfg.tokenizer.prompt,
-        "tokenizer_fingerprint": tokenizer_fingerprint(cfg.tokenizer.kind, cfg.tokenizer.path),
-        "image_storage": storage,
-        "samples": report["samples_written"],
-        "tokens": report["tokens"],
-        "fingerprint": h.hexdigest()[:16],
-    }
+    named: list[dict] = []
+    totals = Counter()
+    for part in parts:
+        report = read_part_report(part)
+        if report is None:
+            missing.append(part)
+            continue
+        if report.get("settings") != settings:
+            stale.append(part)
+            continue
+        entries.append({"path": os.path.relpath(part, out.parent), "samples": report["written"],
+                        "tokens": report["tokens"], "fingerprint": report["fingerprint"],
+                        "bin_bytes": report["bin_bytes"], "idx_bytes": report["idx_bytes"]})
+        skipped.update(report["skipped"])
+        named += report["skipped_samples"][: MAX_LOGGED_SKIPS - len(named)]
+        totals.update(written=report["written"], tokens=report["tokens"], image_bytes=report["image_bytes"])
+    if missing or stale:
+        problems = ([f"{len(missing)} part(s) not built, e.g. {missing[0]}"] if missing else []) + \
+                   ([f"{len(stale)} part(s) built with other settings, e.g. {stale[0]}"] if stale else [])
+        raise ValueError(f"cannot finalize {output_prefix}: {'; '.join(problems)}. Run tools/preprocess_data.py "
+                         "with the same --input, --output-prefix and config (all shards, or every --shard-index of "
+                         "--num-shards) first")
+    n = int(totals["written"])
+    lengths_path = str(out) + ".lengths.npy"
+    tmp = temp_name(lengths_path)
+    merged = np.lib.format.open_memmap(tmp, mode="w+", dtype=LENGTHS_DTYPE, shape=(n, 3))
+    at = 0
+    for part, entry in zip(parts, entries):
+        piece = np.load(part + ".lengths.npy", mmap_mode="r")
+        merged[at:at + len(piece)] = piece
+        at += len(piece)
+    merged.flush()
+    del merged
+    os.replace(tmp, lengths_path)
+    fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()
+                                 + ",".join(e["fingerprint"] for e in entries).encode()).hexdigest()[:16]
+    report = {"shards": len(shards), "samples_written": n, "samples_skipped": sum(skipped.values()),
+              "skipped_by_reason": dict(sorted(skipped.items())), "skipped_samples": named,
+              "skipped_samples_note": f"at most {MAX_LOGGED_SKIPS} named here; every part's report names its own",
+              "tokens": int(totals["tokens"]), "images": n, "image_bytes": int(totals["image_bytes"]),
+              "image_storage": storage, "build": built or {}}
+    replace_atomically(str(out) + ".report.json", json.dumps(report, indent=1))
+    manifest = dict(settings, samples=n, tokens=int(totals["tokens"]), fingerprint=fingerprint,
+                    lengths=os.path.basename(lengths_path), parts=entries)
+    replace_atomically(str(out) + ".json", json.dumps(manifest, indent=1))  # the commit point of the dataset
+    return report

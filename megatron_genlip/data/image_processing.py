@@ -1,8 +1,13 @@
-"""Image preprocessing (GENLIP_SPEC.md §2.1): PIL image -> normalised 16x16 patches + grid.
+"""Image preprocessing (GENLIP_SPEC.md §2.1): PIL image -> 16x16 patches + grid.
 
-Stage 1: RGB, bilinear resize straight to ``image_size`` x ``image_size`` (no crop, aspect not kept),
-scale 1/255, mean = std = 0.5 -> pixels in [-1, 1]. Stage 2: ``smart_resize`` to a multiple of the patch
-size within a pixel budget, same normalisation. Patches come out in row-major (h, then w) order.
+Stage 1: RGB, bilinear resize straight to ``image_size`` x ``image_size`` (no crop, aspect not kept).
+Stage 2: ``smart_resize`` to a multiple of the patch size within a pixel budget. Patches come out in
+row-major (h, then w) order.
+
+The data path keeps patches as **uint8** (:func:`image_to_patches`): a quarter of the bytes of float32
+through the DataLoader's shared memory and the host-to-device copy. The model normalises them on the device
+with :func:`normalize_pixels` (scale 1/255, mean = std = 0.5 -> [-1, 1]), the same float32 operations the
+reference :func:`process_image` applies on the host, so both give bit-identical values.
 """
 
 from __future__ import annotations
@@ -52,20 +57,22 @@ def smart_resize(height: int, width: int, factor: int = 16, min_pixels: int = 40
     return h, w
 
 
-def normalize(img: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> float32 tensor [3, H, W] in [-1, 1]."""
-    arr = np.asarray(img, dtype=np.float32) / 255.0
-    return torch.from_numpy((arr - MEAN) / STD).permute(2, 0, 1).contiguous()
+def normalize_pixels(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels (any shape) -> float32 in [-1, 1]: scale 1/255, then (x - mean) / std."""
+    return (pixels.to(torch.float32) / 255.0 - MEAN) / STD
 
 
-def patchify(pixels: torch.Tensor, patch: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """[C, H, W] -> ([gh*gw, C, patch, patch] in row-major order, (gh, gw))."""
-    c, h, w = pixels.shape
+def patchify_into(rgb: np.ndarray, patch: int, out: np.ndarray | None = None) -> np.ndarray:
+    """[H, W, C] uint8 -> [gh*gw, C, patch, patch] in row-major patch order (written into ``out`` if given)."""
+    h, w, c = rgb.shape
     gh, gw = h // patch, w // patch
     if gh * patch != h or gw * patch != w:
         raise ImageError(f"image {w}x{h} is not a multiple of the patch size {patch}")
-    x = pixels.view(c, gh, patch, gw, patch).permute(1, 3, 0, 2, 4)
-    return x.reshape(gh * gw, c, patch, patch).contiguous(), (gh, gw)
+    view = rgb.reshape(gh, patch, gw, patch, c).transpose(0, 2, 4, 1, 3)
+    if out is None:
+        return np.ascontiguousarray(view).reshape(gh * gw, c, patch, patch)
+    np.copyto(out.reshape(gh, gw, c, patch, patch), view)
+    return out
 
 
 def check_decodable(img: Image.Image) -> None:
@@ -73,17 +80,33 @@ def check_decodable(img: Image.Image) -> None:
         raise ImageError(f"image of size {img.width}x{img.height} is too small")
 
 
-def process_image(img: Image.Image, *, stage: int = 1, image_size: int = 224, patch_size: int = 16,
-                  min_pixels: int = 4096, max_pixels: int = 262144) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Image -> (patches [N, 3, p, p], grid (gh, gw)) for stage 1 or stage 2."""
+def target_size(img: Image.Image, *, stage: int = 1, image_size: int = 224, patch_size: int = 16,
+                min_pixels: int = 4096, max_pixels: int = 262144) -> tuple[int, int]:
+    """(width, height) the image is resized to for ``stage``."""
+    if stage == 1:
+        return image_size, image_size
+    if stage == 2:
+        h, w = smart_resize(img.height, img.width, patch_size, min_pixels, max_pixels)
+        return w, h
+    raise ValueError(f"data.stage must be 1 or 2, got {stage}")
+
+
+def resized_rgb(img: Image.Image, **settings) -> np.ndarray:
+    """Image -> [H, W, 3] uint8 at the training resolution (bilinear)."""
     check_decodable(img)
     img = to_rgb(img)
-    if stage == 1:
-        size = (image_size, image_size)
-    elif stage == 2:
-        h, w = smart_resize(img.height, img.width, patch_size, min_pixels, max_pixels)
-        size = (w, h)
-    else:
-        raise ValueError(f"data.stage must be 1 or 2, got {stage}")
-    img = img.resize(size, resample=Image.BILINEAR)
-    return patchify(normalize(img), patch_size)
+    return np.asarray(img.resize(target_size(img, **settings), resample=Image.BILINEAR))
+
+
+def image_to_patches(img: Image.Image, *, patch_size: int = 16, **settings) -> tuple[np.ndarray, tuple[int, int]]:
+    """Image -> (uint8 patches [N, 3, p, p], grid (gh, gw)): what the data path ships."""
+    rgb = resized_rgb(img, patch_size=patch_size, **settings)
+    return patchify_into(rgb, patch_size), (rgb.shape[0] // patch_size, rgb.shape[1] // patch_size)
+
+
+def process_image(img: Image.Image, *, stage: int = 1, image_size: int = 224, patch_size: int = 16,
+                  min_pixels: int = 4096, max_pixels: int = 262144) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Image -> (normalised float32 patches [N, 3, p, p], grid (gh, gw)) for stage 1 or stage 2."""
+    patches, grid = image_to_patches(img, stage=stage, image_size=image_size, patch_size=patch_size,
+                                     min_pixels=min_pixels, max_pixels=max_pixels)
+    return normalize_pixels(torch.from_numpy(patches)), grid

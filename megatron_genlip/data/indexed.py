@@ -1,21 +1,34 @@
-"""The indexed multimodal dataset: megatron-core's ``.bin``/``.idx`` format, one document per sample.
+"""The indexed multimodal dataset: a manifest of parts, each a megatron-core ``.bin``/``.idx`` pair.
 
-Layout (``IndexedDataset`` with ``dtype=uint8``, ``multimodal=True``), each sample is a document of three items:
+A dataset ``PREFIX`` is the manifest ``PREFIX.json`` plus the parts it lists (``PREFIX.parts/NNNNNN-<shard>``,
+one per input shard, written by ``tools/preprocess_data.py``, possibly by many machines at once) and
+``PREFIX.lengths.npy``. Parts are never merged: training addresses a sample by the cumulative part sizes and
+opens the parts it touches lazily, keeping at most ``data.max_open_parts`` memory maps per process.
+
+Each part is an ``IndexedDataset`` (``dtype=uint8``, ``multimodal=True``) with one document per sample:
 
   mode 0  TEXT    int32 token ids of the text part (prompt/conversation + ``<|im_end|>`` ``\\n``), as bytes
   mode 2  LABELS  uint8 per text token: 1 = supervised (caption, ``<|im_end|>``, ``\\n``), 0 = prompt
   mode 1  IMAGE   the image: the original encoded bytes (``encoded``) or uint8 RGB pixels already resized
                   to the training resolution (``pixels``, H x W x 3 with H, W = grid x patch)
 
-Beside them: ``PREFIX.lengths.npy`` (int32 [N, 3]: gh, gw, text tokens; what packing needs without touching
-the ``.bin``) and ``PREFIX.json`` (how the dataset was built: stage, resolution, tokenizer fingerprint, storage,
-counts), checked against the training config at load time.
+``PART.lengths.npy`` / ``PREFIX.lengths.npy``: uint16 ``[N, 3]`` (gh, gw, text tokens), what packing needs
+without touching the ``.bin``; memory-mapped, never copied per rank. The manifest holds the build settings
+(checked against the training config), the parts with their sizes and fingerprints, and the dataset
+fingerprint (a hash of the part fingerprints: computing it never reads sample data).
+
+``data.train_data`` may name several datasets (a list, a glob, or a ``.txt`` file with one prefix per line):
+they are concatenated in the order given.
 """
 
 from __future__ import annotations
 
+import glob
+import hashlib
 import io
 import json
+import os
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -24,17 +37,38 @@ import torch
 from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 
 from megatron_genlip.config import DataConfig
-from megatron_genlip.data.image_processing import normalize, patchify
-from megatron_genlip.data.records import Record, decode_image, sample_from_parts
+from megatron_genlip.data.image_processing import patchify_into, resized_rgb
+from megatron_genlip.data.records import Record, decode_image
 from megatron_genlip.data.sample import Sample, assemble_sample
 
 MODE_TEXT, MODE_IMAGE, MODE_LABELS = 0, 1, 2
 STORAGES = ("encoded", "pixels")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+LENGTHS_DTYPE = np.uint16  # gh, gw and text tokens of one sample all stay below 65536 (seq_length <= 65535)
 
 
 class DatasetMismatch(ValueError):
     """The dataset on disk was built for other settings than the ones training asks for."""
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be read as it is (missing, truncated or replaced files)."""
+
+
+def build_settings(cfg, storage: str) -> dict:
+    """The settings a dataset's bytes depend on (stored in every part and manifest, checked by training)."""
+    from megatron_genlip.data.builder import tokenizer_fingerprint
+
+    d = cfg.data
+    settings = {"format_version": FORMAT_VERSION, "stage": d.stage, "patch_size": cfg.model.patch_size,
+                "max_sample_length": d.max_sample_length, "prompt": cfg.tokenizer.prompt,
+                "tokenizer_fingerprint": tokenizer_fingerprint(cfg.tokenizer.kind, cfg.tokenizer.path),
+                "image_storage": storage}
+    if d.stage == 1:
+        settings["image_size"] = d.image_size
+    else:
+        settings.update(min_pixels=d.min_pixels, max_pixels=d.max_pixels)
+    return settings
 
 
 def record_items(rec: Record, grid: tuple[int, int], ids: list[int], flags: list[bool], cfg: DataConfig,
@@ -43,9 +77,8 @@ def record_items(rec: Record, grid: tuple[int, int], ids: list[int], flags: list
     if storage == "encoded":
         image = np.frombuffer(rec.image_bytes, dtype=np.uint8)
     elif storage == "pixels":
-        size = (grid[1] * patch_size, grid[0] * patch_size)
-        rgb = rec.image.convert("RGBA").convert("RGB") if rec.image.mode == "P" else rec.image.convert("RGB")
-        image = np.asarray(rgb.resize(size, resample=PIL.Image.BILINEAR), dtype=np.uint8).reshape(-1)
+        image = resized_rgb(rec.image, stage=cfg.stage, image_size=cfg.image_size, patch_size=patch_size,
+                            min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels).reshape(-1)
     else:
         raise ValueError(f"image storage must be one of {STORAGES}, got {storage!r}")
     return [
@@ -55,8 +88,18 @@ def record_items(rec: Record, grid: tuple[int, int], ids: list[int], flags: list
     ]
 
 
+def file_fingerprint(paths: list[str | Path]) -> str:
+    """sha256 (16 hex) of files' bytes, streamed."""
+    h = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            while block := f.read(1 << 22):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
 class SampleWriter:
-    """Writes samples into one ``.bin``/``.idx`` pair plus its lengths array."""
+    """Writes samples into one part: ``.bin``/``.idx`` (megatron-core builder) plus its lengths array."""
 
     def __init__(self, prefix: str | Path):
         self.prefix = str(prefix)
@@ -71,93 +114,205 @@ class SampleWriter:
 
     def finalize(self) -> None:
         self.builder.finalize(self.prefix + ".idx")
-        np.save(self.prefix + ".lengths.npy", np.asarray(self.lengths, dtype=np.int32).reshape(-1, 3))
+        with open(self.prefix + ".lengths.npy", "wb") as f:  # explicit name: np.save would append ".npy"
+            np.save(f, np.asarray(self.lengths, dtype=LENGTHS_DTYPE).reshape(-1, 3))
 
 
-def merge_parts(parts: list[str], prefix: str | Path) -> None:
-    """Concatenate part datasets (in the given order) into ``prefix``."""
-    prefix = str(prefix)
-    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint8, multimodal=True)
-    lengths = []
-    for part in parts:
-        builder.add_index(part)
-        lengths.append(np.load(part + ".lengths.npy"))
-    builder.finalize(prefix + ".idx")
-    merged = np.concatenate(lengths) if lengths else np.zeros((0, 3), dtype=np.int32)
-    np.save(prefix + ".lengths.npy", merged)
+# -------------------------------------------------------------------------------------------------
+# resolving data.train_data / valid_data to manifests
+
+
+def _manifests_of(entry: str) -> list[Path]:
+    """One ``data.train_data`` entry -> manifest paths: a prefix, a glob of prefixes, or a ``.txt`` list."""
+    if any(c in entry for c in "*?["):
+        pattern = entry if entry.endswith(".json") else entry + ".json"
+        found = sorted(p for p in glob.glob(pattern) if not p.endswith(".report.json"))
+        if not found:
+            raise DatasetError(f"data path pattern {entry!r} matches no dataset (looked for {pattern})")
+        return [Path(p) for p in found]
+    if entry.endswith(".txt"):
+        listing = Path(entry)
+        if not listing.is_file():
+            raise DatasetError(f"dataset list {entry} does not exist")
+        lines = [ln.split("#", 1)[0].strip() for ln in listing.read_text().splitlines()]
+        return [m for ln in lines if ln for m in _manifests_of(str(listing.parent / ln))]
+    return [Path(entry[:-5] if entry.endswith(".json") else entry + ".json")]
+
+
+def resolve_data_paths(spec: str | list[str]) -> list[Path]:
+    """``data.train_data`` (a prefix, glob or .txt list, or a list of those) -> manifest paths, in order."""
+    entries = [spec] if isinstance(spec, str) else list(spec)
+    if not entries:
+        raise DatasetError("no dataset given")
+    return [m for e in entries for m in _manifests_of(e)]
+
+
+def read_manifest(path: Path) -> dict:
+    if not path.is_file():
+        prefix = str(path)[:-5]
+        raise FileNotFoundError(f"{path} not found: build the dataset with tools/preprocess_data.py "
+                                f"--output-prefix {prefix} (several machines: --num-shards, then --finalize)")
+    try:
+        meta = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DatasetError(f"dataset manifest {path} is not valid JSON ({e}); rerun tools/preprocess_data.py "
+                           "--finalize with the same arguments to rewrite it") from None
+    if meta.get("format_version") != FORMAT_VERSION or "parts" not in meta:
+        raise DatasetMismatch(f"dataset {path} has format version {meta.get('format_version')!r}, this trainer reads "
+                              f"{FORMAT_VERSION}: rebuild it with tools/preprocess_data.py")
+    return meta
+
+
+# -------------------------------------------------------------------------------------------------
+# reading
 
 
 class GenLIPIndexedDataset:
-    """Random access to stored samples: ``dataset[i]`` -> training :class:`Sample` (image preprocessed)."""
+    """Random access to stored samples of one or more datasets: ``dataset[i]`` -> training :class:`Sample`.
 
-    def __init__(self, prefix: str | Path, cfg: DataConfig, tokenizer_fingerprint: str | None = None):
-        self.prefix = str(prefix)
-        meta_path = Path(self.prefix + ".json")
-        if not meta_path.is_file():
-            raise FileNotFoundError(
-                f"{meta_path} not found: build the dataset with tools/preprocess_data.py --output-prefix {self.prefix}"
-            )
-        self.meta = json.loads(meta_path.read_text())
+    Private memory per process is O(parts): part paths, cumulative sizes and byte sizes; the lengths arrays
+    and every part's index are memory maps (shared page cache), opened lazily."""
+
+    def __init__(self, spec: str | list[str], cfg: DataConfig, tokenizer_fingerprint: str | None = None,
+                 max_open_parts: int | None = None):
         self.cfg = cfg
-        self._check(tokenizer_fingerprint)
-        self.storage = self.meta["image_storage"]
-        self.patch_size = self.meta["patch_size"]
-        self.lengths = np.load(self.prefix + ".lengths.npy")
-        self._data: IndexedDataset | None = None  # opened lazily (one mmap per DataLoader worker)
+        self.max_open_parts = max_open_parts or getattr(cfg, "max_open_parts", 64)
+        self.manifest_paths = resolve_data_paths(spec)
+        self.prefix = str(self.manifest_paths[0])[:-5]
+        paths: list[str] = []
+        sizes: list[int] = []
+        nbytes: list[tuple[int, int]] = []
+        self.lengths_files: list[str] = []
+        self.lengths_sizes: list[int] = []
+        fingerprints = []
+        for m in self.manifest_paths:
+            meta = read_manifest(m)
+            self._check(m, meta, tokenizer_fingerprint)
+            root = m.parent
+            for part in meta["parts"]:
+                paths.append(str(root / part["path"]))
+                sizes.append(part["samples"])
+                nbytes.append((part["bin_bytes"], part["idx_bytes"]))
+            self.lengths_files.append(str(root / meta["lengths"]))
+            self.lengths_sizes.append(meta["samples"])
+            fingerprints.append(meta["fingerprint"])
+        self.meta = meta if len(self.manifest_paths) == 1 else {k: v for k, v in meta.items() if k != "parts"}
+        self.meta = {k: v for k, v in self.meta.items() if k != "parts"}
+        self.meta["samples"] = int(sum(sizes))
+        self.storage = meta["image_storage"]
+        self.patch_size = meta["patch_size"]
+        self.part_paths = paths
+        self.part_starts = np.concatenate(([0], np.cumsum(sizes, dtype=np.int64)))
+        self.part_bytes = np.asarray(nbytes, dtype=np.int64).reshape(-1, 2)
+        self.lengths_starts = np.concatenate(([0], np.cumsum(self.lengths_sizes, dtype=np.int64)))
+        self._fingerprint = (fingerprints[0] if len(fingerprints) == 1 else
+                             hashlib.sha256(",".join(fingerprints).encode()).hexdigest()[:16])
+        self._lengths: list[np.ndarray] | None = None
+        self._parts: OrderedDict[int, IndexedDataset] = OrderedDict()
+        if int(self.part_starts[-1]) != int(self.lengths_starts[-1]):
+            raise DatasetError(f"dataset {self.prefix}: parts hold {self.part_starts[-1]} samples but the lengths "
+                               f"files {self.lengths_starts[-1]}; rerun tools/preprocess_data.py --finalize")
 
-    def _check(self, fingerprint: str | None) -> None:
-        m, c = self.meta, self.cfg
-        wanted = {"stage": c.stage, "format_version": FORMAT_VERSION}
+    def __getstate__(self) -> dict:  # DataLoader workers open their own memory maps
+        return dict(self.__dict__, _lengths=None, _parts=OrderedDict())
+
+    def _check(self, manifest: Path, meta: dict, fingerprint: str | None) -> None:
+        c = self.cfg
+        wanted = {"stage": c.stage}
         if c.stage == 1:
             wanted["image_size"] = c.image_size
         else:
             wanted.update(min_pixels=c.min_pixels, max_pixels=c.max_pixels)
         if fingerprint is not None:
             wanted["tokenizer_fingerprint"] = fingerprint
-        bad = [f"{k}: dataset {m.get(k)!r} vs config {v!r}" for k, v in wanted.items() if m.get(k) != v]
+        bad = [f"{k}: dataset {meta.get(k)!r} vs config {v!r}" for k, v in wanted.items() if meta.get(k) != v]
         if bad:
-            raise DatasetMismatch(f"dataset {self.prefix} does not match the config ({'; '.join(bad)}); "
+            raise DatasetMismatch(f"dataset {str(manifest)[:-5]} does not match the config ({'; '.join(bad)}); "
                                   "rebuild it with tools/preprocess_data.py")
 
-    @property
-    def data(self) -> IndexedDataset:
-        if self._data is None:
-            self._data = IndexedDataset(self.prefix, multimodal=True, mmap=True)
-        return self._data
+    # -- metadata ------------------------------------------------------------------------------------
 
     def __len__(self) -> int:
-        return len(self.lengths)
-
-    def sample_lengths(self) -> np.ndarray:
-        """Tokens per sample: gh * gw + text tokens."""
-        return (self.lengths[:, 0] * self.lengths[:, 1] + self.lengths[:, 2]).astype(np.int64)
+        return int(self.part_starts[-1])
 
     def fingerprint(self) -> str:
-        return self.meta["fingerprint"]
+        return self._fingerprint
 
-    def raw(self, i: int) -> tuple[tuple[int, int], list[int], list[bool], np.ndarray]:
-        """Stored parts of sample ``i``: grid, token ids, label flags, image bytes/pixels."""
-        first = int(self.data.document_indices[i])
-        text, _ = self.data[first]
-        flags, _ = self.data[first + 1]
-        image, _ = self.data[first + 2]
-        gh, gw, _ = self.lengths[i]
-        return (int(gh), int(gw)), text.view(np.int32).tolist(), flags.astype(bool).tolist(), image
+    def lengths_source(self):
+        """Tokens per sample for the pack-index builder."""
+        from megatron_genlip.data.pack_index import LengthSource
+
+        return LengthSource(self.lengths_files, self.lengths_sizes)
+
+    def grid_and_text(self, i: int) -> tuple[int, int, int]:
+        """(gh, gw, text tokens) of sample ``i`` from the memory-mapped lengths."""
+        if self._lengths is None:
+            self._lengths = [np.load(f, mmap_mode="r") for f in self.lengths_files]
+        s = int(np.searchsorted(self.lengths_starts, i, side="right")) - 1
+        gh, gw, n = self._lengths[s][i - self.lengths_starts[s]]
+        return int(gh), int(gw), int(n)
+
+    # -- parts ---------------------------------------------------------------------------------------
+
+    def _part(self, p: int) -> IndexedDataset:
+        ds = self._parts.get(p)
+        if ds is not None:
+            self._parts.move_to_end(p)
+            return ds
+        prefix = self.part_paths[p]
+        for ext, want in zip((".bin", ".idx"), self.part_bytes[p]):
+            try:
+                got = os.path.getsize(prefix + ext)
+            except OSError:
+                got = None
+            if got != int(want):
+                raise DatasetError(f"part {prefix}{ext} of dataset {self.prefix} is {'missing' if got is None else f'{got} bytes'}, "
+                                   f"the manifest says {want} bytes: it was truncated or replaced; rebuild that part "
+                                   "(delete its .report.json and rerun tools/preprocess_data.py, then --finalize)")
+        ds = IndexedDataset(prefix, multimodal=True, mmap=True)
+        self._parts[p] = ds
+        if len(self._parts) > self.max_open_parts:
+            self._parts.popitem(last=False)
+        return ds
+
+    def raw(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Stored items of sample ``i``: int32 token ids, uint8 label flags, image bytes or pixels."""
+        p = int(np.searchsorted(self.part_starts, i, side="right")) - 1
+        if not 0 <= i < len(self):
+            raise IndexError(f"sample {i} outside a dataset of {len(self)}")
+        part = self._part(p)
+        first = int(part.document_indices[i - self.part_starts[p]])
+        (text, flags, image), _modes = part[first:first + 3]
+        return text.view(np.int32), flags, image
+
+    def image_patches(self, image: np.ndarray, grid: tuple[int, int], out: np.ndarray | None = None,
+                      draft: bool = False) -> np.ndarray:
+        """uint8 patches [gh*gw, 3, p, p] of a stored image (decoded and resized unless stored as pixels)."""
+        p = self.patch_size
+        if self.storage == "pixels":
+            rgb = image.reshape(grid[0] * p, grid[1] * p, 3)
+        else:
+            img = decode_image(image.tobytes(), draft_size=(grid[1] * p, grid[0] * p) if draft else None)
+            c = self.cfg
+            rgb = resized_rgb(img, stage=c.stage, image_size=c.image_size, patch_size=p, min_pixels=c.min_pixels,
+                              max_pixels=c.max_pixels)
+            if rgb.shape[:2] != (grid[0] * p, grid[1] * p):
+                raise DatasetMismatch(f"image grid {rgb.shape[0] // p}x{rgb.shape[1] // p} differs from the stored "
+                                      f"grid {grid[0]}x{grid[1]}; was the dataset built with other data.stage/"
+                                      "image_size/min_pixels/max_pixels settings?")
+        return patchify_into(rgb, p, out)
 
     def __getitem__(self, i: int) -> Sample:
-        grid, ids, flags, image = self.raw(i)
-        if self.storage == "pixels":
-            p = self.patch_size
-            arr = np.asarray(image).reshape(grid[0] * p, grid[1] * p, 3)
-            patches, _ = patchify(normalize(PIL.Image.fromarray(arr)), p)
-            return assemble_sample(patches, grid, ids, flags)
-        img = decode_image(bytes(image))
-        return sample_from_parts(img, grid, ids, flags, self.cfg, self.patch_size)
+        gh, gw, _ = self.grid_and_text(i)
+        ids, flags, image = self.raw(i)
+        patches = self.image_patches(image, (gh, gw))
+        return assemble_sample(torch.from_numpy(patches), (gh, gw), ids.tolist(), flags.astype(bool).tolist())
 
     def pil_image(self, i: int) -> PIL.Image.Image:
-        """The stored image as a PIL image (for evaluation/inspection)."""
-        grid, _, _, image = self.raw(i)
+        """The stored image as a PIL image (for inspection)."""
+        gh, gw, _ = self.grid_and_text(i)
+        _, _, image = self.raw(i)
         if self.storage == "pixels":
             p = self.patch_size
-            return PIL.Image.fromarray(np.asarray(image).reshape(grid[0] * p, grid[1] * p, 3))
-        return PIL.Image.open(io.BytesIO(bytes(image)))
+            return PIL.Image.fromarray(image.reshape(gh * p, gw * p, 3))
+        return PIL.Image.open(io.BytesIO(image.tobytes()))

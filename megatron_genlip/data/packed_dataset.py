@@ -1,9 +1,10 @@
-"""Packed rows over an indexed dataset, and the data-parallel sampler (ARCHITECTURE.md §4.1).
+"""Packed rows over indexed datasets, weighted blends, and the data-parallel sampler (ARCHITECTURE.md §4.1, §6).
 
-Epoch ``e`` shuffles the samples with ``(seed, e)`` and packs them with the buffered first-fit rule; the
-pack index (row pointers + sample order) is cached on disk next to the dataset and reused. Rows of all
-epochs form one endless stream addressed by a *global row index*; training's position in it is
-``consumed_samples`` (rows consumed by all data-parallel ranks together, Megatron's convention).
+Rows of all epochs form one endless stream addressed by a *global row index* (the pack index of
+``megatron_genlip.data.pack_index``: built ahead, memory-mapped, O(1) per row at any epoch); training's
+position in it is ``consumed_samples`` (rows consumed by all data-parallel ranks together, Megatron's
+convention). A blend of several datasets interleaves their row streams by weight with a fixed periodic
+schedule, so the blended stream is just as addressable.
 
 Micro-batch ``b`` of data-parallel rank ``r`` holds global rows ``consumed + b*m*D + r*m ... + m`` (m = micro
 batch, D = DP size): ranks get disjoint rows whose union is the stream, TP/PP peers of a DP rank get the
@@ -13,90 +14,141 @@ same rows, and a resumed run continues with exactly the rows an uninterrupted ru
 from __future__ import annotations
 
 import hashlib
-import os
-from functools import lru_cache
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 
 from megatron_genlip.data.indexed import GenLIPIndexedDataset
-from megatron_genlip.data.packing import buffered_first_fit, collate_row, stack_rows
+from megatron_genlip.data.pack_index import PackIndex, PackSettings, ensure_epochs
+from megatron_genlip.data.packing import assemble_batch
 
-PACK_VERSION = 1
+BLEND_PERIOD = 1000  # rows per period of a blend's schedule (weights are realised to 1/BLEND_PERIOD)
 
 
 class PackedRows(torch.utils.data.Dataset):
-    """Global row index -> collated packed row (tokens, labels, positions, sample ids, kinds, patches)."""
+    """Global row index -> collated packed row(s) of one (possibly concatenated) indexed dataset."""
 
     def __init__(self, dataset: GenLIPIndexedDataset, seq_length: int, seed: int, buffer_size: int,
-                 cache_dir: str | Path | None = None):
+                 cache_dir: str | Path | None = None, draft: bool = False):
+        if len(dataset) == 0:
+            raise ValueError(f"dataset {dataset.prefix} holds no samples")
         self.dataset = dataset
         self.seq_length = seq_length
-        self.seed = seed
-        self.buffer_size = buffer_size
-        self.lengths = dataset.sample_lengths()
-        if len(self.lengths) == 0:
-            raise ValueError(f"dataset {dataset.prefix} holds no samples")
-        self.cache_dir = Path(cache_dir or dataset.prefix + ".packs")
-        key = f"{dataset.fingerprint()}-{seq_length}-{seed}-{buffer_size}-v{PACK_VERSION}"
-        self.key = hashlib.sha256(key.encode()).hexdigest()[:16]
-        self._epoch = lru_cache(maxsize=4)(self._load_or_pack)
+        self.draft = draft
+        self.settings = PackSettings(dataset.fingerprint(), len(dataset), seq_length, buffer_size, seed)
+        self.cache_dir = Path(cache_dir or dataset.prefix + ".packs") / self.settings.key()
+        self.index = PackIndex(self.cache_dir, self.settings)
 
-    # -- pack index ----------------------------------------------------------------------------------
+    def fingerprint(self) -> str:
+        return self.dataset.fingerprint()
 
-    def _load_or_pack(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        path = self.cache_dir / f"{self.key}-epoch{epoch}.npz"
-        if path.is_file():
-            with np.load(path) as z:
-                return z["row_ptr"], z["order"]
-        row_ptr, order = self.pack(epoch)
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
-        np.savez(tmp, row_ptr=row_ptr, order=order)
-        os.replace(tmp, path)
-        return row_ptr, order
-
-    def pack(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """(row_ptr [R+1], order [N]): row r holds samples order[row_ptr[r]:row_ptr[r+1]]."""
-        perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.lengths))
-        rows = buffered_first_fit(self.lengths[perm], self.seq_length, self.buffer_size)
-        order = np.fromiter((perm[i] for row in rows for i in row), dtype=np.int64, count=len(perm))
-        row_ptr = np.zeros(len(rows) + 1, dtype=np.int64)
-        row_ptr[1:] = np.cumsum([len(r) for r in rows])
-        return row_ptr, order
+    def ensure(self, *, epochs: int = 1, rows: int = 0, build: bool = True, workers: int = 1, log=print) -> None:
+        """Make sure the pack index covers ``epochs`` epochs and ``rows`` global rows (see ``ensure_epochs``)."""
+        self.index = ensure_epochs(self.cache_dir, self.settings, self.dataset.lengths_source(), epochs=epochs,
+                                   rows=rows, build=build, workers=workers, log=log)
 
     def rows_in_epoch(self, epoch: int) -> int:
-        return len(self._epoch(epoch)[0]) - 1
+        return self.index.rows_in_epoch(epoch)
 
     def efficiency(self, epoch: int = 0) -> float:
         """Real tokens / row slots of one epoch's packing."""
-        return float(self.lengths.sum()) / (self.rows_in_epoch(epoch) * self.seq_length)
-
-    def locate(self, global_row: int) -> tuple[int, int]:
-        """Global row index -> (epoch, row within the epoch)."""
-        epoch = 0
-        while global_row >= (n := self.rows_in_epoch(epoch)):
-            global_row -= n
-            epoch += 1
-        return epoch, global_row
+        return self.index.efficiency(epoch)
 
     def row_samples(self, global_row: int) -> np.ndarray:
-        epoch, r = self.locate(global_row)
-        row_ptr, order = self._epoch(epoch)
-        return order[row_ptr[r]:row_ptr[r + 1]]
+        return self.index.row_samples(global_row)
 
-    # -- data ----------------------------------------------------------------------------------------
+    def batch(self, global_rows: Sequence[int]) -> dict[str, torch.Tensor]:
+        """The micro-batch of ``global_rows`` ([B, L] tensors, patches [N, 3, p, p] uint8, row_index [B])."""
+        rows = [(self.dataset, self.row_samples(int(g))) for g in global_rows]
+        out = assemble_batch(rows, self.seq_length, self.dataset.patch_size, self.draft)
+        out["row_index"] = torch.as_tensor([int(g) for g in global_rows], dtype=torch.int64)
+        return out
+
+    __getitems__ = batch  # DataLoader: one call per micro-batch (no per-row collation)
+
+    def __getitem__(self, global_row: int) -> dict[str, torch.Tensor]:
+        """One packed row (no batch dimension)."""
+        b = self.batch([int(global_row)])
+        return {k: (v if k == "patches" else v[0]) for k, v in b.items()}
 
     def __len__(self) -> int:  # one epoch; indices beyond it address later epochs
         return self.rows_in_epoch(0)
 
-    def __getitem__(self, global_row: int) -> dict[str, torch.Tensor]:
-        ids = self.row_samples(int(global_row))
-        row = collate_row([self.dataset[int(i)] for i in ids], self.seq_length)
-        row["row_index"] = torch.tensor(int(global_row))
-        return row
+
+def blend_schedule(weights: Sequence[float], period: int = BLEND_PERIOD) -> np.ndarray:
+    """Source of each row in one period: greedy on the largest deficit ``weight * (t + 1) - taken``, so
+    every prefix of the period is as close to the weights as whole rows allow (ties: the lower index)."""
+    w = np.asarray(weights, dtype=np.float64)
+    if len(w) == 0 or (w <= 0).any() or not np.isfinite(w).all():
+        raise ValueError(f"blend weights must be positive and finite, got {list(weights)}")
+    w = w / w.sum()
+    taken = np.zeros(len(w))
+    out = np.empty(period, dtype=np.int64)
+    for t in range(period):
+        d = int(np.argmax(w * (t + 1) - taken))
+        out[t] = d
+        taken[d] += 1
+    return out
+
+
+class BlendedRows(torch.utils.data.Dataset):
+    """A weighted mixture of packed-row streams: global row g -> (source, that source's own global row).
+
+    The schedule repeats every ``period`` rows, so the map is O(1) and resuming needs nothing but the row
+    index. Each source runs through its own epochs independently (a small source repeats more often)."""
+
+    def __init__(self, sources: Sequence[PackedRows], weights: Sequence[float], period: int = BLEND_PERIOD):
+        self.sources = list(sources)
+        self.weights = [float(x) for x in weights]
+        self.schedule = blend_schedule(self.weights, period)
+        self.period = period
+        counts = np.stack([np.cumsum(self.schedule == d) for d in range(len(self.sources))])  # [S, P]
+        self.per_period = counts[:, -1]
+        self.before = np.concatenate((np.zeros((len(self.sources), 1), dtype=np.int64), counts[:, :-1]), axis=1)
+        self.seq_length = self.sources[0].seq_length
+        self.dataset = self.sources[0].dataset
+
+    def locate(self, global_row: int) -> tuple[int, int]:
+        q, t = divmod(int(global_row), self.period)
+        d = int(self.schedule[t])
+        return d, q * int(self.per_period[d]) + int(self.before[d, t])
+
+    def rows_needed(self, total_rows: int) -> list[int]:
+        """Rows of each source among global rows [0, total_rows)."""
+        q, t = divmod(int(total_rows), self.period)
+        return [q * int(self.per_period[d]) + int(np.sum(self.schedule[:t] == d)) for d in range(len(self.sources))]
+
+    def fingerprint(self) -> str:
+        text = ";".join(f"{w}:{s.fingerprint()}" for w, s in zip(self.weights, self.sources))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def ensure(self, *, epochs: int = 1, rows: int = 0, build: bool = True, workers: int = 1, log=print) -> None:
+        for src, need in zip(self.sources, self.rows_needed(rows)):
+            src.ensure(epochs=epochs, rows=need, build=build, workers=workers, log=log)
+
+    def efficiency(self, epoch: int = 0) -> float:
+        """Weighted mean of the sources' packing efficiency."""
+        return float(sum(w * s.efficiency(epoch) for w, s in zip(self.weights, self.sources)) / sum(self.weights))
+
+    def rows_in_epoch(self, epoch: int) -> int:
+        return sum(s.rows_in_epoch(epoch) for s in self.sources)
+
+    def batch(self, global_rows: Sequence[int]) -> dict[str, torch.Tensor]:
+        rows = []
+        for g in global_rows:
+            d, local = self.locate(int(g))
+            rows.append((self.sources[d].dataset, self.sources[d].row_samples(local)))
+        out = assemble_batch(rows, self.seq_length, self.dataset.patch_size, self.sources[0].draft)
+        out["row_index"] = torch.as_tensor([int(g) for g in global_rows], dtype=torch.int64)
+        return out
+
+    __getitems__ = batch
+    __getitem__ = PackedRows.__getitem__
+
+    def __len__(self) -> int:
+        return self.rows_in_epoch(0)
 
 
 class MicroBatchSampler(torch.utils.data.Sampler):
@@ -125,16 +177,32 @@ class MicroBatchSampler(torch.utils.data.Sampler):
         return self.limit
 
 
-def collate_rows(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """DataLoader collate: stack rows into a micro-batch."""
-    return stack_rows(rows)
+def _as_is(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """DataLoader collate: the dataset already built the micro-batch (``__getitems__``)."""
+    return batch
 
 
-def build_loader(rows: PackedRows, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_world: int,
-                 num_workers: int = 0, limit: int | None = None, worker_init_fn=None) -> torch.utils.data.DataLoader:
+def build_loader(rows: PackedRows | BlendedRows, consumed_samples: int, micro_batch_size: int, dp_rank: int,
+                 dp_world: int, num_workers: int = 0, limit: int | None = None, worker_init_fn=None,
+                 prefetch_factor: int = 2, pin_memory: bool = False) -> torch.utils.data.DataLoader:
     """A DataLoader over packed rows for one DP rank (deterministic: no randomness in loading)."""
     sampler = MicroBatchSampler(consumed_samples, micro_batch_size, dp_rank, dp_world, limit)
     return torch.utils.data.DataLoader(
-        rows, batch_sampler=sampler, collate_fn=collate_rows, num_workers=num_workers,
-        persistent_workers=False, prefetch_factor=4 if num_workers else None, worker_init_fn=worker_init_fn,
+        rows, batch_sampler=sampler, collate_fn=_as_is, num_workers=num_workers, persistent_workers=False,
+        prefetch_factor=prefetch_factor if num_workers else None, worker_init_fn=worker_init_fn,
+        pin_memory=pin_memory,
     )
+
+
+def open_rows(spec: str | list[str], cfg, tokenizer_fingerprint: str | None = None) -> PackedRows:
+    """Packed rows of the dataset(s) ``spec`` (a ``data.train_data``-style value) under data config ``cfg``."""
+    dataset = GenLIPIndexedDataset(spec, cfg, tokenizer_fingerprint, cfg.max_open_parts)
+    return PackedRows(dataset, cfg.seq_length, cfg.seed, cfg.pack_buffer_size, cfg.pack_index_dir, cfg.jpeg_draft)
+
+
+def open_train_rows(cfg, tokenizer_fingerprint: str | None = None) -> PackedRows | BlendedRows:
+    """The training stream: ``data.train_data``, or the weighted mixture ``data.train_blend``."""
+    if cfg.train_blend:
+        sources = [open_rows(b.data, cfg, tokenizer_fingerprint) for b in cfg.train_blend]
+        return BlendedRows(sources, [b.weight for b in cfg.train_blend])
+    return open_rows(cfg.train_data, cfg, tokenizer_fingerprint)

@@ -1,17 +1,27 @@
 """Packed rows: several whole samples per fixed-length row, padding only at the end (GENLIP_SPEC.md §4.3).
 
-Padding values: input_ids 0, labels -100, positions -1, sample_ids -1, token_kinds -1.
+Padding values: input_ids 0, labels -100, positions -1, sample_ids -1, token_kinds -1. Patches are uint8
+``[N, 3, p, p]``, all images of the micro-batch in row-major token order (normalised on the device).
+
+Two ways to build a micro-batch:
+
+* :func:`assemble_batch` (the indexed path): fills preallocated arrays in place straight from the stored
+  token ids, label flags and images, so a DataLoader worker spends its time decoding images, not building
+  per-sample tensors; inside a worker the arrays live in shared memory from the start, so handing the batch
+  to the trainer copies nothing.
+* :func:`collate_row` / :func:`stack_rows` on :class:`Sample` objects (the streaming path and tests).
 """
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Sequence
 
 import numpy as np
 import torch
 
 from megatron_genlip.data.sample import IGNORE_INDEX, Sample
-from megatron_genlip.model.masks import KIND_PAD
+from megatron_genlip.model.masks import KIND_IMAGE, KIND_PAD, KIND_TEXT
 
 
 def fill_row(buffer_lengths: np.ndarray, seq_length: int) -> list[int]:
@@ -32,47 +42,70 @@ def fill_row(buffer_lengths: np.ndarray, seq_length: int) -> list[int]:
         remaining -= int(buffer_lengths[j])
 
 
-def buffered_first_fit(lengths: np.ndarray, seq_length: int, buffer_size: int) -> list[list[int]]:
-    """Rows of sample indices: a buffer of ``buffer_size`` samples in arrival order is refilled after
-    each row; each row is filled by :func:`fill_row` (the official GenLIP packer's rule)."""
-    lengths = np.asarray(lengths, dtype=np.int64)
-    if len(lengths) and lengths.max() > seq_length:
-        i = int(lengths.argmax())
-        raise ValueError(f"sample {i} has {lengths[i]} tokens, more than seq_length={seq_length}")
-    rows: list[list[int]] = []
-    buf: list[int] = []
-    nxt = 0
-    while nxt < len(lengths) or buf:
-        take = min(buffer_size - len(buf), len(lengths) - nxt)
-        buf += range(nxt, nxt + take)
-        nxt += take
-        picked = fill_row(lengths[buf], seq_length)
-        rows.append([buf[j] for j in sorted(picked)])  # a row keeps arrival order
-        chosen = set(picked)
-        buf = [b for j, b in enumerate(buf) if j not in chosen]
-    return rows
+# -------------------------------------------------------------------------------------------------
+# the indexed path
 
 
-def first_fit(lengths: Sequence[int], seq_length: int) -> list[list[int]]:
-    """Greedy first-fit in arrival order: each sample goes into the first open row with room.
+@lru_cache(maxsize=256)
+def _image_rows_cols(gh: int, gw: int) -> tuple[np.ndarray, np.ndarray]:
+    r, c = np.divmod(np.arange(gh * gw, dtype=np.int64), gw)
+    return r, c
 
-    Returns rows as lists of sample indices (each row keeps arrival order). A sample longer than
-    ``seq_length`` is an error: the builder must have dropped it.
-    """
-    rows: list[list[int]] = []
-    free: list[int] = []
-    for i, n in enumerate(lengths):
-        if n > seq_length:
-            raise ValueError(f"sample {i} has {n} tokens, more than seq_length={seq_length}")
-        for r, room in enumerate(free):
-            if n <= room:
-                rows[r].append(i)
-                free[r] -= n
-                break
-        else:
-            rows.append([i])
-            free.append(seq_length - n)
-    return rows
+
+def _empty(shape: tuple, dtype: torch.dtype, fill: int | None = None) -> torch.Tensor:
+    """A tensor in shared memory when built inside a DataLoader worker (the batch then crosses to the
+    trainer without a copy), in ordinary memory otherwise."""
+    t = torch.empty(shape, dtype=dtype)
+    if torch.utils.data.get_worker_info() is not None:
+        t.share_memory_()
+    if fill is not None:
+        t.fill_(fill)
+    return t
+
+
+def assemble_batch(rows: Sequence[tuple[object, np.ndarray]], seq_length: int, patch_size: int,
+                   draft: bool = False) -> dict[str, torch.Tensor]:
+    """A micro-batch from packed rows, each ``(dataset, sample ids)`` (an indexed dataset: see
+    ``GenLIPIndexedDataset.raw`` / ``image_patches`` / ``grid_and_text``)."""
+    b = len(rows)
+    meta = [[ds.grid_and_text(int(i)) for i in ids] for ds, ids in rows]
+    num_patches = sum(gh * gw for row in meta for gh, gw, _ in row)
+    input_ids = _empty((b, seq_length), torch.int64, 0)
+    labels = _empty((b, seq_length), torch.int64, IGNORE_INDEX)
+    positions = _empty((b, 3, seq_length), torch.int64, -1)
+    sample_ids = _empty((b, seq_length), torch.int64, -1)
+    kinds = _empty((b, seq_length), torch.int64, KIND_PAD)
+    patches = _empty((num_patches, 3, patch_size, patch_size), torch.uint8)
+    np_ids, np_labels, np_pos = input_ids.numpy(), labels.numpy(), positions.numpy()
+    np_sid, np_kinds, np_patches = sample_ids.numpy(), kinds.numpy(), patches.numpy()
+    next_patch = 0
+    for r, ((ds, ids), row_meta) in enumerate(zip(rows, meta)):
+        at = 0
+        for s, (i, (gh, gw, n_txt)) in enumerate(zip(ids, row_meta)):
+            n_img = gh * gw
+            if at + n_img + n_txt > seq_length:
+                raise ValueError(f"samples of row {r} do not fit a row of {seq_length} tokens")
+            text, flags, image = ds.raw(int(i))
+            ds.image_patches(image, (gh, gw), np_patches[next_patch:next_patch + n_img], draft)
+            next_patch += n_img
+            img, txt = slice(at, at + n_img), slice(at + n_img, at + n_img + n_txt)
+            rr, cc = _image_rows_cols(gh, gw)
+            np_pos[r, 0, img] = 0
+            np_pos[r, 1, img] = rr
+            np_pos[r, 2, img] = cc
+            np_pos[r, :, txt] = np.arange(max(gh, gw), max(gh, gw) + n_txt)
+            np_ids[r, txt] = text
+            np_labels[r, txt] = np.where(flags.astype(bool), text, IGNORE_INDEX)
+            np_kinds[r, img] = KIND_IMAGE
+            np_kinds[r, txt] = KIND_TEXT
+            np_sid[r, at:at + n_img + n_txt] = s
+            at += n_img + n_txt
+    return {"input_ids": input_ids, "labels": labels, "positions": positions, "sample_ids": sample_ids,
+            "token_kinds": kinds, "patches": patches}
+
+
+# -------------------------------------------------------------------------------------------------
+# Sample objects (the streaming path, tests)
 
 
 def collate_row(samples: Sequence[Sample], seq_length: int) -> dict[str, torch.Tensor]:
@@ -92,7 +125,7 @@ def collate_row(samples: Sequence[Sample], seq_length: int) -> dict[str, torch.T
         "positions": torch.cat([s.positions for s in samples] + [torch.full((3, pad), -1, dtype=torch.long)], dim=1),
         "sample_ids": cat([torch.full((len(s),), i, dtype=torch.long) for i, s in enumerate(samples)], -1),
         "token_kinds": cat([s.token_kinds for s in samples], KIND_PAD),
-        "patches": torch.cat([s.patches for s in samples]) if samples else torch.empty(0),
+        "patches": torch.cat([s.patches for s in samples]) if samples else torch.empty(0, dtype=torch.uint8),
     }
 
 
@@ -106,8 +139,3 @@ def stack_rows(collated: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.T
 def collate_batch(rows: Sequence[Sequence[Sample]], seq_length: int) -> dict[str, torch.Tensor]:
     """Collate and stack packed rows into a micro-batch."""
     return stack_rows([collate_row(r, seq_length) for r in rows])
-
-
-def packing_efficiency(batch: dict[str, torch.Tensor]) -> float:
-    """Real tokens / total slots."""
-    return float((batch["sample_ids"] >= 0).float().mean())

@@ -29,7 +29,7 @@ class Sample:
     labels: torch.Tensor  # [T] int64
     positions: torch.Tensor  # [3, T] int64
     token_kinds: torch.Tensor  # [T] int64
-    patches: torch.Tensor  # [N, 3, p, p] float32
+    patches: torch.Tensor  # [N, 3, p, p] uint8 pixels (the model normalises them) or normalised float32
     grid: tuple[int, int]
 
     def __len__(self) -> int:

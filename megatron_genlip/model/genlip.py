@@ -6,7 +6,7 @@ A packed batch (see ``megatron_genlip.data.packing``) is a dict of
   positions   [B, 3, L] 3-axis M-RoPE positions (image (0,r,c); text from max(gh,gw); padding -1)
   sample_ids  [B, L]  packed-sample index per token, -1 on padding
   token_kinds [B, L]  1 image, 0 text, -1 padding
-  patches     [N, 3, p, p]  all image patches of the batch, in row-major token order
+  patches     [N, 3, p, p]  all image patches of the batch, in row-major token order (uint8 pixels or normalised)
 
 Module names follow the Hugging Face keys of GENLIP_SPEC.md §6 where they can (``vision_embeddings``,
 ``layers``, ``ln_post``, ``embeddings``, ``in_proj``, ``proj``, ``lm_head``); q_proj is held as ``q`` + ``gate``.
@@ -23,6 +23,7 @@ import torch.utils.checkpoint
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
 from megatron_genlip.config import ModelConfig
+from megatron_genlip.data.image_processing import normalize_pixels
 from megatron_genlip.model.layers import KVCache, TransformerBlock, normal_init
 from megatron_genlip.model.masks import KIND_IMAGE
 from megatron_genlip.model.rope import MultimodalRotaryEmbedding
@@ -59,7 +60,10 @@ class PatchEmbedding(torch.nn.Module):
         self.bias = torch.nn.Parameter(torch.empty(hidden))
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
-        """patches [N, C, p, p] -> [N, d]."""
+        """patches [N, C, p, p] -> [N, d]; uint8 pixels (what the data path ships) are normalised here, on
+        the device, exactly as the host-side reference does."""
+        if patches.dtype == torch.uint8:
+            patches = normalize_pixels(patches)
         return F.linear(patches.to(self.weight.dtype).flatten(1), self.weight.flatten(1), self.bias)
 
 

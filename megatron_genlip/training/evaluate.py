@@ -19,7 +19,6 @@ from megatron.core import parallel_state
 
 from megatron_genlip.data.indexed import GenLIPIndexedDataset
 from megatron_genlip.data.packed_dataset import PackedRows
-from megatron_genlip.data.packing import stack_rows
 from megatron_genlip.inference.generate import generate_caption
 from megatron_genlip.model.genlip import IGNORE_INDEX
 from megatron_genlip.parallel.state import gather_last_dim
@@ -43,7 +42,7 @@ def validation_loss(model, rows: PackedRows, num_rows: int, dp_rank: int, dp_wor
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, tokens
     for r in range(dp_rank, min(num_rows, rows.rows_in_epoch(0)), dp_world):
-        batch = {k: v.to(device) for k, v in stack_rows([rows[r]]).items()}
+        batch = {k: v.to(device) for k, v in rows.batch([r]).items() if k != "row_index"}
         hidden = model.final_hidden(batch)  # one forward serves the loss and the accuracy
         out = model.loss_from_hidden(hidden, batch["labels"], batch["sample_ids"])
         targets = batch["labels"][:, 1:]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -23,8 +24,7 @@ from megatron.core import parallel_state
 
 from megatron_genlip.config import Config, ConfigError, resolve_layout
 from megatron_genlip.data.builder import tokenizer_fingerprint
-from megatron_genlip.data.indexed import GenLIPIndexedDataset
-from megatron_genlip.data.packed_dataset import PackedRows, build_loader
+from megatron_genlip.data.packed_dataset import build_loader, open_rows, open_train_rows
 from megatron_genlip.data.tokenizer import load_tokenizer
 from megatron_genlip.model.genlip import build_model
 from megatron_genlip.parallel import rng, state
@@ -92,19 +92,27 @@ class Trainer:
 
     def _build_data(self) -> None:
         cfg = self.cfg
-        if not cfg.data.train_data:
-            raise ConfigError("data.train_data is not set: point it at a dataset built by tools/preprocess_data.py")
+        if not cfg.data.train_data and not cfg.data.train_blend:
+            raise ConfigError("data.train_data (or data.train_blend) is not set: point it at a dataset built by "
+                              "tools/preprocess_data.py")
         fp = tokenizer_fingerprint(cfg.tokenizer.kind, cfg.tokenizer.path)
         self.tokenizer = load_tokenizer(cfg.tokenizer.kind, cfg.tokenizer.path)
         if self.tokenizer.n_vocab > cfg.model.vocab_size:
             raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's "
                               f"{self.tokenizer.n_vocab} ids")
-        train = GenLIPIndexedDataset(cfg.data.train_data, cfg.data, fp)
-        self.train_rows = PackedRows(train, cfg.data.seq_length, cfg.data.seed, cfg.data.pack_buffer_size)
+        self.train_rows = open_train_rows(cfg.data, fp)
+        # the pack index must cover every row the run reads, plus what the loader prefetches past the end; it is
+        # built here (one process, under a lock) or ahead by tools/build_pack_index.py, never in a loader worker
+        t, d = cfg.train, cfg.data
+        prefetched = t.global_batch_size * (d.prefetch_factor * max(1, d.num_workers) + 1)
+        build = dict(build=d.build_missing_pack_index, workers=d.pack_index_workers or min(8, os.cpu_count() or 1),
+                     log=print if self.rank == 0 else (lambda *_: None))
+        self.train_rows.ensure(rows=t.train_steps * t.global_batch_size + prefetched, **build)
         self.valid = self.valid_rows = None
-        if cfg.data.valid_data:
-            self.valid = GenLIPIndexedDataset(cfg.data.valid_data, cfg.data, fp)
-            self.valid_rows = PackedRows(self.valid, cfg.data.seq_length, cfg.data.seed, cfg.data.pack_buffer_size)
+        if d.valid_data:
+            self.valid_rows = open_rows(d.valid_data, d, fp)
+            self.valid_rows.ensure(epochs=1, **build)
+            self.valid = self.valid_rows.dataset
 
     def _build_engine(self) -> None:
         cfg, tp, pp = self.cfg, self.layout.tensor_parallel, self.layout.pipeline_parallel
@@ -146,7 +154,7 @@ class Trainer:
             "samples_seen": self.samples_seen,
             "tokens_seen": self.tokens_seen,
             "config": self.cfg.to_dict(),
-            "data_fingerprint": self.train_rows.dataset.fingerprint(),
+            "data_fingerprint": self.train_rows.fingerprint(),
             "layout": dataclasses.asdict(self.layout),
             "zero_stage": self.cfg.parallel.zero_stage,
         }}
@@ -174,10 +182,10 @@ class Trainer:
             ckpt.load_checkpoint(self.engine, directory, tag, weights_only=True, model_cfg=self.cfg.model)
             return f"initialised from the weights of {directory / tag} ({what}); step 0, fresh optimizer"
         client = ckpt.load_checkpoint(self.engine, directory, tag).get("genlip")
-        if client.get("data_fingerprint") != self.train_rows.dataset.fingerprint():
+        if client.get("data_fingerprint") != self.train_rows.fingerprint():
             raise ConfigError(
                 f"checkpoint {directory / tag} was trained on data {client.get('data_fingerprint')} but "
-                f"data.train_data is {self.train_rows.dataset.fingerprint()}; resuming would not continue "
+                f"data.train_data is {self.train_rows.fingerprint()}; resuming would not continue "
                 "the same data stream (use a new train.output_dir to start a new run)")
         for key in ("iteration", "consumed_samples", "skipped_steps", "samples_seen", "tokens_seen"):
             setattr(self, key, client[key])
@@ -198,7 +206,8 @@ class Trainer:
         log.print(f"{self.resumed_from}; layout {dataclasses.asdict(self.layout)}; "
                   f"packing efficiency (epoch 0) {100 * self.train_rows.efficiency(0):.2f}%")
         loader = build_loader(self.train_rows, self.consumed_samples, t.micro_batch_size, self.dp_rank,
-                              self.dp_world, cfg.data.num_workers, worker_init_fn=_ignore_stop_signals)
+                              self.dp_world, cfg.data.num_workers, worker_init_fn=_ignore_stop_signals,
+                              prefetch_factor=cfg.data.prefetch_factor, pin_memory=self.device.type == "cuda")
         batches = iter(loader)
         try:
             return self._loop(batches, log)

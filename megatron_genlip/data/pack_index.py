@@ -1,0 +1,396 @@
+"""The pack index: which samples form each packed row of each epoch, built ahead and memory-mapped.
+
+An epoch is a pseudo-random permutation of the samples ("arrival order") cut into fixed chunks of
+``chunk_size`` arrivals; each chunk is packed on its own by buffered first-fit (the official GenLIP rule,
+:func:`pack_arrivals`), so chunks are built in parallel processes (or on several machines) and the result
+does not depend on how many there were. The permutation is a keyed Feistel bijection on the sample index
+(:func:`shuffle_positions`): any chunk computes its own arrivals without the whole permutation in memory.
+
+Files of one epoch ``e`` in ``DIR`` (``DIR`` = the cache directory / the settings key)::
+
+    epoch0003.order.npy   [N] uint32 (int64 above 2**32 samples): sample ids grouped by row, rows in order
+    epoch0003.rows.npy    [R+1] int64: row r holds order[rows[r]:rows[r+1]]
+    epoch0003.json        rows, samples, tokens, per-chunk sha256 of ``order``; written last (the commit point)
+
+Readers open the arrays with ``mmap_mode="r"`` and map a global row to (epoch, row) by ``searchsorted`` on
+the small table of rows per epoch, so a row lookup costs the same at epoch 0 and epoch 7 and no process
+holds an epoch in private memory. Training never packs inside a DataLoader worker: missing epochs are built
+once, under a file lock, by one process before training starts (:func:`ensure_epochs`), or ahead of time by
+``tools/build_pack_index.py``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import socket
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+PACK_VERSION = 2
+CHUNK_SIZE = 1 << 20  # arrivals packed independently; part of the key (changing it changes the rows)
+FEISTEL_ROUNDS = 6
+OPEN_EPOCHS = 4  # epochs kept open (memory-mapped) per process
+BUILD_COMMAND = "python tools/build_pack_index.py --config CONFIG --epochs N"
+
+
+class MissingEpochError(RuntimeError):
+    """A row beyond the epochs whose pack index has been built."""
+
+
+# -------------------------------------------------------------------------------------------------
+# the shuffle: a keyed bijection of [0, n), computed for any slice of positions
+
+
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+
+
+def _mix(z: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a fast, well-mixing bijection of uint64 (wrapping arithmetic)."""
+    z = (z ^ (z >> np.uint64(30))) * _M1
+    z = (z ^ (z >> np.uint64(27))) * _M2
+    return z ^ (z >> np.uint64(31))
+
+
+def _feistel(x: np.ndarray, half_bits: int, keys: np.ndarray) -> np.ndarray:
+    """A balanced Feistel network on ``2 * half_bits``-bit integers: a permutation of [0, 4**half_bits)."""
+    mask = np.uint64((1 << half_bits) - 1)
+    shift = np.uint64(half_bits)
+    left, right = x >> shift, x & mask
+    for k in keys:
+        left, right = right, left ^ (_mix(right ^ k) & mask)
+    return (left << shift) | right
+
+
+def shuffle_keys(seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch, 0x9E3779B9]).bit_generator.random_raw(FEISTEL_ROUNDS).astype(np.uint64)
+
+
+def shuffle_positions(positions: np.ndarray, n: int, seed: int, epoch: int) -> np.ndarray:
+    """Sample ids at arrival ``positions`` of epoch ``epoch``: a pseudo-random permutation of [0, n).
+
+    The Feistel network permutes [0, 4**h) with 4**h >= n; values that land outside [0, n) are encrypted
+    again (cycle walking), which keeps the map a bijection of [0, n)."""
+    half_bits = max(1, (max(n - 1, 1).bit_length() + 1) // 2)
+    keys = shuffle_keys(seed, epoch)
+    out = _feistel(np.asarray(positions, dtype=np.uint64), half_bits, keys)
+    todo = np.flatnonzero(out >= n)
+    while len(todo):
+        out[todo] = _feistel(out[todo], half_bits, keys)
+        todo = todo[out[todo] >= n]
+    return out.astype(np.int64)
+
+
+# -------------------------------------------------------------------------------------------------
+# packing one chunk
+
+
+def pack_arrivals(lengths: np.ndarray, seq_length: int, buffer_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Buffered first-fit: a buffer of ``buffer_size`` samples in arrival order is refilled after each row;
+    a row takes, scanning the buffer in order, every sample that still fits.
+
+    Returns ``(order, row_sizes)``: arrival positions grouped by row (each row in arrival order) and the
+    number of samples per row. Vectorised: the samples at the head of the buffer that fit as a whole are
+    found with one cumulative sum, and only the few after the first misfit are scanned one by one.
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    n = len(lengths)
+    if n and int(lengths.max()) > seq_length:
+        i = int(lengths.argmax())
+        raise ValueError(f"sample at arrival {i} has {lengths[i]} tokens, more than seq_length={seq_length}")
+    order = np.empty(n, dtype=np.int64)
+    row_sizes: list[int] = []
+    buf = np.empty(0, dtype=np.int64)  # arrival positions, in arrival order
+    blen = np.empty(0, dtype=np.int64)
+    nxt = out = 0
+    while nxt < n or len(buf):
+        take = min(buffer_size - len(buf), n - nxt)
+        if take > 0:
+            buf = np.concatenate((buf, np.arange(nxt, nxt + take)))
+            blen = np.concatenate((blen, lengths[nxt:nxt + take]))
+            nxt += take
+        cum = np.cumsum(blen)
+        head = int(np.searchsorted(cum, seq_length, side="right"))  # >= 1: a sample never exceeds a row
+        room = seq_length - int(cum[head - 1])
+        tail = np.flatnonzero(blen[head + 1:] <= room) + head + 1
+        picked = []
+        while len(tail):
+            j = int(tail[0])
+            picked.append(j)
+            room -= int(blen[j])
+            tail = tail[1:]
+            tail = tail[blen[tail] <= room]
+        taken = np.concatenate((np.arange(head), np.asarray(picked, dtype=np.int64)))
+        order[out:out + len(taken)] = buf[taken]
+        out += len(taken)
+        row_sizes.append(len(taken))
+        keep = np.ones(len(buf), dtype=bool)
+        keep[taken] = False
+        buf, blen = buf[keep], blen[keep]
+    return order, np.asarray(row_sizes, dtype=np.int64)
+
+
+# -------------------------------------------------------------------------------------------------
+# building epochs
+
+
+@dataclass(frozen=True)
+class PackSettings:
+    """Everything the rows depend on; its hash names the index directory."""
+
+    data_fingerprint: str
+    num_samples: int
+    seq_length: int
+    buffer_size: int
+    seed: int
+    chunk_size: int = CHUNK_SIZE
+    version: int = PACK_VERSION
+
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def order_dtype(num_samples: int) -> np.dtype:
+    return np.dtype(np.uint32) if num_samples < 2**32 else np.dtype(np.int64)
+
+
+class LengthSource:
+    """Tokens per sample in global sample order, from one or more ``[n, 3]`` lengths files (gh, gw, text
+    tokens) concatenated; picklable (workers reopen the memory maps)."""
+
+    def __init__(self, files: list[str], sizes: list[int]):
+        self.files = list(files)
+        self.starts = np.concatenate(([0], np.cumsum(sizes, dtype=np.int64)))
+        self._maps: list[np.ndarray] | None = None
+
+    def __getstate__(self) -> dict:
+        return {"files": self.files, "starts": self.starts, "_maps": None}
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def tokens(self, ids: np.ndarray) -> np.ndarray:
+        """Total tokens (gh * gw + text) of samples ``ids`` (int64)."""
+        if self._maps is None:
+            self._maps = [np.load(f, mmap_mode="r") for f in self.files]
+        src = np.searchsorted(self.starts, ids, side="right") - 1
+        out = np.empty(len(ids), dtype=np.int64)
+        for s in np.unique(src):
+            sel = src == s
+            rows = self._maps[s][ids[sel] - self.starts[s]].astype(np.int64)
+            out[sel] = rows[:, 0] * rows[:, 1] + rows[:, 2]
+        return out
+
+
+def _epoch_paths(directory: Path, epoch: int) -> dict[str, Path]:
+    stem = directory / f"epoch{epoch:04d}"
+    return {"order": Path(f"{stem}.order.npy"), "rows": Path(f"{stem}.rows.npy"), "meta": Path(f"{stem}.json")}
+
+
+def _temp_name(path: Path) -> Path:
+    """Host- and process-unique temporary name beside ``path`` (several machines may build at once)."""
+    return path.with_name(f"{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+
+
+def _pack_chunk(task: tuple) -> tuple[int, np.ndarray, int, str]:
+    """Worker: pack chunk ``c`` of an epoch into its slice of the (preallocated) order file.
+    Returns (chunk, row sizes, tokens, sha256 of the slice)."""
+    settings, source, epoch, c, order_path = task
+    start = c * settings.chunk_size
+    stop = min(start + settings.chunk_size, settings.num_samples)
+    ids = shuffle_positions(np.arange(start, stop), settings.num_samples, settings.seed, epoch)
+    tokens = source.tokens(ids)
+    arrival, row_sizes = pack_arrivals(tokens, settings.seq_length, settings.buffer_size)
+    out = np.load(order_path, mmap_mode="r+")
+    chunk = ids[arrival].astype(out.dtype)
+    out[start:stop] = chunk
+    out.flush()
+    del out
+    return c, row_sizes, int(tokens.sum()), hashlib.sha256(chunk.tobytes()).hexdigest()
+
+
+def build_epoch(directory: Path, settings: PackSettings, source: LengthSource, epoch: int, workers: int = 1,
+                progress=None) -> dict:
+    """Pack one epoch into ``directory`` (chunks in ``workers`` processes); returns its metadata."""
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = _epoch_paths(directory, epoch)
+    n, size = settings.num_samples, settings.chunk_size
+    chunks = (n + size - 1) // size
+    tmp_order = _temp_name(paths["order"])
+    np.lib.format.open_memmap(tmp_order, mode="w+", dtype=order_dtype(n), shape=(n,)).flush()
+    tasks = [(settings, source, epoch, c, str(tmp_order)) for c in range(chunks)]
+    results: list = [None] * chunks
+    start = time.perf_counter()
+    if workers > 1 and chunks > 1:
+        with mp.get_context("spawn").Pool(min(workers, chunks)) as pool:
+            for res in pool.imap_unordered(_pack_chunk, tasks):
+                results[res[0]] = res
+                progress is not None and progress(1)
+    else:
+        for task in tasks:
+            res = _pack_chunk(task)
+            results[res[0]] = res
+            progress is not None and progress(1)
+    row_sizes = np.concatenate([r[1] for r in results])
+    rows = np.zeros(len(row_sizes) + 1, dtype=np.int64)
+    np.cumsum(row_sizes, out=rows[1:])
+    tmp_rows = _temp_name(paths["rows"])
+    with open(tmp_rows, "wb") as f:
+        np.save(f, rows)
+    meta = {"epoch": epoch, "rows": int(len(row_sizes)), "samples": n, "tokens": sum(r[2] for r in results),
+            "chunk_sha256": [r[3] for r in results], "rows_sha256": hashlib.sha256(rows.tobytes()).hexdigest(),
+            "settings": asdict(settings), "seconds": round(time.perf_counter() - start, 3)}
+    for tmp in (tmp_order, tmp_rows):
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+    os.replace(tmp_order, paths["order"])
+    os.replace(tmp_rows, paths["rows"])
+    tmp_meta = _temp_name(paths["meta"])
+    tmp_meta.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp_meta, paths["meta"])  # the commit point of the epoch
+    return meta
+
+
+# -------------------------------------------------------------------------------------------------
+# reading
+
+
+class PackIndex:
+    """Global row -> sample ids, over the epochs built so far in ``directory``."""
+
+    def __init__(self, directory: str | Path, settings: PackSettings):
+        self.directory = Path(directory)
+        self.settings = settings
+        self._open: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self.refresh()
+
+    def __getstate__(self) -> dict:  # DataLoader workers reopen their own memory maps
+        return dict(self.__dict__, _open={})
+
+    def refresh(self) -> None:
+        """Read the table of rows per epoch from the committed epochs 0, 1, ... (stops at the first gap)."""
+        self.epoch_meta: list[dict] = []
+        while (meta := self._read_meta(len(self.epoch_meta))) is not None:
+            self.epoch_meta.append(meta)
+        self.row_starts = np.zeros(len(self.epoch_meta) + 1, dtype=np.int64)
+        np.cumsum([m["rows"] for m in self.epoch_meta], out=self.row_starts[1:])
+
+    def _read_meta(self, epoch: int) -> dict | None:
+        paths = _epoch_paths(self.directory, epoch)
+        try:
+            meta = json.loads(paths["meta"].read_text())
+        except (FileNotFoundError, UnicodeDecodeError, json.JSONDecodeError):
+            return None
+        if meta.get("settings") != asdict(self.settings) or not all(p.is_file() for p in paths.values()):
+            return None
+        return meta
+
+    def built(self, epoch: int) -> bool:
+        """Whether ``epoch`` is committed (also when an earlier epoch is still missing)."""
+        return self._read_meta(epoch) is not None
+
+    @property
+    def epochs(self) -> int:
+        return len(self.epoch_meta)
+
+    @property
+    def total_rows(self) -> int:
+        return int(self.row_starts[-1])
+
+    def rows_in_epoch(self, epoch: int) -> int:
+        self._need(epoch)
+        return self.epoch_meta[epoch]["rows"]
+
+    def efficiency(self, epoch: int = 0) -> float:
+        self._need(epoch)
+        m = self.epoch_meta[epoch]
+        return m["tokens"] / (m["rows"] * self.settings.seq_length)
+
+    def _need(self, epoch: int) -> None:
+        if epoch >= self.epochs:
+            self.refresh()
+        if epoch >= self.epochs:
+            raise MissingEpochError(
+                f"the pack index in {self.directory} has {self.epochs} epoch(s); epoch {epoch} is needed. Build it "
+                f"ahead with `{BUILD_COMMAND}` (N > {epoch}) or let the trainer build it "
+                "(data.build_missing_pack_index=true)")
+
+    def locate(self, global_row: int) -> tuple[int, int]:
+        """Global row -> (epoch, row within the epoch): one binary search over the epochs."""
+        if global_row >= self.total_rows:
+            self.refresh()
+        epoch = int(np.searchsorted(self.row_starts, global_row, side="right")) - 1
+        self._need(epoch)
+        return epoch, int(global_row - self.row_starts[epoch])
+
+    def _arrays(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        arrays = self._open.get(epoch)
+        if arrays is None:
+            paths = _epoch_paths(self.directory, epoch)
+            try:
+                arrays = (np.load(paths["order"], mmap_mode="r"), np.load(paths["rows"], mmap_mode="r"))
+            except (ValueError, OSError) as e:
+                raise MissingEpochError(f"pack index file of epoch {epoch} in {self.directory} is unreadable "
+                                        f"({e}); delete {paths['meta']} and rebuild it with `{BUILD_COMMAND}`") from e
+            meta = self.epoch_meta[epoch]
+            if arrays[0].shape != (meta["samples"],) or arrays[1].shape != (meta["rows"] + 1,):
+                raise MissingEpochError(f"pack index files of epoch {epoch} in {self.directory} do not match "
+                                        f"{paths['meta']}; delete it and rebuild with `{BUILD_COMMAND}`")
+            if len(self._open) >= OPEN_EPOCHS:
+                self._open.pop(next(iter(self._open)))
+            self._open[epoch] = arrays
+        return arrays
+
+    def row_samples(self, global_row: int) -> np.ndarray:
+        epoch, r = self.locate(global_row)
+        order, rows = self._arrays(epoch)
+        return np.asarray(order[rows[r]:rows[r + 1]], dtype=np.int64)
+
+    def verify(self, epoch: int) -> list[str]:
+        """Recompute the checksums of one epoch; returns the problems found (empty: intact)."""
+        self._need(epoch)
+        meta = self.epoch_meta[epoch]
+        order, rows = self._arrays(epoch)
+        problems = []
+        size = self.settings.chunk_size
+        for c, want in enumerate(meta["chunk_sha256"]):
+            got = hashlib.sha256(np.ascontiguousarray(order[c * size:(c + 1) * size]).tobytes()).hexdigest()
+            if got != want:
+                problems.append(f"epoch {epoch} chunk {c}: checksum mismatch")
+        if hashlib.sha256(np.ascontiguousarray(rows).tobytes()).hexdigest() != meta["rows_sha256"]:
+            problems.append(f"epoch {epoch} row table: checksum mismatch")
+        return problems
+
+
+def ensure_epochs(directory: str | Path, settings: PackSettings, source: LengthSource, *, epochs: int = 0,
+                  rows: int = 0, build: bool = True, workers: int = 1, log=print) -> PackIndex:
+    """A pack index covering at least ``epochs`` epochs and ``rows`` global rows.
+
+    Missing epochs are built by whichever process first takes the directory's lock (the others wait and then
+    find them built), or, with ``build=False``, are an error naming the command that builds them."""
+    directory = Path(directory)
+    index = PackIndex(directory, settings)
+    if index.epochs >= epochs and index.total_rows >= rows:
+        return index
+    if not build:
+        index._need(index.epochs)  # epochs are built in order: the first missing one is index.epochs
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / "build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one builder; released on exit or death
+        index.refresh()
+        while index.epochs < epochs or index.total_rows < rows:
+            e = index.epochs
+            start = time.perf_counter()
+            meta = build_epoch(directory, settings, source, e, workers)
+            index.refresh()
+            log(f"built pack index epoch {e}: {meta['rows']:,} rows of {settings.seq_length} tokens from "
+                f"{meta['samples']:,} samples, efficiency {100 * index.efficiency(e):.2f}% "
+                f"({time.perf_counter() - start:.1f} s) in {directory}")
+    return index

@@ -1,0 +1,99 @@
+#!/usr/bin/env python
+"""Build (or check) the pack index of a config's datasets ahead of training.
+
+The pack index says which samples form each packed row of each epoch (megatron_genlip/data/pack_index.py).
+Training needs one epoch per pass over the data; a missing epoch is otherwise built by the trainer at
+start-up (one process, under a lock) or, with data.build_missing_pack_index=false, is an error naming this
+command. For large datasets build it here, ahead, in parallel:
+
+    python tools/build_pack_index.py --config examples/configs/stage1-So16.yaml --epochs 8 --workers 32
+    # several machines: each builds epochs e with e % n == i (SLURM array: defaults from the environment)
+    python tools/build_pack_index.py --config CONFIG --epochs 8 --epoch-shard-index 3 --num-epoch-shards 8
+    python tools/build_pack_index.py --config CONFIG --verify      # recompute the stored checksums
+
+It reads data.train_data (or every dataset of data.train_blend) and data.valid_data (epoch 0), with
+data.seq_length, data.pack_buffer_size, data.seed and data.pack_index_dir, so pass the training config and
+the same --set overrides as training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from megatron_genlip.config import ConfigError, load_config
+from megatron_genlip.data.builder import shard_task_from_env, tokenizer_fingerprint
+from megatron_genlip.data.indexed import DatasetError, DatasetMismatch
+from megatron_genlip.data.pack_index import MissingEpochError, build_epoch
+from megatron_genlip.data.packed_dataset import BlendedRows, open_rows, open_train_rows
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True, help="the training config (its data section names the datasets)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="dotted config override, as given to training (repeatable)")
+    ap.add_argument("--epochs", type=int, default=1, help="build epochs 0..N-1 of the training data (default 1)")
+    ap.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                    help="processes packing chunks of an epoch in parallel (default min(8, CPUs))")
+    task_i, task_n = shard_task_from_env()
+    ap.add_argument("--epoch-shard-index", type=int, default=task_i,
+                    help=f"build only epochs e with e %% n == i (default: SLURM_ARRAY_TASK_ID, else 0; here {task_i})")
+    ap.add_argument("--num-epoch-shards", type=int, default=task_n,
+                    help=f"n of --epoch-shard-index (default: SLURM_ARRAY_TASK_COUNT, else 1; here {task_n})")
+    ap.add_argument("--verify", action="store_true", help="recompute the checksums of every built epoch and report")
+    return ap.parse_args(argv)
+
+
+def _sources(cfg) -> list[tuple[str, object, int]]:
+    """(name, packed rows, epochs wanted) for the training data (each blend source) and the validation data."""
+    fp = tokenizer_fingerprint(cfg.tokenizer.kind, cfg.tokenizer.path)
+    train = open_train_rows(cfg.data, fp)
+    out = [(f"train[{i}]", s, None) for i, s in enumerate(train.sources)] if isinstance(train, BlendedRows) \
+        else [("train", train, None)]
+    if cfg.data.valid_data:
+        out.append(("valid", open_rows(cfg.data.valid_data, cfg.data, fp), 1))
+    return out
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        sources = _sources(cfg)
+    except (ConfigError, DatasetError, DatasetMismatch, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    problems = 0
+    for name, rows, wanted in sources:
+        epochs = wanted or args.epochs
+        index = rows.index
+        if args.verify:
+            for e in range(index.epochs):
+                found = index.verify(e)
+                problems += len(found)
+                print(f"{name} epoch {e}: {'; '.join(found) if found else 'intact'}")
+            continue
+        mine = [e for e in range(epochs) if e % args.num_epoch_shards == args.epoch_shard_index]
+        for e in mine:
+            index.refresh()
+            if index.built(e):
+                print(f"{name} epoch {e}: already built in {rows.cache_dir}")
+                continue
+            start = time.perf_counter()
+            meta = build_epoch(rows.cache_dir, rows.settings, rows.dataset.lengths_source(), e, args.workers)
+            print(f"{name} epoch {e}: {meta['rows']:,} rows from {meta['samples']:,} samples, efficiency "
+                  f"{100 * meta['tokens'] / (meta['rows'] * rows.seq_length):.2f}%, "
+                  f"{time.perf_counter() - start:.1f} s ({rows.cache_dir})")
+        try:
+            index.refresh()
+            print(f"{name}: epochs 0..{index.epochs - 1} built, {index.total_rows:,} rows in all")
+        except MissingEpochError as e:
+            print(f"{name}: {e}")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
