@@ -24,6 +24,8 @@ from megatron_genlip.data.packed_dataset import MicroBatchSampler, PackedRows, b
 from megatron_genlip.data.streaming import StreamingPackedRows
 from megatron_genlip.data.synthetic import write_shards
 
+from data_harness import read_files
+
 ROOT = Path(__file__).parent.parent
 TINY = ROOT / "examples/configs/tiny.yaml"
 
@@ -54,19 +56,6 @@ def build(tmp, shards, name, workers=1, cfg=None, **kw):
     prefix = str(tmp / name)
     report = build_indexed_dataset(shards, prefix, cfg or tiny_cfg(), workers=workers, progress=False, **kw)
     return prefix, report
-
-
-def read_files(prefix):
-    """Everything a dataset is: the manifest (minus its own name in part paths), the lengths and every part's
-    files, in order."""
-    manifest = json.loads(Path(prefix + ".json").read_text())
-    assert manifest.pop("lengths") == Path(prefix).name + ".lengths.npy"
-    parts = [str(Path(prefix).parent / p.pop("path")) for p in manifest["parts"]]
-    files = {"manifest": manifest, "lengths": Path(prefix + ".lengths.npy").read_bytes()}
-    for i, part in enumerate(parts):
-        for ext in (".bin", ".idx", ".lengths.npy"):
-            files[f"{i}{ext}"] = Path(part + ext).read_bytes()
-    return files
 
 
 def test_build_is_identical_for_1_and_4_workers(tmp_path, shards):

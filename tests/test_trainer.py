@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from megatron_genlip.training.schedule import learning_rate
-from trainer_harness import ROOT, build_test_dataset, command, env, run, train_log
+from trainer_harness import ROOT, TINY, build_test_dataset, command, env, run, train_log
 
 
 @pytest.fixture(scope="module")
@@ -78,21 +78,35 @@ def _launch_and_wait_for(cmd, path: Path, content: str | None, timeout: float = 
     raise AssertionError(f"timed out waiting for {path}")
 
 
-def test_sigkill_then_resume_is_bitwise_identical(tmp_path, data):
-    steps = ["train.train_steps=16", "train.save_interval=6", "train.precision=fp32"]
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    """30 train samples: ~7 packed rows per epoch, so 16 steps of 4 rows run through more than 8 epochs."""
+    return build_test_dataset(tmp_path_factory.mktemp("trainer-small-data"), 30, 8)
+
+
+def test_sigkill_then_resume_is_bitwise_identical(tmp_path, small_data):
+    """Killed after the checkpoint of step 11 (epoch >= 5 of a small dataset, several epoch boundaries
+    behind and ahead), restarted: every logged value equals the uninterrupted run's."""
+    from megatron_genlip.config import load_config
+    from megatron_genlip.data.packed_dataset import open_rows
+
+    data = small_data
+    steps = ["train.train_steps=16", "train.save_interval=11", "train.precision=fp32"]
     run(2, data, tmp_path / "straight", SHORT + steps)
     reference = train_log(tmp_path / "straight")
+    index = open_rows(data["train"], load_config(TINY).data).index
+    assert index.locate(11 * 4)[0] >= 5 and index.locate(16 * 4)[0] > index.locate(11 * 4)[0]
     out = tmp_path / "killed"
     cmd = command(2, data, out, SHORT + steps)
-    proc = _launch_and_wait_for(cmd, out / "checkpoints" / "latest", "iter_0000006")
+    proc = _launch_and_wait_for(cmd, out / "checkpoints" / "latest", "iter_0000011")
     import os
 
     os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, no chance to clean up
     proc.wait()
-    assert (out / "checkpoints" / "latest").read_text() == "iter_0000006"
+    assert (out / "checkpoints" / "latest").read_text() == "iter_0000011"
     second = subprocess.run(cmd, env=env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stdout[-3000:]
-    assert "resumed from" in second.stdout and "at step 6" in second.stdout
+    assert "resumed from" in second.stdout and "at step 11" in second.stdout
     resumed = train_log(out)
     assert sorted(resumed) == sorted(reference)
     for s in reference:  # bitwise: the same float, not merely close

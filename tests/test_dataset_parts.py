@@ -1,0 +1,216 @@
+"""Datasets made of many parts (never merged), built by several tasks, read lazily; blends; the loader's
+in-place micro-batches against the per-sample reference; resume deep into a run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from megatron_genlip.config import load_config
+from megatron_genlip.data.builder import build_indexed_dataset, finalize_dataset
+from megatron_genlip.data.indexed import DatasetError, GenLIPIndexedDataset
+from megatron_genlip.data.packed_dataset import BlendedRows, PackedRows, blend_schedule, build_loader, open_rows
+from megatron_genlip.data.packing import collate_row, stack_rows
+from megatron_genlip.data.synthetic import write_shards
+
+from data_harness import read_files
+
+ROOT = Path(__file__).parent.parent
+TINY = ROOT / "examples/configs/tiny.yaml"
+QUIET = {"log": lambda *_: None}
+
+
+def cfg(*overrides):
+    return load_config(TINY, list(overrides))
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """90 samples in 3 shards of 30, and the same 90 samples in one shard."""
+    d = tmp_path_factory.mktemp("parts-shards")
+    three = write_shards(str(d / "three"), "train", 90, 30, seed=4, image_size=48)
+    one = write_shards(str(d / "one"), "train", 90, 90, seed=4, image_size=48)
+    return three, one
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, shards):
+    d = tmp_path_factory.mktemp("parts-built")
+    three, one = shards
+    build_indexed_dataset(three, str(d / "three"), cfg(), progress=False)
+    build_indexed_dataset(one, str(d / "one"), cfg(), progress=False)
+    return d
+
+
+def rows_of(prefix, *overrides) -> PackedRows:
+    rows = open_rows(str(prefix), cfg(*overrides).data)
+    rows.ensure(epochs=2, **QUIET)
+    return rows
+
+
+def test_three_parts_read_and_pack_like_one_merged_part(built):
+    """Row for row, over two epochs, a dataset of 3 parts gives the same micro-batches as one part holding the
+    same samples (a merged dataset): parts change nothing but where bytes live."""
+    three, one = rows_of(built / "three"), rows_of(built / "one")
+    assert len(three.dataset.part_paths) == 3 and len(one.dataset.part_paths) == 1
+    total = three.index.total_rows
+    assert total == one.index.total_rows and three.rows_in_epoch(1) > 0
+    for g in range(0, total, 3):
+        a, b = three.batch(range(g, min(g + 3, total))), one.batch(range(g, min(g + 3, total)))
+        assert all(torch.equal(a[k], b[k]) for k in a), g
+
+
+def test_in_place_batch_equals_per_sample_reference(built):
+    """The loader's in-place micro-batch equals stacking the per-sample reference rows (Sample objects)."""
+    rows = rows_of(built / "three")
+    ids = [2, 0, rows.rows_in_epoch(0) + 1]
+    fast = rows.batch(ids)
+    reference = stack_rows([collate_row([rows.dataset[int(i)] for i in rows.row_samples(g)], rows.seq_length)
+                            for g in ids])
+    assert fast["patches"].dtype == torch.uint8
+    for k in reference:
+        assert fast[k].dtype == reference[k].dtype and torch.equal(fast[k], reference[k]), k
+    assert fast["row_index"].tolist() == ids
+
+
+def test_lists_globs_and_txt_lists_concatenate_datasets(built, tmp_path):
+    a, b = str(built / "three"), str(built / "one")
+    listing = tmp_path / "datasets.txt"
+    listing.write_text(f"# two datasets\n{os.path.relpath(a, tmp_path)}\n{b}  # absolute\n")
+    by_list = GenLIPIndexedDataset([a, b], cfg().data)
+    for spec in (str(listing), [str(built / "thr*"), b]):
+        other = GenLIPIndexedDataset(spec, cfg().data)
+        assert len(other) == 180 and other.fingerprint() == by_list.fingerprint()
+    first, second = GenLIPIndexedDataset(a, cfg().data), GenLIPIndexedDataset(b, cfg().data)
+    for i in (0, 89, 90, 179):
+        want = first[i] if i < 90 else second[i - 90]
+        got = by_list[i]
+        assert torch.equal(got.input_ids, want.input_ids) and torch.equal(got.patches, want.patches), i
+    assert by_list.fingerprint() not in (first.fingerprint(), second.fingerprint())
+    with pytest.raises(DatasetError, match="matches no dataset"):
+        GenLIPIndexedDataset(str(built / "nothing*"), cfg().data)
+    with pytest.raises(FileNotFoundError, match="tools/preprocess_data.py"):
+        GenLIPIndexedDataset(str(built / "absent"), cfg().data)
+
+
+def test_parts_open_lazily_and_at_most_max_open_parts(built):
+    ds = GenLIPIndexedDataset(str(built / "three"), cfg().data, max_open_parts=2)
+    assert len(ds._parts) == 0  # nothing opened by the constructor
+    for i in (0, 30, 60, 0, 31):
+        ds.raw(i)
+        assert len(ds._parts) <= 2
+    assert list(ds._parts) == [0, 1]  # least recently used first: part 2 was evicted by the last read
+
+
+def test_truncated_or_replaced_part_is_a_clear_error(built, tmp_path):
+    import shutil
+
+    for f in built.glob("three*"):
+        if f.is_dir():
+            shutil.copytree(f, tmp_path / f.name)
+        else:
+            shutil.copy(f, tmp_path / f.name)
+    (part,) = [p for p in (tmp_path / "three.parts").glob("000001-*.bin")]
+    part.write_bytes(part.read_bytes()[:-10])
+    ds = GenLIPIndexedDataset(str(tmp_path / "three"), cfg().data)
+    ds.raw(0)  # other parts still read
+    with pytest.raises(DatasetError, match=r"000001-.*\.bin .*truncated or replaced"):
+        ds.raw(30)
+
+
+def test_sharded_build_then_finalize_equals_one_build(shards, tmp_path):
+    three, _ = shards
+    reference = str(tmp_path / "ref")
+    build_indexed_dataset(three, reference, cfg(), progress=False)
+    prefix = str(tmp_path / "split")
+    for i in (2, 0, 1):  # tasks finish in any order; none finalizes
+        out = build_indexed_dataset(three, prefix, cfg(), progress=False, shard_index=i, num_shards=3)
+        assert out["shards"] == 1 and not Path(prefix + ".json").exists()
+    finalize_dataset(three, prefix, cfg())
+    assert read_files(prefix) == read_files(reference)
+
+
+def test_finalize_names_missing_and_stale_parts(shards, tmp_path):
+    three, _ = shards
+    prefix = str(tmp_path / "ds")
+    build_indexed_dataset(three, prefix, cfg(), progress=False, shard_index=0, num_shards=3)
+    with pytest.raises(ValueError, match=r"2 part\(s\) not built"):
+        finalize_dataset(three, prefix, cfg())
+    other = cfg("tokenizer.prompt=Caption this.")
+    with pytest.raises(ValueError, match=r"built with other settings"):
+        finalize_dataset(three[:1], prefix, other)
+
+
+def test_stale_parts_are_rebuilt_with_the_new_settings(shards, tmp_path):
+    """A build resumed with another prompt (or tokenizer, image size...) must not reuse parts built with the
+    old one: every such part is rebuilt, and the dataset carries the new settings only."""
+    three, _ = shards
+    prefix = str(tmp_path / "ds")
+    build_indexed_dataset(three[:2], prefix, cfg(), progress=False, shard_index=0, num_shards=2)
+    new = cfg("tokenizer.prompt=Caption this.")
+    report = build_indexed_dataset(three[:2], prefix, new, progress=False)
+    assert report["build"]["shards_reused"] == 0
+    ds = GenLIPIndexedDataset(prefix, new.data)
+    assert ds.meta["prompt"] == "Caption this."
+    fresh = str(tmp_path / "fresh")
+    build_indexed_dataset(three[:2], fresh, new, progress=False)
+    assert read_files(prefix) == read_files(fresh)
+
+
+def test_the_same_build_started_twice_at_once(shards, tmp_path):
+    """Two identical preprocess commands racing on one output prefix both finish; the dataset is complete and
+    equals a single build (temporary names are per host and process; commits are atomic renames)."""
+    three, _ = shards
+    prefix = str(tmp_path / "race")
+    cmd = [sys.executable, "tools/preprocess_data.py", "--config", str(TINY), "--input", *three, "--output-prefix",
+           prefix, "--no-progress"]
+    procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    reference = str(tmp_path / "ref")
+    build_indexed_dataset(three, reference, cfg(), progress=False)
+    assert read_files(prefix) == read_files(reference)
+    assert not list(Path(prefix + ".parts").glob("*.tmp-*"))
+
+
+def test_blend_schedule_and_rows(built):
+    w = [0.75, 0.25]
+    sched = blend_schedule(w, 1000)
+    assert np.bincount(sched).tolist() == [750, 250]
+    for t in (1, 7, 100, 999):  # every prefix within one row of the weights
+        assert abs(np.sum(sched[:t] == 0) - 0.75 * t) <= 1
+    a, b = rows_of(built / "three"), rows_of(built / "one", "data.seed=99")
+    blend = BlendedRows([a, b], w, period=8)
+    want = [blend.locate(g) for g in range(40)]
+    assert [d for d, _ in want].count(0) == 30
+    assert [r for d, r in want if d == 0] == list(range(30)) and [r for d, r in want if d == 1] == list(range(10))
+    got = blend.batch([9, 10, 11])
+    for j, g in enumerate((9, 10, 11)):
+        d, r = blend.locate(g)
+        ref = (a, b)[d][r]
+        assert torch.equal(got["input_ids"][j], ref["input_ids"])
+    assert blend.rows_needed(40) == [30, 10]
+    assert blend.fingerprint() != BlendedRows([a, b], [0.5, 0.5], period=8).fingerprint()
+    with pytest.raises(ValueError, match="positive"):
+        blend_schedule([1.0, 0.0])
+
+
+def test_resume_deep_in_the_run_gives_the_same_rows(built):
+    """At epoch >= 5 and across an epoch boundary, a loader started at consumed_samples=k yields exactly the
+    micro-batches an uninterrupted loader yields from k (with worker processes, as training uses)."""
+    rows = open_rows(str(built / "three"), cfg().data)
+    rows.ensure(epochs=7, **QUIET)
+    boundary = int(rows.index.row_starts[5]) - 2  # 2 rows before epoch 5 starts
+    m, world, rank = 1, 2, 1
+    full = list(zip(range(8), build_loader(rows, boundary - 4, m, rank, world)))
+    resumed = list(zip(range(6), build_loader(rows, boundary, m, rank, world, num_workers=2)))
+    for (_, a), (_, b) in zip(full[2:], resumed):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert {rows.index.locate(int(b["row_index"][0]))[0] for _, b in resumed} == {4, 5}
