@@ -205,6 +205,37 @@ def test_submit_helper_saves_and_submits(slurm_cluster, data, tmp_path):  # noqa
     assert sorted(train_log(out)) == [1, 2, 3, 4]
 
 
+def test_preprocessing_array_job_then_finalize_equals_one_process_build(slurm_cluster, tmp_path):  # noqa: F811
+    """examples/slurm/preprocess_data.sbatch as a 2-task array job (each task builds every other shard), then a
+    FINALIZE=1 job that depends on it: the dataset holds exactly the samples, in the same order, with the same
+    fingerprint and bytes, as a one-process build of the same shards."""
+    from data_harness import read_files
+    from megatron_genlip.config import load_config
+    from megatron_genlip.data.builder import build_indexed_dataset
+    from megatron_genlip.data.synthetic import write_shards
+
+    shards = write_shards(str(tmp_path / "shards"), "train", 100, 20, seed=6, image_size=48)  # 5 shards
+    reference = str(tmp_path / "reference")
+    build_indexed_dataset(shards, reference, load_config(TINY), progress=False)
+    prefix = str(tmp_path / "array")
+    e = slurm_cluster.env(trainer_env(), SBATCH_GPUS_PER_NODE="0", SBATCH_TIMELIMIT="10:00", PYTHON=sys.executable,
+                          CONFIG=str(TINY), INPUT=" ".join(shards), OUTPUT_PREFIX=prefix, WORKERS="1",
+                          SBATCH_OUTPUT=str(tmp_path / "%x-%A_%a.out"))
+    script = str(ROOT / "examples" / "slurm" / "preprocess_data.sbatch")
+    array = slurm_cluster.sbatch(["--array=0-1", script], env=e, cwd=ROOT)
+    final = slurm_cluster.sbatch([f"--dependency=afterok:{array}", script], env=dict(e, FINALIZE="1"), cwd=ROOT)
+    logs = lambda: "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-2000:]}" for p in tmp_path.glob("*.out"))
+    try:
+        info = slurm_cluster.wait_job(final, JOB_TIMEOUT)
+    except SlurmError as err:
+        raise AssertionError(f"{err}\n{logs()}\n{slurm_cluster.logs(15)}") from None
+    assert info["JobState"] == "COMPLETED", logs()
+    tasks = {i: (tmp_path / f"genlip-preprocess-{array}_{i}.out").read_text() for i in (0, 1)}
+    assert "task 0 of 2" in tasks[0] and "built 3 of its 3 shards" in tasks[0], tasks[0]
+    assert "task 1 of 2" in tasks[1] and "built 2 of its 2 shards" in tasks[1], tasks[1]
+    assert read_files(prefix) == read_files(reference)
+
+
 @pytest.mark.skipif(bool(missing_binaries()), reason=f"SLURM is not installed (missing "
                     f"{', '.join(missing_binaries())}); run .ci/install_slurm.sh")
 def test_harness_stops_every_daemon_and_job_by_pid(tmp_path):
