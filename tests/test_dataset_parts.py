@@ -214,3 +214,25 @@ def test_resume_deep_in_the_run_gives_the_same_rows(built):
     for (_, a), (_, b) in zip(full[2:], resumed):
         assert all(torch.equal(a[k], b[k]) for k in a)
     assert {rows.index.locate(int(b["row_index"][0]))[0] for _, b in resumed} == {4, 5}
+
+
+def test_blend_resumes_at_any_row_with_workers(built):
+    a, b = rows_of(built / "three"), rows_of(built / "one", "data.seed=99")
+    blend = BlendedRows([a, b], [2.0, 1.0], period=3)
+    full = [x for _, x in zip(range(10), build_loader(blend, 0, 2, 0, 1))]
+    resumed = [x for _, x in zip(range(4), build_loader(blend, 12, 2, 0, 1, num_workers=2))]
+    for x, y in zip(full[6:], resumed):
+        assert all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_data_config_errors_name_the_fields():
+    from megatron_genlip.config import ConfigError
+    from megatron_genlip.data.packed_dataset import open_train_rows
+
+    bad = cfg("data.train_blend=[{data: x, weight: 0}]", "data.max_open_parts=0", "data.prefetch_factor=0",
+              "data.max_sample_length=70000")
+    with pytest.raises(ConfigError) as e:
+        open_train_rows(bad.data)
+    for field in ("data.train_data or data.train_blend", "data.train_blend[0].weight", "data.max_open_parts",
+                  "data.prefetch_factor", "data.max_sample_length"):
+        assert field in str(e.value)

@@ -20,6 +20,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from megatron_genlip.config import ConfigError
 from megatron_genlip.data.indexed import GenLIPIndexedDataset
 from megatron_genlip.data.pack_index import PackIndex, PackSettings, ensure_epochs
 from megatron_genlip.data.packing import assemble_batch
@@ -194,6 +195,24 @@ def build_loader(rows: PackedRows | BlendedRows, consumed_samples: int, micro_ba
     )
 
 
+def check_data_config(cfg) -> None:
+    """The data fields this module reads, checked before anything is opened (errors name the fields)."""
+    problems = []
+    if cfg.train_data and cfg.train_blend:
+        problems.append("set data.train_data or data.train_blend, not both")
+    for i, b in enumerate(cfg.train_blend):
+        if not (b.weight > 0 and np.isfinite(b.weight)):
+            problems.append(f"data.train_blend[{i}].weight must be a positive number, got {b.weight}")
+    for name, low in (("max_open_parts", 1), ("prefetch_factor", 1), ("pack_index_workers", 0)):
+        if getattr(cfg, name) < low:
+            problems.append(f"data.{name} must be >= {low}, got {getattr(cfg, name)}")
+    if cfg.max_sample_length > np.iinfo(np.uint16).max:
+        problems.append(f"data.max_sample_length ({cfg.max_sample_length}) must be <= 65535: sample lengths are "
+                        "stored as uint16")
+    if problems:
+        raise ConfigError("invalid data configuration:\n  - " + "\n  - ".join(problems))
+
+
 def open_rows(spec: str | list[str], cfg, tokenizer_fingerprint: str | None = None) -> PackedRows:
     """Packed rows of the dataset(s) ``spec`` (a ``data.train_data``-style value) under data config ``cfg``."""
     dataset = GenLIPIndexedDataset(spec, cfg, tokenizer_fingerprint, cfg.max_open_parts)
@@ -202,6 +221,7 @@ def open_rows(spec: str | list[str], cfg, tokenizer_fingerprint: str | None = No
 
 def open_train_rows(cfg, tokenizer_fingerprint: str | None = None) -> PackedRows | BlendedRows:
     """The training stream: ``data.train_data``, or the weighted mixture ``data.train_blend``."""
+    check_data_config(cfg)
     if cfg.train_blend:
         sources = [open_rows(b.data, cfg, tokenizer_fingerprint) for b in cfg.train_blend]
         return BlendedRows(sources, [b.weight for b in cfg.train_blend])
