@@ -80,6 +80,9 @@ class DataConfig:
     max_pixels: int = 262144
     seq_length: int = 16384  # packed row length
     max_sample_length: int = 16384  # per-sample cap (stage 2 uses 4096); longer samples are skipped
+    max_aspect_ratio: float = 200.0  # images longer than this times their width (or vice versa) are skipped
+    background: list[int] = field(default_factory=lambda: [255, 255, 255])  # RGB under transparent pixels
+    drop_duplicate_keys: bool = False  # preprocessing: a key seen earlier in the same shard is reported; true: dropped
     # indexed dataset(s) built by tools/preprocess_data.py: a prefix, a glob of prefixes, a .txt file listing
     # prefixes, or a list of those (concatenated in order)
     train_data: str | list[str] | None = None

@@ -34,6 +34,13 @@ def tiny_cfg(*overrides):
     return load_config(TINY, list(overrides))
 
 
+def scene(size: tuple[int, int], colour=(200, 10, 10)) -> Image.Image:
+    """An image with content: ``colour`` with a white block (one flat colour is skipped as flat_image)."""
+    img = Image.new("RGB", size, colour)
+    img.paste((255, 255, 255), (0, 0, max(1, size[0] // 3), max(1, size[1] // 3)))
+    return img
+
+
 def png(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
@@ -113,7 +120,7 @@ def test_killed_build_resumes_to_identical_files(tmp_path):
 
 def bad_shard(path: str) -> dict[str, str]:
     """A shard with one good sample and every kind of bad one; returns key -> expected reason."""
-    good = Image.new("RGB", (40, 30), (200, 10, 10))
+    good = scene((40, 30))
     good_png = png(good)
     expected = {}
     with wds.TarWriter(path) as w:
@@ -169,8 +176,8 @@ def test_every_bad_input_is_skipped_and_counted(tmp_path):
 def test_aspect_ratio_rejected_in_stage2_and_truncated_shard(tmp_path):
     shard = str(tmp_path / "s2-000000.tar")
     with wds.TarWriter(shard) as w:
-        w.write({"__key__": "wide", "png": png(Image.new("RGB", (4020, 20))), "json": b'{"caption": "a line."}'})
-        w.write({"__key__": "ok", "png": png(Image.new("RGB", (300, 200))), "json": b'{"caption": "a box."}'})
+        w.write({"__key__": "wide", "png": png(scene((4020, 20))), "json": b'{"caption": "a line."}'})
+        w.write({"__key__": "ok", "png": png(scene((300, 200))), "json": b'{"caption": "a box."}'})
     broken = str(tmp_path / "s2-000001.tar")
     import tarfile
 
@@ -260,7 +267,7 @@ def test_stage2_rows_with_mixed_image_sizes(tmp_path):
     sizes = [(320, 160), (64, 64), (100, 700), (500, 250)]
     with wds.TarWriter(shard) as w:
         for i, (wd, ht) in enumerate(sizes):
-            w.write({"__key__": f"m{i}", "jpg": jpeg(Image.new("RGB", (wd, ht), (i * 40, 90, 10))),
+            w.write({"__key__": f"m{i}", "jpg": jpeg(scene((wd, ht), (i * 40, 90, 10))),
                      "json": json.dumps({"caption": f"image number {i}."}).encode()})
     cfg = tiny_cfg("data.stage=2", "data.max_sample_length=2048", "data.seq_length=2048")
     prefix, _ = build(tmp_path, [shard], "mixed", cfg=cfg)

@@ -92,6 +92,13 @@ def main(argv=None) -> dict:
     print(f"wrote {args.output_prefix}.json: {report['samples_written']} samples, {report['tokens']} tokens, "
           f"{report['image_bytes'] / 1e6:.1f} MB of images ({report['image_storage']}) in {report['shards']} parts"
           + (f" ({report['build']['shards_reused']} reused)" if report["build"] else ""))
+    if report["repeated_inputs_ignored"]:
+        print(f"warning: {len(report['repeated_inputs_ignored'])} input shard(s) were named more than once and read "
+              f"once, e.g. {report['repeated_inputs_ignored'][0]}")
+    dup = report["duplicate_keys"]
+    if dup["count"]:
+        print(f"warning: {dup['count']} sample key(s) repeat an earlier key of their shard, e.g. {dup['examples'][0]}; "
+              + ("they were dropped" if dup["dropped"] else "kept (--set data.drop_duplicate_keys=true drops them)"))
     if report["samples_skipped"]:
         print(f"skipped {report['samples_skipped']} samples: {json.dumps(report['skipped_by_reason'])} "
               f"(shard and key of each in {args.output_prefix}.report.json)")

@@ -46,8 +46,13 @@ def tokenizer_fingerprint(kind: str, path: str | None) -> str:
     return f"{kind}:" + hashlib.sha256(Path(file).read_bytes()).hexdigest()[:16]
 
 
-def expand_inputs(inputs: list[str]) -> list[str]:
-    """Files, directories (their *.tar) and glob patterns -> sorted shard paths; missing input is an error."""
+SHARD_PATTERNS = ("*.tar", "*.tar.gz", "*.tgz")
+
+
+def expand_inputs(inputs: list[str], duplicates: list[str] | None = None) -> list[str]:
+    """Files, directories (their .tar, .tar.gz and .tgz shards) and glob patterns -> sorted shard paths; a
+    missing input is an error. A shard named twice (the same file by any path) is kept once; the repeats are
+    appended to ``duplicates`` when given."""
     shards: list[str] = []
     for item in inputs:
         if any(c in item for c in "*?["):
@@ -56,9 +61,9 @@ def expand_inputs(inputs: list[str]) -> list[str]:
                 raise FileNotFoundError(f"input pattern {item!r} matches no file")
             shards += found
         elif os.path.isdir(item):
-            found = sorted(glob.glob(os.path.join(item, "*.tar")))
+            found = sorted(f for pattern in SHARD_PATTERNS for f in glob.glob(os.path.join(item, pattern)))
             if not found:
-                raise FileNotFoundError(f"input directory {item} holds no .tar shard")
+                raise FileNotFoundError(f"input directory {item} holds no .tar, .tar.gz or .tgz shard")
             shards += found
         elif os.path.isfile(item):
             if not os.access(item, os.R_OK):
@@ -66,7 +71,17 @@ def expand_inputs(inputs: list[str]) -> list[str]:
             shards.append(item)
         else:
             raise FileNotFoundError(f"input {item} does not exist")
-    return shards
+    seen: set[str] = set()
+    unique = []
+    for shard in shards:
+        real = os.path.realpath(shard)
+        if real in seen:
+            if duplicates is not None:
+                duplicates.append(shard)
+            continue
+        seen.add(real)
+        unique.append(shard)
+    return unique
 
 
 def temp_name(path: str) -> str:
@@ -80,10 +95,18 @@ def replace_atomically(path: str | Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _iterate_shard(path: str):
-    """Raw samples of one shard (no decoding); a broken tar ends the iteration with an exception."""
-    return iter(wds.WebDataset([path], shardshuffle=False, empty_check=False, nodesplitter=lambda s: s,
-                               workersplitter=lambda s: s))
+def _iterate_shard(path: str, duplicate_members: list[str]):
+    """Raw samples of one shard (no decoding). A member repeated inside a sample (``a.jpg`` twice) is not fatal:
+    its name goes to ``duplicate_members`` and the shard goes on (webdataset's default ends the shard there). A
+    broken tar ends the iteration with an exception."""
+
+    def handler(exn: Exception) -> bool:
+        if isinstance(exn, ValueError) and "duplicate file name in tar file" in str(exn.args[0]):
+            duplicate_members.append(str(exn.args[0]).split(":", 1)[0])
+            return True  # skip that member, continue with the next
+        raise exn
+
+    return iter(wds.tariterators.tarfile_samples([{"url": path}], handler=handler))
 
 
 def build_part(task: dict) -> dict:
@@ -95,25 +118,42 @@ def build_part(task: dict) -> dict:
     counts: Counter[str] = Counter()
     skipped: list[dict] = []
     written = tokens = image_bytes = 0
-    it = _iterate_shard(shard)
+    duplicate_members: list[str] = []
+    keys_seen: set[str] = set()
+    duplicate_keys: list[str] = []
+
+    def skip(key, reason: str, detail: str = "") -> None:
+        counts[reason] += 1
+        if len(skipped) < MAX_LOGGED_SKIPS:
+            skipped.append({"shard": shard, "key": key, "reason": reason, "detail": detail})
+
+    it = _iterate_shard(shard, duplicate_members)
     while True:
         try:
             raw = next(it)
         except StopIteration:
             break
         except Exception as e:  # noqa: BLE001 - a truncated/corrupt tar: keep what was read, record it
-            counts["broken_shard"] += 1
-            skipped.append({"shard": shard, "key": None, "reason": "broken_shard", "detail": str(e)[:200]})
+            skip(None, "broken_shard", str(e)[:200])
             break
         key = raw.get("__key__", "?")
+        members = [m for m in duplicate_members if m.startswith(key + ".")]
+        if members:  # which copy belongs to the caption is unknown: the whole sample goes
+            skip(key, "duplicate_member", f"{', '.join(members)} appears more than once in the tar")
+            duplicate_members.clear()
+            continue
+        if key in keys_seen:
+            duplicate_keys.append(key)
+            if cfg.data.drop_duplicate_keys:
+                skip(key, "duplicate_key", "an earlier sample of this shard has the same key")
+                continue
+        keys_seen.add(key)
         try:
             rec = decode_record(raw, cfg.data)
             grid, ids, flags = tokenize_record(rec, tokenizer, cfg.data, cfg.tokenizer.prompt, cfg.model.patch_size)
             items = record_items(rec, grid, ids, flags, cfg.data, storage, cfg.model.patch_size)
         except SkipSample as e:
-            counts[e.reason] += 1
-            if len(skipped) < MAX_LOGGED_SKIPS:
-                skipped.append({"shard": shard, "key": key, "reason": e.reason, "detail": e.detail})
+            skip(key, e.reason, e.detail)
             continue
         writer.add(items, grid, len(ids))
         written += 1
@@ -124,6 +164,7 @@ def build_part(task: dict) -> dict:
         os.replace(tmp + ext, part + ext)
     report = {"shard": shard, "written": written, "tokens": tokens, "image_bytes": image_bytes,
               "skipped": dict(counts), "skipped_samples": skipped, "settings": task["settings"],
+              "duplicate_keys": duplicate_keys[:MAX_LOGGED_SKIPS], "duplicate_key_count": len(duplicate_keys),
               "fingerprint": file_fingerprint([part + ".idx", part + ".lengths.npy"]),
               "bin_bytes": os.path.getsize(part + ".bin"), "idx_bytes": os.path.getsize(part + ".idx")}
     replace_atomically(part + ".report.json", json.dumps(report, indent=1))  # the commit point of this part
@@ -173,7 +214,8 @@ def build_indexed_dataset(inputs: list[str], output_prefix: str, cfg: Config, wo
         raise ValueError("pixel storage needs a fixed resolution (data.stage=1); use --image-storage encoded")
     if not 0 <= shard_index < num_shards:
         raise ValueError(f"--shard-index {shard_index} must be in [0, --num-shards={num_shards})")
-    shards = expand_inputs(inputs)
+    repeated: list[str] = []
+    shards = expand_inputs(inputs, repeated)
     out = Path(output_prefix)
     parts_dir = Path(str(out) + ".parts")
     parts_dir.mkdir(parents=True, exist_ok=True)
@@ -199,7 +241,8 @@ def build_indexed_dataset(inputs: list[str], output_prefix: str, cfg: Config, wo
             bar is not None and bar.update(1)
     if bar is not None:
         bar.close()
-    built = {"shards": len(mine), "shards_reused": reused, "seconds": round(time.perf_counter() - start, 3)}
+    built = {"shards": len(mine), "shards_reused": reused, "seconds": round(time.perf_counter() - start, 3),
+             "repeated_inputs_ignored": repeated}
     if finalize if finalize is not None else num_shards == 1:
         return finalize_dataset(inputs, output_prefix, cfg, storage, built)
     return built
@@ -211,7 +254,8 @@ def finalize_dataset(inputs: list[str], output_prefix: str, cfg: Config, storage
 
     Metadata only and streamed: each part's report and lengths are read once, one at a time (O(parts)
     memory); the manifest is written last, so a dataset either has a complete manifest or none."""
-    shards = expand_inputs(inputs)
+    repeated: list[str] = []
+    shards = expand_inputs(inputs, repeated)
     out = Path(output_prefix)
     parts_dir = Path(str(out) + ".parts")
     settings = build_settings(cfg, storage)
@@ -219,6 +263,7 @@ def finalize_dataset(inputs: list[str], output_prefix: str, cfg: Config, storage
     entries, missing, stale = [], [], []
     skipped: Counter[str] = Counter()
     named: list[dict] = []
+    duplicate_keys: list[str] = []
     totals = Counter()
     for part in parts:
         report = read_part_report(part)
@@ -233,7 +278,9 @@ def finalize_dataset(inputs: list[str], output_prefix: str, cfg: Config, storage
                         "bin_bytes": report["bin_bytes"], "idx_bytes": report["idx_bytes"]})
         skipped.update(report["skipped"])
         named += report["skipped_samples"][: MAX_LOGGED_SKIPS - len(named)]
-        totals.update(written=report["written"], tokens=report["tokens"], image_bytes=report["image_bytes"])
+        totals.update(written=report["written"], tokens=report["tokens"], image_bytes=report["image_bytes"],
+                      duplicate_keys=report["duplicate_key_count"])
+        duplicate_keys += [f"{report['shard']}:{k}" for k in report["duplicate_keys"][: MAX_LOGGED_SKIPS - len(duplicate_keys)]]
     if missing or stale:
         problems = ([f"{len(missing)} part(s) not built, e.g. {missing[0]}"] if missing else []) + \
                    ([f"{len(stale)} part(s) built with other settings, e.g. {stale[0]}"] if stale else [])
@@ -258,7 +305,9 @@ def finalize_dataset(inputs: list[str], output_prefix: str, cfg: Config, storage
               "skipped_by_reason": dict(sorted(skipped.items())), "skipped_samples": named,
               "skipped_samples_note": f"at most {MAX_LOGGED_SKIPS} named here; every part's report names its own",
               "tokens": int(totals["tokens"]), "images": n, "image_bytes": int(totals["image_bytes"]),
-              "image_storage": storage, "build": built or {}}
+              "image_storage": storage, "build": built or {}, "repeated_inputs_ignored": repeated,
+              "duplicate_keys": {"count": int(totals["duplicate_keys"]), "examples": duplicate_keys,
+                                 "dropped": cfg.data.drop_duplicate_keys}}
     replace_atomically(str(out) + ".report.json", json.dumps(report, indent=1))
     manifest = dict(settings, samples=n, tokens=int(totals["tokens"]), fingerprint=fingerprint,
                     lengths=os.path.basename(lengths_path), parts=entries)

@@ -27,23 +27,63 @@ class ImageError(ValueError):
     """An image the pipeline cannot use (too small, extreme aspect ratio, undecodable)."""
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Convert to RGB; palette images go through RGBA first (as the HF Siglip processor does)."""
-    if img.mode == "P":
-        img = img.convert("RGBA")
-    return img.convert("RGB") if img.mode != "RGB" else img
+WHITE = (255, 255, 255)
+HIGH_BIT_GRAY = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # 16-bit (and 32-bit integer) grayscale
+
+
+def to_rgb(img: Image.Image, background: tuple[int, int, int] | list[int] = WHITE) -> Image.Image:
+    """Any PIL mode -> RGB (GENLIP_SPEC.md §2.1 takes RGB), losing nothing silently:
+
+    * transparency (RGBA, LA, PA, palette images with a transparent colour) is composited onto ``background``
+      (white by default, as Hugging Face's ``convert_to_rgb`` does), never dropped (dropping alpha shows
+      whatever colour the transparent pixels happen to hold, often black);
+    * 16-bit grayscale is scaled to 8 bits (x / 257, rounded), not clipped at 255 (which turns most of a
+      16-bit image white); mode "I" (32-bit integers) is read as 16-bit values;
+    * CMYK, YCbCr, LAB, HSV, 1-bit and 8-bit grayscale convert with PIL's own conversions.
+
+    Float images (mode "F") have no agreed range and raise :class:`ImageError`.
+    """
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode == "F":
+        raise ImageError("floating-point image (mode F) has no defined 0-255 range")
+    if mode in HIGH_BIT_GRAY:
+        values = np.clip(np.asarray(img, dtype=np.float64), 0, 65535)
+        return Image.fromarray(np.rint(values / 257.0).astype(np.uint8), "L").convert("RGB")
+    if mode == "P":
+        img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        try:
+            rgba = img.convert("RGBA")
+        except ValueError as e:
+            raise ImageError(f"cannot convert a {mode} image: {e}") from None
+        canvas = Image.new("RGB", rgba.size, tuple(int(c) for c in background))
+        canvas.paste(rgba, mask=rgba.getchannel("A"))
+        return canvas
+    try:
+        return img.convert("RGB")
+    except ValueError as e:
+        raise ImageError(f"cannot convert a {mode} image to RGB: {e}") from None
+
+
+def is_flat(img: Image.Image) -> bool:
+    """One colour everywhere (after conversion): no content a caption can describe."""
+    return all(lo == hi for lo, hi in img.getextrema())
+
+
+def check_aspect_ratio(height: int, width: int, limit: float = MAX_ASPECT_RATIO) -> None:
+    if min(height, width) <= 0:
+        raise ImageError(f"image of size {width}x{height} is empty")
+    if max(height, width) / min(height, width) > limit:
+        raise ImageError(f"aspect ratio {max(height, width) / min(height, width):.1f} of a {width}x{height} image "
+                         f"exceeds {limit:g}")
 
 
 def smart_resize(height: int, width: int, factor: int = 16, min_pixels: int = 4096,
-                 max_pixels: int = 262144) -> tuple[int, int]:
+                 max_pixels: int = 262144, max_aspect_ratio: float = MAX_ASPECT_RATIO) -> tuple[int, int]:
     """Target (height, width): multiples of ``factor`` with min_pixels <= area <= max_pixels (§2.1 stage 2)."""
-    if min(height, width) <= 0:
-        raise ImageError(f"image of size {width}x{height} is empty")
-    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
-        raise ImageError(
-            f"aspect ratio {max(height, width) / min(height, width):.1f} of a {width}x{height} image "
-            f"exceeds {MAX_ASPECT_RATIO}"
-        )
+    check_aspect_ratio(height, width, max_aspect_ratio)
     h = max(factor, round(height / factor) * factor)
     w = max(factor, round(width / factor) * factor)
     if h * w > max_pixels:
@@ -81,7 +121,7 @@ def check_decodable(img: Image.Image) -> None:
 
 
 def target_size(img: Image.Image, *, stage: int = 1, image_size: int = 224, patch_size: int = 16,
-                min_pixels: int = 4096, max_pixels: int = 262144) -> tuple[int, int]:
+                min_pixels: int = 4096, max_pixels: int = 262144, **_) -> tuple[int, int]:
     """(width, height) the image is resized to for ``stage``."""
     if stage == 1:
         return image_size, image_size
@@ -91,10 +131,10 @@ def target_size(img: Image.Image, *, stage: int = 1, image_size: int = 224, patc
     raise ValueError(f"data.stage must be 1 or 2, got {stage}")
 
 
-def resized_rgb(img: Image.Image, **settings) -> np.ndarray:
-    """Image -> [H, W, 3] uint8 at the training resolution (bilinear)."""
+def resized_rgb(img: Image.Image, background=WHITE, **settings) -> np.ndarray:
+    """Image -> [H, W, 3] uint8 at the training resolution (bilinear), transparency over ``background``."""
     check_decodable(img)
-    img = to_rgb(img)
+    img = to_rgb(img, background)
     return np.asarray(img.resize(target_size(img, **settings), resample=Image.BILINEAR))
 
 
@@ -105,8 +145,9 @@ def image_to_patches(img: Image.Image, *, patch_size: int = 16, **settings) -> t
 
 
 def process_image(img: Image.Image, *, stage: int = 1, image_size: int = 224, patch_size: int = 16,
-                  min_pixels: int = 4096, max_pixels: int = 262144) -> tuple[torch.Tensor, tuple[int, int]]:
+                  min_pixels: int = 4096, max_pixels: int = 262144, background=WHITE
+                  ) -> tuple[torch.Tensor, tuple[int, int]]:
     """Image -> (normalised float32 patches [N, 3, p, p], grid (gh, gw)) for stage 1 or stage 2."""
     patches, grid = image_to_patches(img, stage=stage, image_size=image_size, patch_size=patch_size,
-                                     min_pixels=min_pixels, max_pixels=max_pixels)
+                                     min_pixels=min_pixels, max_pixels=max_pixels, background=background)
     return normalize_pixels(torch.from_numpy(patches)), grid

@@ -63,7 +63,8 @@ def build_settings(cfg, storage: str) -> dict:
     settings = {"format_version": FORMAT_VERSION, "stage": d.stage, "patch_size": cfg.model.patch_size,
                 "max_sample_length": d.max_sample_length, "prompt": cfg.tokenizer.prompt,
                 "tokenizer_fingerprint": tokenizer_fingerprint(cfg.tokenizer.kind, cfg.tokenizer.path),
-                "image_storage": storage}
+                "image_storage": storage, "background": list(d.background), "max_aspect_ratio": d.max_aspect_ratio,
+                "drop_duplicate_keys": d.drop_duplicate_keys}
     if d.stage == 1:
         settings["image_size"] = d.image_size
     else:
@@ -77,8 +78,8 @@ def record_items(rec: Record, grid: tuple[int, int], ids: list[int], flags: list
     if storage == "encoded":
         image = np.frombuffer(rec.image_bytes, dtype=np.uint8)
     elif storage == "pixels":
-        image = resized_rgb(rec.image, stage=cfg.stage, image_size=cfg.image_size, patch_size=patch_size,
-                            min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels).reshape(-1)
+        image = resized_rgb(rec.image, cfg.background, stage=cfg.stage, image_size=cfg.image_size,
+                            patch_size=patch_size, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels).reshape(-1)
     else:
         raise ValueError(f"image storage must be one of {STORAGES}, got {storage!r}")
     return [
@@ -218,7 +219,7 @@ class GenLIPIndexedDataset:
 
     def _check(self, manifest: Path, meta: dict, fingerprint: str | None) -> None:
         c = self.cfg
-        wanted = {"stage": c.stage}
+        wanted = {"stage": c.stage, "background": list(c.background)}  # encoded images are converted while training
         if c.stage == 1:
             wanted["image_size"] = c.image_size
         else:
@@ -294,8 +295,8 @@ class GenLIPIndexedDataset:
         else:
             img = decode_image(image.tobytes(), draft_size=(grid[1] * p, grid[0] * p) if draft else None)
             c = self.cfg
-            rgb = resized_rgb(img, stage=c.stage, image_size=c.image_size, patch_size=p, min_pixels=c.min_pixels,
-                              max_pixels=c.max_pixels)
+            rgb = resized_rgb(img, c.background, stage=c.stage, image_size=c.image_size, patch_size=p,
+                              min_pixels=c.min_pixels, max_pixels=c.max_pixels)
             if rgb.shape[:2] != (grid[0] * p, grid[1] * p):
                 raise DatasetMismatch(f"image grid {rgb.shape[0] // p}x{rgb.shape[1] // p} differs from the stored "
                                       f"grid {grid[0]}x{grid[1]}; was the dataset built with other data.stage/"

@@ -21,7 +21,9 @@ import PIL.Image
 import torch
 
 from megatron_genlip.config import DataConfig
-from megatron_genlip.data.image_processing import ImageError, image_to_patches, smart_resize
+from megatron_genlip.data.image_processing import (
+    ImageError, check_aspect_ratio, image_to_patches, is_flat, smart_resize, to_rgb,
+)
 from megatron_genlip.data.sample import Sample, SampleError, assemble_sample, tokenize_text
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
@@ -87,8 +89,9 @@ def decode_image(data: bytes, draft_size: tuple[int, int] | None = None) -> PIL.
 
 
 def decode_record(raw: dict, cfg: DataConfig) -> Record:
-    """Validate one raw sample: caption present and textual, image decodable and usable at ``cfg.stage``."""
-    key = raw.get("__key__", "?")
+    """Validate one raw sample: caption present and textual, image decodable, convertible to RGB (transparency
+    over ``data.background``), not one flat colour, within ``data.max_aspect_ratio`` and usable at ``cfg.stage``.
+    ``Record.image`` is the converted RGB image; ``Record.image_bytes`` the original bytes."""
     caption, conversations = _text_fields(raw)
     if caption is not None and not caption.strip():
         raise SkipSample("empty_caption")
@@ -98,12 +101,23 @@ def decode_record(raw: dict, cfg: DataConfig) -> Record:
     img = decode_image(raw[image_key])
     if img.width <= 1 or img.height <= 1:
         raise SkipSample("too_small_image", f"{img.width}x{img.height}")
+    try:
+        check_aspect_ratio(img.height, img.width, cfg.max_aspect_ratio)
+    except ImageError as e:
+        raise SkipSample("bad_aspect_ratio", f"{e} (data.max_aspect_ratio)") from None
+    mode = img.mode
+    try:
+        img = to_rgb(img, cfg.background)
+    except ImageError as e:
+        raise SkipSample("unsupported_image_mode", str(e)) from None
+    if is_flat(img):
+        raise SkipSample("flat_image", f"one colour {img.getpixel((0, 0))} after converting mode {mode} to RGB")
     if cfg.stage == 2:
         try:
-            smart_resize(img.height, img.width, 16, cfg.min_pixels, cfg.max_pixels)
+            smart_resize(img.height, img.width, 16, cfg.min_pixels, cfg.max_pixels, cfg.max_aspect_ratio)
         except ImageError as e:
             raise SkipSample("bad_aspect_ratio", str(e)) from None
-    return Record(key, raw[image_key], img, caption, conversations)
+    return Record(raw.get("__key__", "?"), raw[image_key], img, caption, conversations)
 
 
 def image_grid(img: PIL.Image.Image, cfg: DataConfig, patch_size: int = 16) -> tuple[int, int]:
@@ -111,7 +125,7 @@ def image_grid(img: PIL.Image.Image, cfg: DataConfig, patch_size: int = 16) -> t
     if cfg.stage == 1:
         g = cfg.image_size // patch_size
         return g, g
-    h, w = smart_resize(img.height, img.width, patch_size, cfg.min_pixels, cfg.max_pixels)
+    h, w = smart_resize(img.height, img.width, patch_size, cfg.min_pixels, cfg.max_pixels, cfg.max_aspect_ratio)
     return h // patch_size, w // patch_size
 
 
@@ -133,7 +147,7 @@ def sample_from_parts(image: PIL.Image.Image, grid: tuple[int, int], ids: list[i
                       cfg: DataConfig, patch_size: int = 16) -> Sample:
     """The training Sample of a record: uint8 patches of the resized image, tokens and labels laid out."""
     patches, got = image_to_patches(image, stage=cfg.stage, image_size=cfg.image_size, patch_size=patch_size,
-                                    min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+                                    min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels, background=cfg.background)
     if got != tuple(grid):
         raise ValueError(f"image grid {got} differs from the stored grid {tuple(grid)}; was the dataset built "
                          "with other data.stage/image_size/min_pixels/max_pixels settings?")

@@ -18,11 +18,33 @@ import torch
 from PIL import Image
 
 
+def to_rgb(img: Image.Image, background=(255, 255, 255)) -> Image.Image:
+    """Any PIL mode -> RGB as the trainer converts it: transparency composited onto ``background``, 16-bit
+    grayscale scaled (x / 257) rather than clipped, other modes through PIL."""
+    if img.mode == "RGB":
+        return img
+    if img.mode == "F":
+        raise ValueError("floating-point image (mode F) has no defined 0-255 range")
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        values = np.clip(np.asarray(img, dtype=np.float64), 0, 65535)
+        return Image.fromarray(np.rint(values / 257.0).astype(np.uint8), "L").convert("RGB")
+    if img.mode == "P":
+        img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = img.convert("RGBA")
+        canvas = Image.new("RGB", rgba.size, tuple(int(c) for c in background))
+        canvas.paste(rgba, mask=rgba.getchannel("A"))
+        return canvas
+    return img.convert("RGB")
+
+
 class GenLIPImageProcessor:
     def __init__(self, stage: int = 1, image_size: int = 224, patch_size: int = 16, min_pixels: int = 4096,
-                 max_pixels: int = 262144, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5), **_):
+                 max_pixels: int = 262144, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5),
+                 background=(255, 255, 255), **_):
         self.stage, self.image_size, self.patch_size = stage, image_size, patch_size
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
+        self.background = tuple(background)
         self.mean = np.asarray(image_mean, dtype=np.float32)
         self.std = np.asarray(image_std, dtype=np.float32)
 
@@ -48,9 +70,7 @@ class GenLIPImageProcessor:
 
     def process(self, img: Image.Image) -> tuple[torch.Tensor, tuple[int, int]]:
         """One image -> (patches [gh*gw, 3, p, p] in row-major order, (gh, gw))."""
-        if img.mode == "P":
-            img = img.convert("RGBA")
-        img = img.convert("RGB") if img.mode != "RGB" else img
+        img = to_rgb(img, self.background)
         h, w = self.target_size(img.height, img.width)
         arr = np.asarray(img.resize((w, h), resample=Image.BILINEAR), dtype=np.float32) / 255.0
         pixels = torch.from_numpy((arr - self.mean) / self.std).permute(2, 0, 1).contiguous()
