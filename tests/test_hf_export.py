@@ -75,8 +75,12 @@ def hf_model(folder: Path):
 
 
 def hf_logits(model, batch) -> torch.Tensor:
+    from megatron_genlip.data.image_processing import normalize_pixels
+
+    pixels = batch["patches"]  # the trainer's loader ships uint8; the HF model takes its processor's floats
+    pixels = normalize_pixels(pixels) if pixels.dtype == torch.uint8 else pixels
     with torch.no_grad():
-        return model(input_ids=batch["input_ids"], pixel_values=batch["patches"], position_ids=batch["positions"],
+        return model(input_ids=batch["input_ids"], pixel_values=pixels, position_ids=batch["positions"],
                      sample_ids=batch["sample_ids"], token_kinds=batch["token_kinds"]).logits
 
 
