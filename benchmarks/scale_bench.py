@@ -69,7 +69,7 @@ def write_part(prefix: str, text_tokens: np.ndarray, settings: dict, image_bytes
     with open(prefix + ".lengths.npy", "wb") as f:
         np.save(f, np.stack([grid, grid, text_tokens.astype(np.uint16)], axis=1))
     report = {"shard": prefix, "written": n, "tokens": int(196 * n + text_tokens.sum()), "image_bytes": image_bytes * n,
-              "skipped": {}, "skipped_samples": [], "settings": settings, "fingerprint": os.urandom(8).hex(),
+              "skipped": {}, "skipped_samples": [], "settings": settings, "duplicate_keys": [], "duplicate_key_count": 0, "fingerprint": os.urandom(8).hex(),
               "bin_bytes": int(lengths.sum()), "idx_bytes": os.path.getsize(prefix + ".idx")}
     Path(prefix + ".report.json").write_text(json.dumps(report))
     return report
