@@ -97,8 +97,10 @@ def pack_arrivals(lengths: np.ndarray, seq_length: int, buffer_size: int) -> tup
     a row takes, scanning the buffer in order, every sample that still fits.
 
     Returns ``(order, row_sizes)``: arrival positions grouped by row (each row in arrival order) and the
-    number of samples per row. Vectorised: the samples at the head of the buffer that fit as a whole are
-    found with one cumulative sum, and only the few after the first misfit are scanned one by one.
+    number of samples per row. Vectorised, O(row) per row instead of O(buffer): the buffer is the window
+    ``[front, nxt)`` of the arrivals with taken samples marked dead (they mostly leave from the front); the
+    samples at its head that fit as a whole are one cumulative sum over the few that can share a row, and
+    only when the remaining room could still hold a sample is the rest of the buffer searched.
     """
     lengths = np.asarray(lengths, dtype=np.int64)
     n = len(lengths)
@@ -107,33 +109,43 @@ def pack_arrivals(lengths: np.ndarray, seq_length: int, buffer_size: int) -> tup
         raise ValueError(f"sample at arrival {i} has {lengths[i]} tokens, more than seq_length={seq_length}")
     order = np.empty(n, dtype=np.int64)
     row_sizes: list[int] = []
-    buf = np.empty(0, dtype=np.int64)  # arrival positions, in arrival order
-    blen = np.empty(0, dtype=np.int64)
-    nxt = out = 0
-    while nxt < n or len(buf):
-        take = min(buffer_size - len(buf), n - nxt)
-        if take > 0:
-            buf = np.concatenate((buf, np.arange(nxt, nxt + take)))
-            blen = np.concatenate((blen, lengths[nxt:nxt + take]))
-            nxt += take
-        cum = np.cumsum(blen)
+    alive = np.ones(n, dtype=bool)  # not packed yet
+    shortest = int(lengths.min()) if n else 1
+    width0 = seq_length // max(shortest, 1) + 2  # samples that can share a row, plus the first misfit
+    front = nxt = out = buffered = 0
+    while out < n:
+        take = min(buffer_size - buffered, n - nxt)
+        nxt += take
+        buffered += take
+        front += int(np.argmax(alive[front:nxt]))  # the oldest sample still in the buffer
+        width = width0
+        while True:  # cumulative tokens of the live samples at the head (dead ones count 0)
+            stop = min(front + width, nxt)
+            live = alive[front:stop]
+            cum = np.cumsum(np.where(live, lengths[front:stop], 0))
+            if cum[-1] > seq_length or stop == nxt:
+                break
+            width *= 2
         head = int(np.searchsorted(cum, seq_length, side="right"))  # >= 1: a sample never exceeds a row
+        picked = front + np.flatnonzero(live[:head])
         room = seq_length - int(cum[head - 1])
-        tail = np.flatnonzero(blen[head + 1:] <= room) + head + 1
-        picked = []
-        while len(tail):
-            j = int(tail[0])
-            picked.append(j)
-            room -= int(blen[j])
-            tail = tail[1:]
-            tail = tail[blen[tail] <= room]
-        taken = np.concatenate((np.arange(head), np.asarray(picked, dtype=np.int64)))
-        order[out:out + len(taken)] = buf[taken]
-        out += len(taken)
-        row_sizes.append(len(taken))
-        keep = np.ones(len(buf), dtype=bool)
-        keep[taken] = False
-        buf, blen = buf[keep], blen[keep]
+        after = front + head + 1  # past the first sample that did not fit
+        if room >= shortest and after < nxt:
+            tail = []
+            cand = after + np.flatnonzero(alive[after:nxt] & (lengths[after:nxt] <= room))
+            while len(cand):
+                j = int(cand[0])
+                tail.append(j)
+                room -= int(lengths[j])
+                cand = cand[1:]
+                cand = cand[lengths[cand] <= room]
+            if tail:
+                picked = np.concatenate((picked, np.asarray(tail, dtype=np.int64)))
+        order[out:out + len(picked)] = picked
+        out += len(picked)
+        row_sizes.append(len(picked))
+        alive[picked] = False
+        buffered -= len(picked)
     return order, np.asarray(row_sizes, dtype=np.int64)
 
 
