@@ -35,7 +35,7 @@ ABSENT = object()
 EXPORT_CHANGES = {
     "L16": {"architectures": (["GenLIP"], ["GenLIPModel"])},  # a release bug: "GenLIP" is no registered class (§9)
     "So16": {},
-    "g16": {"num_patches": (196, ABSENT)},  # 224-px stage-1 bookkeeping, read by nothing; not carried
+    "g16": {"num_patches": (196, ABSENT)},  # 224-px patch count; no field of the model, not carried
 }
 # T/H/W rotary channel counts the interleaved rule gives each published section (GENLIP_SPEC.md §2.6)
 CHANNELS = {"L16": (12, 12, 12), "So16": (12, 12, 12), "g16": (16, 16, 16)}

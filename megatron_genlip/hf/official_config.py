@@ -113,9 +113,9 @@ def to_official(m: ModelConfig, *, dtype: str, vision_only: bool, vision_start_t
                 vision_end_token_id: int, max_position_embeddings: int) -> dict[str, Any]:
     """config.json fields of the official schema for model ``m`` (§6.9), plus ``vision_only``.
 
-    ``dtype``: "bfloat16" or "float32" (``torch_dtype``). The vision start/end ids come from the tokenizer and
-    ``max_position_embeddings`` from the packed row length; both are declared by the official schema and
-    not used by GenLIP sequences."""
+    ``dtype``: "bfloat16" or "float32" (``torch_dtype``). The vision start/end ids come from the tokenizer
+    (the official schema declares them; GenLIP sequences never contain them) and ``max_position_embeddings``
+    from the packed row length."""
     if not m.layer_scale_init > 0:
         raise ConfigError(f"model.layer_scale_init={m.layer_scale_init}: the official schema reads ls_init_value 0 "
                           "as LayerScale off, so this model cannot be exported as a GenLIP config")
