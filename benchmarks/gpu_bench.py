@@ -44,7 +44,7 @@ from megatron_genlip.model.masks import KIND_IMAGE, KIND_TEXT, sdpa_mask  # noqa
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16 per GPU (PERFORMANCE.md §1.1)
 DRY_RUN_SHAPES = {"So16": ["model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=128",
                            "model.num_attention_heads=4", "model.text_embed_dim=64", "model.vocab_size=4096",
-                           "model.mrope_section=[2,3,3]"],
+                           "model.mrope_section=[3,3,2]"],
                   "g16": ["model.num_layers=2", "model.hidden_size=96", "model.ffn_hidden_size=256",
                           "model.num_attention_heads=4", "model.text_embed_dim=64", "model.vocab_size=4096",
                           "model.mrope_section=[4,4,4]"]}

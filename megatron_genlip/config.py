@@ -296,6 +296,10 @@ def validate_model(m: ModelConfig, train: TrainConfig | None = None, parallel: P
         raise ConfigError(f"head dim model.hidden_size/model.num_attention_heads = {m.head_dim} must be even (RoPE)")
     if len(m.mrope_section) != 3:
         raise ConfigError(f"model.mrope_section must have 3 entries (T, H, W), got {m.mrope_section}")
+    from megatron_genlip.model.rope import unplaceable_section
+
+    if problem := unplaceable_section(m.head_dim, m.mrope_section):
+        raise ConfigError(f"model.{problem}")
     if m.backend not in ("local", "te"):
         raise ConfigError(f"model.backend must be 'local' or 'te', got {m.backend!r}")
     if m.attention not in ("sdpa", "flex"):

@@ -31,6 +31,33 @@ def tiny_packed_batch(seq_length: int = 96) -> dict[str, torch.Tensor]:
     return collate_batch([samples[:2], samples[2:]], seq_length)
 
 
+def hf_validation_loss(model, val_prefix: str, rows: int = 4, per_row_mean: bool = False) -> float:
+    """A Hugging Face GenLIPModel's loss on the first ``rows`` held-out packed rows of the tiny config, as the
+    trainer's evaluation reports it: the token mean over the rows, or (``per_row_mean``, what the pipeline
+    engine reports with one row per micro-batch) the mean of per-row token means."""
+    from megatron_genlip.data.builder import tokenizer_fingerprint
+    from megatron_genlip.data.indexed import GenLIPIndexedDataset
+    from megatron_genlip.data.packed_dataset import PackedRows
+    from megatron_genlip.data.packing import stack_rows
+
+    cfg = tiny_config()
+    fp = tokenizer_fingerprint(cfg.tokenizer.kind, cfg.tokenizer.path)
+    packed = PackedRows(GenLIPIndexedDataset(val_prefix, cfg.data, fp), cfg.data.seq_length, cfg.data.seed,
+                        cfg.data.pack_buffer_size)
+    per_row = []
+    for r in range(min(rows, packed.rows_in_epoch(0))):
+        b = stack_rows([packed[r]])
+        with torch.no_grad():
+            logits = model(input_ids=b["input_ids"], pixel_values=b["patches"], position_ids=b["positions"],
+                           sample_ids=b["sample_ids"], token_kinds=b["token_kinds"]).logits
+        labels = b["labels"][:, 1:].flatten()
+        per_row.append(torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels, reduction="none",
+                                                         ignore_index=-100)[labels != -100])
+    if per_row_mean:
+        return sum(float(t.mean()) for t in per_row) / len(per_row)
+    return float(torch.cat(per_row).mean())
+
+
 def tp2_logits_from_shards(rank: int, world: int, tag_dir: str, out_file: str) -> None:
     """Rank r builds the TP=2 trainer model and loads TP rank r's files of every pipeline stage as they are."""
     from megatron_genlip.model.genlip import build_model

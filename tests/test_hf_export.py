@@ -25,10 +25,8 @@ import pytest
 import torch
 
 from dist_harness import run_ranks
-from hf_cases import tiny_config, tiny_packed_batch
+from hf_cases import hf_validation_loss, tiny_config, tiny_packed_batch
 from megatron_genlip.config import load_config
-from megatron_genlip.data.packing import stack_rows
-from megatron_genlip.data.packed_dataset import PackedRows
 from megatron_genlip.hf.convert import CheckpointError, load_hf_weights, read_checkpoint, resolve_tag
 from test_trainer import SHORT
 from trainer_harness import ROOT, build_test_dataset, env, run, train_log
@@ -132,25 +130,9 @@ def test_export_logits_and_validation_loss_match_the_trainer(trained, name, tmp_
 
     # The trainer's own end-of-run validation loss (computed at the source layout by its engine) against
     # the export's loss on the same held-out rows.
-    cfg = load_config(ROOT / "examples/configs/tiny.yaml")
-    from megatron_genlip.data.builder import tokenizer_fingerprint
-    from megatron_genlip.data.indexed import GenLIPIndexedDataset
-
-    fp = tokenizer_fingerprint(cfg.tokenizer.kind, cfg.tokenizer.path)
-    rows = PackedRows(GenLIPIndexedDataset(trained["data"]["val"], cfg.data, fp), cfg.data.seq_length, cfg.data.seed,
-                      cfg.data.pack_buffer_size)
     evals = train_log(trained["runs"][name], "eval")
     val = evals[max(evals)]["val_loss"]
-    per_row = []
-    for r in range(min(4, rows.rows_in_epoch(0))):
-        b = stack_rows([rows[r]])
-        logits = hf_logits(model, b)[:, :-1].flatten(0, 1)
-        per_row.append(torch.nn.functional.cross_entropy(logits, b["labels"][:, 1:].flatten(), reduction="none",
-                                                         ignore_index=-100)[b["labels"][:, 1:].flatten() != -100])
-    if name == "tp2pp2":  # the pipeline reports the mean over micro-batches (1 row each) of token means
-        mine = sum(float(t.mean()) for t in per_row) / len(per_row)
-    else:  # token mean over the rows
-        mine = float(torch.cat(per_row).mean())
+    mine = hf_validation_loss(model, trained["data"]["val"], per_row_mean=name == "tp2pp2")
     assert math.isclose(mine, val, rel_tol=TOLERANCE), f"{name}: export val loss {mine} vs trainer {val}"
 
 

@@ -5,15 +5,19 @@ Export (any TP / PP / DP layout, ZeRO-1/2/3, or a weights-only checkpoint):
     python tools/convert_checkpoint.py --load outputs/tiny/checkpoints --save exports/tiny-hf
     python tools/convert_checkpoint.py --load CKPT --iteration 2000 --save HF_DIR --dtype fp32
     python tools/convert_checkpoint.py --load CKPT --save HF_ENCODER --vision-only
-Import (continue training from published or exported weights, fresh optimizer, step 0):
+Import (continue training from a released official GenLIP folder or one of our exports; fresh optimizer,
+step 0, any TP/PP):
     python tools/convert_checkpoint.py --from-hf HF_DIR --save CKPT_DIR --tp 2 --pp 2
     then train with  --set train.load=CKPT_DIR
 
-The folder holds config.json (model_type "genlip"), model.safetensors with the GENLIP_SPEC.md §6 key names
-(sharded with model.safetensors.index.json above --max-shard-size), the modeling code for
+An exported folder holds config.json in the official GenLIP schema (GENLIP_SPEC.md §6.9: ``ls_init_value``,
+``rope_scaling.mrope_section``, ...; our own fields only where that schema has none), model.safetensors with
+the §6 key names (sharded with model.safetensors.index.json above --max-shard-size), the modeling code for
 ``AutoModel.from_pretrained(HF_DIR, trust_remote_code=True)``, the tokenizer (``tokenizer.json`` for
 ``AutoTokenizer`` plus the tiktoken ranks), preprocessor_config.json + image_processing_genlip.py, and a
-model card.
+model card. --from-hf reads the official schema and our earlier exports, and refuses, naming the fields, a
+config.json it cannot train (unknown fields, mrope_interleaved/use_swiglu_ffn false, LayerScale off, an
+M-RoPE section naming channels the head dim does not have, ...).
 """
 
 from __future__ import annotations
@@ -26,8 +30,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from megatron_genlip.config import ConfigError  # noqa: E402
-from megatron_genlip.hf.convert import (CheckpointError, parse_size, read_checkpoint, write_hf_folder,  # noqa: E402
-                                         write_weights_only_checkpoint)
+from megatron_genlip.hf.convert import (CheckpointError, parse_size, read_checkpoint,  # noqa: E402
+                                         read_trainer_state, write_hf_folder, write_weights_only_checkpoint)
+from megatron_genlip.hf.official_config import MODEL_FIELDS  # noqa: E402
 
 
 def _size(text: str) -> int:
@@ -43,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--load", metavar="CKPT_DIR",
                      help="trainer checkpoint directory (the one holding 'latest' and iter_* folders) to export")
     src.add_argument("--from-hf", metavar="HF_DIR",
-                     help="exported Hugging Face folder to turn into a trainer checkpoint (weights only)")
+                     help="Hugging Face folder (a released official GenLIP checkpoint or our export) to turn into "
+                          "a trainer checkpoint (weights only)")
     ap.add_argument("--save", required=True, metavar="DIR",
                     help="output: the Hugging Face folder (with --load) or the checkpoint directory (with --from-hf)")
     ap.add_argument("--iteration", type=int, default=None,
@@ -68,8 +74,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.from_hf:
             tag = write_weights_only_checkpoint(args.from_hf, args.save, args.tp, args.pp)
+            model = read_trainer_state(tag)["config"]["model"]
+            fields = [*MODEL_FIELDS.values(), "mrope_section"]
             print(f"[convert] wrote {tag} from {args.from_hf} ({time.time() - start:.1f} s); start a run from it "
-                  f"with --set train.load={args.save} (fresh optimizer, step 0)")
+                  f"with --set train.load={args.save} (fresh optimizer, step 0). The run's model section must "
+                  f"describe this model (checked when the weights load):\n  "
+                  + " ".join(f"model.{k}={model[k]}".replace(" ", "") for k in fields))
             return 0
         print(f"[convert] reading {args.load} ...", flush=True)
         state, client = read_checkpoint(args.load, args.iteration)

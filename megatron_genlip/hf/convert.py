@@ -31,6 +31,8 @@ from safetensors.torch import load_file, save_file
 
 from megatron_genlip.config import Config, ConfigError, ModelConfig, TokenizerConfig, resolve_layout
 from megatron_genlip.hf.keys import from_hf, to_hf
+from megatron_genlip.hf.official_config import (check_gate_rows, from_official, model_differences,
+                                                official_model_fields, to_official)
 from megatron_genlip.parallel.sharding import merge_tp, model_name, split_tp
 from megatron_genlip.training import checkpoint as ckpt
 
@@ -171,10 +173,7 @@ def model_config(cfg: dict) -> ModelConfig:
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Trainer names and full (TP=1) shapes of a model config: the §6 list mapped to trainer names (no model
     is built, so this works inside a run of any layout; a test checks it against the real model)."""
-    conf = {"hidden_size": cfg.hidden_size, "intermediate_size": cfg.ffn_hidden_size, "text_embed_dim": cfg.text_embed_dim,
-            "vocab_size": cfg.vocab_size, "num_channels": cfg.num_channels, "patch_size": cfg.patch_size,
-            "gated_attention": cfg.gated_attention, "num_hidden_layers": cfg.num_layers}
-    meta = {k: torch.empty(s, device="meta") for k, s in expected_hf_shapes(conf).items()}
+    meta = {k: torch.empty(s, device="meta") for k, s in expected_hf_shapes(official_model_fields(cfg)).items()}
     return {k: tuple(v.shape) for k, v in from_hf(meta, gated=cfg.gated_attention).items()}
 
 
@@ -194,43 +193,21 @@ def check_against_model(state: dict[str, torch.Tensor], cfg: ModelConfig, where:
 # Hugging Face folders
 
 
-def hf_config(cfg: ModelConfig, tokenizer, vision_only: bool, dtype: str, extra: dict | None = None) -> dict:
-    """config.json contents (GENLIP_SPEC.md §1, §6)."""
-    from megatron_genlip.hf.configuration_genlip import GenLIPConfig
-
-    conf = GenLIPConfig(
-        hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_hidden_size, num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_attention_heads, text_embed_dim=cfg.text_embed_dim, vocab_size=cfg.vocab_size,
-        text_vocab_size=tokenizer.n_vocab, patch_size=cfg.patch_size, num_channels=cfg.num_channels,
-        mrope_section=list(cfg.mrope_section), rope_theta=cfg.rope_theta, layer_scale_init_value=cfg.layer_scale_init,
-        drop_path_rate=cfg.drop_path_rate, layer_norm_eps=cfg.layernorm_eps, initializer_range=cfg.init_std,
-        gated_attention=cfg.gated_attention, vision_start_token_id=tokenizer.token_id("<|vision_start|>"),
-        vision_end_token_id=tokenizer.token_id("<|vision_end|>"), image_token_id=tokenizer.token_id("<|image_pad|>"),
-        eos_token_id=tokenizer.eos_id, vision_only=vision_only,
-    )
-    out = conf.to_dict()
-    out.update(
-        architectures=["GenLIPVisionModel" if vision_only else "GenLIPModel"],
-        auto_map={"AutoConfig": "configuration_genlip.GenLIPConfig",
-                  "AutoModel": "modeling_genlip.GenLIPAutoModel"},  # picks the class from vision_only
-        dtype={"bf16": "bfloat16", "fp32": "float32"}[dtype],
-    )
-    out.pop("torch_dtype", None)
+def hf_config(cfg: ModelConfig, tokenizer, vision_only: bool, dtype: str, extra: dict | None = None,
+              max_position_embeddings: int = 16384) -> dict:
+    """config.json contents: the official schema (``official_config.to_official``), then our fields the
+    official schema has no equivalent for (``official_config.OUR_FIELDS``)."""
+    out = to_official(cfg, dtype={"bf16": "bfloat16", "fp32": "float32"}[dtype], vision_only=vision_only,
+                      vision_start_token_id=tokenizer.token_id("<|vision_start|>"),
+                      vision_end_token_id=tokenizer.token_id("<|vision_end|>"),
+                      max_position_embeddings=max_position_embeddings)
+    out.update(text_vocab_size=tokenizer.n_vocab, image_token_id=tokenizer.token_id("<|image_pad|>"),
+               eos_token_id=tokenizer.eos_id,
+               auto_map={"AutoConfig": "configuration_genlip.GenLIPConfig",
+                         "AutoModel": "modeling_genlip.GenLIPAutoModel"})  # picks the class from vision_only
     if extra:
         out["genlip_training"] = extra
     return out
-
-
-def model_config_from_hf(conf: dict) -> ModelConfig:
-    """The trainer's ModelConfig of an exported (full, not vision-only) folder."""
-    return ModelConfig(
-        num_layers=conf["num_hidden_layers"], hidden_size=conf["hidden_size"], ffn_hidden_size=conf["intermediate_size"],
-        num_attention_heads=conf["num_attention_heads"], text_embed_dim=conf["text_embed_dim"],
-        vocab_size=conf["vocab_size"], patch_size=conf["patch_size"], num_channels=conf["num_channels"],
-        mrope_section=list(conf["mrope_section"]), rope_theta=conf["rope_theta"],
-        layer_scale_init=conf["layer_scale_init_value"], drop_path_rate=conf["drop_path_rate"],
-        layernorm_eps=conf["layer_norm_eps"], init_std=conf["initializer_range"], gated_attention=conf["gated_attention"],
-    )
 
 
 def parse_size(text: str | int) -> int:
@@ -384,8 +361,8 @@ bilinear, mean = std = 0.5, 16x16 patches in row-major order). For MLLMs read `l
 
 ## Model
 {conf['num_hidden_layers']} layers, width {conf['hidden_size']}, {conf['num_attention_heads']} heads, SwiGLU
-{conf['intermediate_size']}, interleaved M-RoPE {conf['mrope_section']}, {'gated' if conf['gated_attention'] else 'ungated'} attention, LayerScale
-{conf['layer_scale_init_value']}, text_embed_dim {conf['text_embed_dim']}, vocabulary {conf['vocab_size']}.
+{conf['intermediate_size']}, interleaved M-RoPE {conf['rope_scaling']['mrope_section']}, {'gated' if conf['gated_attention'] else 'ungated'} attention, LayerScale
+{conf['ls_init_value']}, text_embed_dim {conf['text_embed_dim']}, vocabulary {conf['vocab_size']}.
 
 ## Training recipe
 - objective: next-token loss on `[image][prompt][caption]` packed rows ({d['seq_length']} tokens), prefix-LM attention
@@ -415,7 +392,7 @@ def write_hf_folder(state: dict[str, torch.Tensor], client: dict, save_dir: str 
         hf = {k: v for k, v in hf.items() if k.startswith(ENCODER_PREFIXES)}
     extra = {k: client.get(k) for k in ("source", "iteration", "consumed_samples", "samples_seen", "tokens_seen")}
     extra["config"] = cfg_dict  # the resolved training config: recipe for the card, tokenizer for re-imports
-    conf = hf_config(mcfg, tokenizer, vision_only, dtype, extra)
+    conf = hf_config(mcfg, tokenizer, vision_only, dtype, extra, cfg_dict["data"]["seq_length"])
     check_hf_weights(hf, conf, "the converted state dict")
     for old in glob.glob(str(out / "model*.safetensors")) + glob.glob(str(out / "model.safetensors.index.json")):
         os.remove(old)
@@ -447,8 +424,11 @@ def write_weights_only_checkpoint(hf_dir: str | Path, save_dir: str | Path, tp: 
     if conf.get("vision_only"):
         raise CheckpointError(f"{Path(hf_dir) / 'config.json'}: a --vision-only export has no text embedding or LM "
                               "head; convert the full model to continue training")
-    check_hf_weights(state, conf, str(Path(hf_dir)))
-    mcfg = model_config_from_hf(conf)
+    conf_file = str(Path(hf_dir) / "config.json")
+    mcfg = from_official(conf, conf_file)  # the official schema or any of our exports
+    if "visual.layers.0.self_attn.q_proj.weight" in state:
+        check_gate_rows(state["visual.layers.0.self_attn.q_proj.weight"].shape[0], mcfg, conf_file)
+    check_hf_weights(state, official_model_fields(mcfg), str(Path(hf_dir)))
     probe = Config(model=mcfg)
     probe.parallel.tensor_parallel, probe.parallel.pipeline_parallel = tp, pp
     resolve_layout(probe, tp * pp)  # raises ConfigError naming the fields
@@ -475,6 +455,12 @@ def load_weights_only(engine, tag_dir: str | Path, model_cfg: ModelConfig) -> No
     from megatron.core import parallel_state
 
     tag_dir = Path(tag_dir)
+    imported = ckpt.read_trainer_state(tag_dir.parent, tag_dir.name)["config"]["model"]
+    differences = model_differences(ModelConfig(**imported), model_cfg)
+    if differences:  # same shapes can still be another model (e.g. 24 heads instead of 16)
+        raise ConfigError(f"the run's model config describes another model than the weights of {tag_dir} "
+                          f"(from {ckpt.WEIGHTS_ONLY_MARKER}, i.e. the imported config.json): "
+                          f"{'; '.join(differences)}")
     state = _load_safetensors(tag_dir / WEIGHTS_ONLY_FILE)
     check_against_model(state, model_cfg, str(tag_dir / WEIGHTS_ONLY_FILE))
     tp = parallel_state.get_tensor_model_parallel_world_size()

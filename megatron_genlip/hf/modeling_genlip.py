@@ -11,7 +11,10 @@ only on ``torch`` and ``transformers`` (never on the trainer), and is importable
   LM head): a packed-row forward with the prefix-LM mask returning logits, and greedy captioning
   (:meth:`~GenLIPModel.generate`) with a KV cache.
 
-Module names are the official checkpoint keys of §6, so ``state_dict()`` *is* the export format.
+Module names are the official checkpoint keys of §6, so ``state_dict()`` *is* the export format, and the
+classes load the released official folders too (``GenLIPModel.from_pretrained(folder)``, or ``AutoModel`` once
+this module is imported). A config whose fields describe something else (e.g. ``mrope_interleaved`` false,
+LayerScale off, an M-RoPE section naming channels that do not exist) is refused, naming the fields.
 A packed batch uses the trainer's layout: ``input_ids`` [B, L] (0 on image slots), ``position_ids``
 [B, 3, L], ``sample_ids`` [B, L] (-1 padding), ``token_kinds`` [B, L] (1 image, 0 text, -1 padding) and
 ``pixel_values`` [N, C, p, p], every image patch of the batch in row-major token order.
@@ -29,9 +32,9 @@ from transformers.modeling_outputs import BaseModelOutput
 from transformers.utils import ModelOutput
 
 try:  # inside an exported folder (remote code) the modules sit side by side
-    from .configuration_genlip import GenLIPConfig
+    from .configuration_genlip import GenLIPConfig, unsupported_fields
 except ImportError:  # pragma: no cover - imported as a top-level module
-    from configuration_genlip import GenLIPConfig
+    from configuration_genlip import GenLIPConfig, unsupported_fields
 
 KIND_TEXT, KIND_IMAGE = 0, 1
 IGNORE_INDEX = -100
@@ -71,9 +74,6 @@ class GenLIPRotary(nn.Module):
 
     def __init__(self, config: GenLIPConfig):
         super().__init__()
-        if not getattr(config, "mrope_interleaved", True):
-            raise ValueError("mrope_interleaved=false (Qwen2-VL chunked sections) is not what GenLIP trains with "
-                             "and is not implemented here")
         self.head_dim, self.section, self.theta = config.head_dim, list(config.mrope_section), config.rope_theta
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,7 +139,7 @@ class GenLIPMLP(nn.Module):
 class GenLIPLayerScale(nn.Module):
     def __init__(self, config: GenLIPConfig):
         super().__init__()
-        self.lambda1 = nn.Parameter(torch.full((config.hidden_size,), config.layer_scale_init_value))
+        self.lambda1 = nn.Parameter(torch.full((config.hidden_size,), config.ls_init_value))
 
     def forward(self, x):
         return x * self.lambda1
@@ -201,7 +201,7 @@ class GenLIPPreTrainedModel(PreTrainedModel):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
         elif isinstance(module, GenLIPLayerScale):
-            module.lambda1.data.fill_(self.config.layer_scale_init_value)
+            module.lambda1.data.fill_(self.config.ls_init_value)
 
 
 class GenLIPVisionModel(GenLIPPreTrainedModel):
@@ -213,6 +213,10 @@ class GenLIPVisionModel(GenLIPPreTrainedModel):
         self.post_init()
 
     def _build_encoder(self, config: GenLIPConfig) -> None:
+        problems = unsupported_fields(config)
+        if problems:
+            raise ValueError("this GenLIP config describes a model that modeling_genlip does not implement: "
+                             + "; ".join(problems))
         self.vision_embeddings = GenLIPVisionEmbeddings(config)
         self.visual = GenLIPEncoderLayers(config)
         self.ln_post = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)

@@ -27,6 +27,23 @@ def channel_axes(head_dim: int, mrope_section: list[int] | tuple[int, ...]) -> t
     return axes
 
 
+def unplaceable_section(head_dim: int, mrope_section: list[int] | tuple[int, ...]) -> str | None:
+    """Why the H/W entries of ``mrope_section`` name channels that do not exist at ``head_dim`` (None if they
+    fit). The rule silently caps such a section (hd 64 with [8, 12, 12] places 11 H and 10 W channels), so a
+    config that asks for more describes a model other than the one it builds: refused instead
+    (GENLIP_SPEC.md §9 pitfall 1; section[0] is never read and the sum need not equal head_dim/2)."""
+    half = head_dim // 2
+    h_slots, w_slots = (half + 1) // 3, half // 3  # channels i < half with i % 3 == 1 (H), i % 3 == 2 (W)
+    _, h, w = mrope_section
+    if 0 <= h <= h_slots and 0 <= w <= w_slots:
+        return None
+    axes = channel_axes(head_dim, [0, max(h, 0), max(w, 0)]).tolist()
+    same = [axes.count(AXIS_T), axes.count(AXIS_H), axes.count(AXIS_W)]
+    return (f"mrope_section {list(mrope_section)} names H/W channels that do not exist at head dim {head_dim} "
+            f"({h_slots} H and {w_slots} W channels fit; the interleaved rule would silently place "
+            f"{same[1]} H and {same[2]} W: write {same} for that model)")
+
+
 def inverse_frequencies(head_dim: int, theta: float) -> torch.Tensor:
     """inv_freq_i = theta^(-2i/head_dim), fp32."""
     return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
