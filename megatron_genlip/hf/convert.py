@@ -406,6 +406,7 @@ def write_hf_folder(state: dict[str, torch.Tensor], client: dict, save_dir: str 
         "stage": data["stage"], "image_size": data["image_size"], "patch_size": mcfg.patch_size,
         "min_pixels": data["min_pixels"], "max_pixels": data["max_pixels"], "image_mean": [0.5, 0.5, 0.5],
         "image_std": [0.5, 0.5, 0.5], "resample": "bilinear", "rescale_factor": 1 / 255,
+        "background": list(data.get("background", [255, 255, 255])),  # under transparent pixels, as in training
     }, indent=2) + "\n")
     _write_tokenizer(tok_cfg, out)
     (out / "README.md").write_text(_model_card(conf, client, vision_only, files))
