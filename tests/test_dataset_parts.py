@@ -236,3 +236,26 @@ def test_data_config_errors_name_the_fields():
     for field in ("data.train_data or data.train_blend", "data.train_blend[0].weight", "data.max_open_parts",
                   "data.prefetch_factor", "data.max_sample_length"):
         assert field in str(e.value)
+
+
+def test_part_reader_returns_what_megatron_core_reads(built, tmp_path):
+    """The light part reader against megatron-core's own IndexedDataset on every sample of every part."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from megatron_genlip.data.indexed import PartReader
+
+    ds = GenLIPIndexedDataset(str(built / "three"), cfg().data)
+    for prefix in ds.part_paths:
+        ours, theirs = PartReader(prefix), IndexedDataset(prefix, multimodal=True)
+        assert len(ours.documents) - 1 == len(theirs.document_indices) - 1 == 30
+        for d in range(30):
+            first = int(theirs.document_indices[d])
+            want, modes = theirs[first:first + 3]
+            assert modes.tolist() == [0, 2, 1]
+            assert all(np.array_equal(a, b) for a, b in zip(ours.items(d), want))
+        ours.close()
+    copy = str(tmp_path / "part")
+    Path(copy + ".bin").write_bytes(Path(ds.part_paths[0] + ".bin").read_bytes())
+    Path(copy + ".idx").write_bytes(b"NOTANIDX" + Path(ds.part_paths[0] + ".idx").read_bytes()[8:])
+    with pytest.raises(DatasetError, match="not a megatron-core uint8 index"):
+        PartReader(copy)

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import webdataset as wds
 from PIL import Image
 
 from megatron_genlip.config import load_config
