@@ -51,7 +51,7 @@ def stage1_tokens(n: int, rng: np.random.Generator) -> np.ndarray:
     return 196 + 8 + np.clip(np.round(rng.normal(72, 20, size=n)), 8, 130).astype(np.int64)
 
 
-def write_part(prefix: str, text_tokens: np.ndarray, settings: dict, image_bytes: int = 6400) -> dict:
+def write_part(prefix: str, text_tokens: np.ndarray, settings: dict, source: dict, image_bytes: int = 6400) -> dict:
     """A part as the builder writes it, with a sparse .bin: idx, lengths, report."""
     n = len(text_tokens)
     lengths = np.empty(3 * n, dtype=np.int32)
@@ -69,7 +69,7 @@ def write_part(prefix: str, text_tokens: np.ndarray, settings: dict, image_bytes
     with open(prefix + ".lengths.npy", "wb") as f:
         np.save(f, np.stack([grid, grid, text_tokens.astype(np.uint16)], axis=1))
     report = {"shard": prefix, "written": n, "tokens": int(196 * n + text_tokens.sum()), "image_bytes": image_bytes * n,
-              "skipped": {}, "skipped_samples": [], "settings": settings, "duplicate_keys": [], "duplicate_key_count": 0, "fingerprint": os.urandom(8).hex(),
+              "skipped": {}, "skipped_samples": [], "settings": settings, "source": source, "duplicate_keys": [], "duplicate_key_count": 0, "fingerprint": os.urandom(8).hex(),
               "bin_bytes": int(lengths.sum()), "idx_bytes": os.path.getsize(prefix + ".idx")}
     Path(prefix + ".report.json").write_text(json.dumps(report))
     return report
@@ -77,7 +77,7 @@ def write_part(prefix: str, text_tokens: np.ndarray, settings: dict, image_bytes
 
 def simulate(root: Path, samples: int, parts: int, cfg) -> tuple[list[str], str]:
     """Fake input shards and their committed parts; returns (inputs, dataset prefix)."""
-    from megatron_genlip.data.builder import part_name
+    from megatron_genlip.data.builder import part_name, shard_identity
     from megatron_genlip.data.indexed import build_settings
 
     settings = build_settings(cfg, "encoded")
@@ -90,7 +90,8 @@ def simulate(root: Path, samples: int, parts: int, cfg) -> tuple[list[str], str]
         shard = str(shards_dir / f"shard-{p:06d}.tar")
         Path(shard).touch()
         inputs.append(shard)
-        write_part(part_name(Path(prefix + ".parts"), p, shard), stage1_tokens(int(count), rng) - 196, settings)
+        write_part(part_name(Path(prefix + ".parts"), p, shard), stage1_tokens(int(count), rng) - 196, settings,
+                   shard_identity(shard))
     return inputs, prefix
 
 
@@ -285,9 +286,12 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="pack-index build processes")
     ap.add_argument("--config", default=str(ROOT / "examples/configs/stage1-So16.yaml"),
                     help="recipe whose data settings are used (default: stage1-So16, 16384-token rows)")
-    ap.add_argument("--photo-samples", type=int, default=180, help="photo samples for the loader measurement")
+    ap.add_argument("--photo-samples", type=int, default=180,
+                    help="photo samples for the loader measurement (at least 60; default 180)")
     ap.add_argument("--workdir", default=None, help="where the simulated dataset goes (default: a temporary dir)")
     args = ap.parse_args()
+    if args.photo_samples < 60:
+        ap.error("--photo-samples must be at least 60 (a few packed micro-batches of 4096-token rows)")
     from megatron_genlip.config import load_config
     from megatron_genlip.data.packed_dataset import open_rows
 

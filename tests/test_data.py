@@ -116,6 +116,7 @@ def test_killed_build_resumes_to_identical_files(tmp_path):
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
     assert f"({done} reused)" in out.stdout
     assert read_files(prefix) == read_files(reference)
+    assert not list(parts.glob("*.tmp-*"))  # the killed builder's half-written part was cleaned up
 
 
 def bad_shard(path: str) -> dict[str, str]:
@@ -234,7 +235,7 @@ def test_rows_hold_whole_samples_and_cache_is_reused(packed):
         assert (kinds[: g * g] == 1).all() and (kinds[g * g:] == 0).all()
         assert row["positions"][:, idx[g * g]].tolist() == [g, g, g]
     assert sorted(p.name for p in packed.cache_dir.glob("epoch0000.*")) == [
-        "epoch0000.json", "epoch0000.order.npy", "epoch0000.rows.npy"]
+        "epoch0000.json", "epoch0000.lock", "epoch0000.order.npy", "epoch0000.rows.npy", "epoch0000.verified"]
     again = PackedRows(packed.dataset, packed.seq_length, 7, 64)  # reads the index built by the fixture
     assert np.array_equal(again.row_samples(3), packed.row_samples(3))
     # the next epoch is a different packing of the same samples

@@ -14,7 +14,7 @@ import torch
 
 from megatron_genlip.config import load_config
 from megatron_genlip.data.builder import build_indexed_dataset, finalize_dataset
-from megatron_genlip.data.indexed import DatasetError, GenLIPIndexedDataset
+from megatron_genlip.data.indexed import DatasetError, DatasetMismatch, GenLIPIndexedDataset
 from megatron_genlip.data.packed_dataset import BlendedRows, PackedRows, blend_schedule, build_loader, open_rows
 from megatron_genlip.data.packing import collate_row, stack_rows
 from megatron_genlip.data.synthetic import write_shards
@@ -259,3 +259,103 @@ def test_part_reader_returns_what_megatron_core_reads(built, tmp_path):
     Path(copy + ".idx").write_bytes(b"NOTANIDX" + Path(ds.part_paths[0] + ".idx").read_bytes()[8:])
     with pytest.raises(DatasetError, match="not a megatron-core uint8 index"):
         PartReader(copy)
+
+
+def test_a_replaced_shard_is_rebuilt_not_reused(shards, tmp_path):
+    """Former: a shard replaced at the same path (re-downloaded, fixed) kept its old part: the dataset held the
+    old samples while claiming to be built from the new files."""
+    import shutil
+
+    three, _ = shards
+    inputs = []
+    for s in three:
+        inputs.append(str(tmp_path / Path(s).name))
+        shutil.copy(s, inputs[-1])
+    prefix = str(tmp_path / "ds")
+    build_indexed_dataset(inputs, prefix, cfg(), progress=False)
+    other = write_shards(str(tmp_path / "other"), "train", 30, 30, seed=77, image_size=48)
+    shutil.copy(other[0], inputs[1])  # same name, new content
+    report = build_indexed_dataset(inputs, prefix, cfg(), progress=False)
+    assert report["build"]["shards_reused"] == 2
+    fresh = str(tmp_path / "fresh")
+    build_indexed_dataset(inputs, fresh, cfg(), progress=False)
+    assert read_files(prefix) == read_files(fresh)
+
+
+def test_datasets_read_together_must_share_their_settings(built, shards, tmp_path):
+    three, _ = shards
+    build_indexed_dataset(three, str(tmp_path / "pix"), cfg(), storage="pixels", progress=False)
+    with pytest.raises(DatasetMismatch, match="image_storage"):
+        GenLIPIndexedDataset([str(built / "three"), str(tmp_path / "pix")], cfg().data)
+    as_json = GenLIPIndexedDataset(str(built / "three") + ".json", cfg().data)  # the manifest's own name works too
+    assert len(as_json) == 90
+    pixels = GenLIPIndexedDataset(str(tmp_path / "pix"), cfg().data)
+    assert pixels.fingerprint() != GenLIPIndexedDataset(str(built / "three"), cfg().data).fingerprint()
+
+
+def test_lengths_files_are_checked(built, shards, tmp_path):
+    import shutil
+
+    _, one_shard = shards
+    for f in built.glob("one*"):
+        (shutil.copytree if f.is_dir() else shutil.copy)(f, tmp_path / f.name)
+    np.save(tmp_path / "one.lengths.npy", np.zeros((89, 3), dtype=np.uint16))
+    with pytest.raises(DatasetError, match=r"needs 90 x 3 uint16.*--finalize"):
+        GenLIPIndexedDataset(str(tmp_path / "one"), cfg().data)
+    (part,) = (tmp_path / "one.parts").glob("*.lengths.npy")
+    np.save(part, np.zeros((5, 3), dtype=np.uint16))
+    with pytest.raises(ValueError, match="damaged; delete its .report.json"):
+        finalize_dataset(one_shard, str(tmp_path / "one"), cfg())
+
+
+def test_stage2_reads_use_the_stored_grid(tmp_path):
+    """An image accepted under data.max_aspect_ratio=300 (beyond smart_resize's default 200) and draft-mode
+    JPEG decoding both read back at the grid the build stored (the former reader recomputed it and failed)."""
+    import io
+    import json as _json
+
+    import webdataset as wds
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    shard = str(tmp_path / "s2-000000.tar")
+    with wds.TarWriter(shard) as w:
+        for i, (wd, ht) in enumerate([(2500, 10), (707, 1660), (300, 200)]):
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (ht, wd, 3), dtype=np.uint8)).save(buf, format="JPEG")
+            w.write({"__key__": f"k{i}", "jpg": buf.getvalue(), "json": _json.dumps({"caption": f"image {i}."}).encode()})
+    c = cfg("data.stage=2", "data.max_sample_length=4096", "data.max_aspect_ratio=300")
+    build_indexed_dataset([shard], str(tmp_path / "ds"), c, progress=False)
+    for draft in (False, True):
+        ds = GenLIPIndexedDataset(str(tmp_path / "ds"), c.data)
+        for i in range(3):
+            gh, gw, _ = ds.grid_and_text(i)
+            assert ds[i].patches.shape[0] == gh * gw
+            assert ds.image_patches(i, ds.raw(i)[2], (gh, gw), draft=draft).shape == (gh * gw, 3, 16, 16)
+
+
+def test_slurm_array_environment_gives_the_shard_task(monkeypatch):
+    from megatron_genlip.data.builder import shard_task_from_env
+
+    for key in ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_STEP"):
+        monkeypatch.delenv(key, raising=False)
+    assert shard_task_from_env() == (0, 1)
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "4")
+    for task, first, step, want in (("3", "0", "1", (3, 4)), ("6", "0", "2", (3, 4)), ("9", "3", "2", (3, 4))):
+        monkeypatch.setenv("SLURM_ARRAY_TASK_ID", task)
+        monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", first)
+        monkeypatch.setenv("SLURM_ARRAY_TASK_STEP", step)
+        assert shard_task_from_env() == want
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "8")  # not on the grid of min 3, step 2
+    with pytest.raises(ValueError, match="--shard-index/--num-shards"):
+        shard_task_from_env()
+
+
+def test_small_blend_weights_get_a_longer_period():
+    from megatron_genlip.data.packed_dataset import blend_period
+
+    assert blend_period([1, 1]) == 1000
+    sched = blend_schedule([1, 0.0004])
+    assert len(sched) == blend_period([1, 0.0004]) and np.sum(sched == 1) >= 10
+    with pytest.raises(ValueError, match="would get no rows"):
+        blend_schedule([1, 1e-7])

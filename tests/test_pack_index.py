@@ -224,3 +224,34 @@ def test_build_pack_index_tool_builds_and_verifies(tmp_path):
     verify = subprocess.run(cmd + ["--verify"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert verify.returncode == 1 and "epoch 2 chunk 0: checksum mismatch" in verify.stdout
     assert json.loads(meta.read_text())["rows"] > 0
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_damaged_epochs_are_rebuilt_and_killed_builders_leave_nothing(tmp_path, source):
+    """ensure_epochs checks an epoch's checksums once after its files change: a flipped bit is rebuilt (or,
+    with build=False, stops with a message), and temporaries of builders killed on this host are removed."""
+    import socket
+
+    src, lengths = source
+    s = settings_for(len(lengths))
+    ensure_epochs(tmp_path, s, src, epochs=2, log=lambda *_: None)
+    pristine = (tmp_path / "epoch0001.order.npy").read_bytes()
+    leftover = tmp_path / f"epoch0001.order.npy.tmp-{socket.gethostname()}-{dead_pid()}"
+    leftover.write_bytes(b"half an epoch")
+    data = bytearray(pristine)
+    data[-3] ^= 4
+    (tmp_path / "epoch0001.order.npy").write_bytes(bytes(data))
+    with pytest.raises(MissingEpochError, match="epoch 1 .* is damaged"):
+        ensure_epochs(tmp_path, s, src, epochs=2, build=False)
+    messages = []
+    ensure_epochs(tmp_path, s, src, epochs=2, log=messages.append)
+    assert (tmp_path / "epoch0001.order.npy").read_bytes() == pristine
+    assert any("damaged" in m for m in messages) and not leftover.exists()
+    messages.clear()
+    ensure_epochs(tmp_path, s, src, epochs=2, log=messages.append)
+    assert messages == []  # verified once: nothing is read again until the files change

@@ -6,7 +6,7 @@ Training needs one epoch per pass over the data; a missing epoch is otherwise bu
 start-up (one process, under a lock) or, with data.build_missing_pack_index=false, is an error naming this
 command. For large datasets build it here, ahead, in parallel:
 
-    python tools/build_pack_index.py --config examples/configs/stage1-So16.yaml --epochs 8 --workers 32
+    python tools/build_pack_index.py --config examples/configs/stage1-So16.yaml --workers 32   # what train_steps needs
     # several machines: each builds epochs e with e % n == i (SLURM array: defaults from the environment)
     python tools/build_pack_index.py --config CONFIG --epochs 8 --epoch-shard-index 3 --num-epoch-shards 8
     python tools/build_pack_index.py --config CONFIG --verify      # recompute the stored checksums
@@ -21,12 +21,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 from megatron_genlip.config import ConfigError, load_config
 from megatron_genlip.data.builder import shard_task_from_env, tokenizer_fingerprint
 from megatron_genlip.data.indexed import DatasetError, DatasetMismatch
-from megatron_genlip.data.pack_index import MissingEpochError, build_epoch
+from megatron_genlip.data.pack_index import MissingEpochError, ensure_epoch
 from megatron_genlip.data.packed_dataset import BlendedRows, open_rows, open_train_rows
 
 
@@ -35,10 +34,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--config", required=True, help="the training config (its data section names the datasets)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="dotted config override, as given to training (repeatable)")
-    ap.add_argument("--epochs", type=int, default=1, help="build epochs 0..N-1 of the training data (default 1)")
+    ap.add_argument("--epochs", type=int, default=None,
+                    help="build epochs 0..N-1 of the training data (default: every epoch the run reads, from "
+                         "train.train_steps x train.global_batch_size; each blended dataset as many as its share)")
     ap.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                     help="processes packing chunks of an epoch in parallel (default min(8, CPUs))")
-    task_i, task_n = shard_task_from_env()
+    try:
+        task_i, task_n = shard_task_from_env()
+    except ValueError as e:
+        ap.error(str(e))
     ap.add_argument("--epoch-shard-index", type=int, default=task_i,
                     help=f"build only epochs e with e %% n == i (default: SLURM_ARRAY_TASK_ID, else 0; here {task_i})")
     ap.add_argument("--num-epoch-shards", type=int, default=task_n,
@@ -47,14 +51,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def _sources(cfg) -> list[tuple[str, object, int]]:
-    """(name, packed rows, epochs wanted) for the training data (each blend source) and the validation data."""
+def _sources(cfg) -> list[tuple[str, object, int | None, int]]:
+    """(name, packed rows, fixed epochs or None, rows the run reads) for the training data (each blend source)
+    and the validation data (epoch 0)."""
     fp = tokenizer_fingerprint(cfg.tokenizer.kind, cfg.tokenizer.path)
     train = open_train_rows(cfg.data, fp)
-    out = [(f"train[{i}]", s, None) for i, s in enumerate(train.sources)] if isinstance(train, BlendedRows) \
-        else [("train", train, None)]
+    run_rows = cfg.train.train_steps * cfg.train.global_batch_size
+    if isinstance(train, BlendedRows):
+        out = [(f"train[{i}]", s, None, n) for i, (s, n) in enumerate(zip(train.sources, train.rows_needed(run_rows)))]
+    else:
+        out = [("train", train, None, run_rows)]
     if cfg.data.valid_data:
-        out.append(("valid", open_rows(cfg.data.valid_data, cfg.data, fp), 1))
+        out.append(("valid", open_rows(cfg.data.valid_data, cfg.data, fp), 1, 0))
     return out
 
 
@@ -66,30 +74,29 @@ def main(argv=None) -> int:
     except (ConfigError, DatasetError, DatasetMismatch, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.num_epoch_shards > 1 and args.epochs is None:
+        print("error: --num-epoch-shards needs --epochs N (which epochs to split over the tasks)", file=sys.stderr)
+        return 2
     problems = 0
-    for name, rows, wanted in sources:
-        epochs = wanted or args.epochs
+    for name, rows, wanted, run_rows in sources:
         index = rows.index
         if args.verify:
+            index.refresh()
             for e in range(index.epochs):
                 found = index.verify(e)
                 problems += len(found)
                 print(f"{name} epoch {e}: {'; '.join(found) if found else 'intact'}")
             continue
-        mine = [e for e in range(epochs) if e % args.num_epoch_shards == args.epoch_shard_index]
-        for e in mine:
-            index.refresh()
-            if index.built(e):
-                print(f"{name} epoch {e}: already built in {rows.cache_dir}")
-                continue
-            start = time.perf_counter()
-            meta = build_epoch(rows.cache_dir, rows.settings, rows.dataset.lengths_source(), e, args.workers)
-            print(f"{name} epoch {e}: {meta['rows']:,} rows from {meta['samples']:,} samples, efficiency "
-                  f"{100 * meta['tokens'] / (meta['rows'] * rows.seq_length):.2f}%, "
-                  f"{time.perf_counter() - start:.1f} s ({rows.cache_dir})")
+        log = (lambda msg, name=name: print(f"{name}: {msg}"))
+        source = rows.dataset.lengths_source()
+        if wanted or args.epochs is not None:
+            for e in range(args.epoch_shard_index, wanted or args.epochs, args.num_epoch_shards):
+                ensure_epoch(rows.cache_dir, rows.settings, source, e, workers=args.workers, log=log)
+        else:  # every epoch the run reads from this source
+            rows.ensure(rows=run_rows, workers=args.workers, log=log)
         try:
             index.refresh()
-            print(f"{name}: epochs 0..{index.epochs - 1} built, {index.total_rows:,} rows in all")
+            print(f"{name}: epochs 0..{index.epochs - 1} built, {index.total_rows:,} rows in all ({rows.cache_dir})")
         except MissingEpochError as e:
             print(f"{name}: {e}")
     return 1 if problems else 0

@@ -45,8 +45,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="dotted config override, e.g. --set data.stage=2 (repeatable)")
     ap.add_argument("--input", nargs="+", required=True,
-                    help="webdataset .tar shards: files, directories (all *.tar inside) or quoted glob patterns; "
-                         "every task of a multi-machine build and --finalize must be given the same inputs")
+                    help="webdataset shards: files, directories (every .tar, .tar.gz and .tgz inside) or quoted glob "
+                         "patterns (a shard named twice is read once); every task of a multi-machine build and "
+                         "--finalize must be given the same inputs")
     ap.add_argument("--output-prefix", required=True,
                     help="output path prefix P; writes P.parts/, P.lengths.npy, P.report.json and the manifest P.json")
     ap.add_argument("--workers", type=int, default=1,
@@ -55,7 +56,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="'encoded': the original image bytes (compact; decoded and resized while training); "
                          "'pixels': uint8 RGB already resized to the stage-1 resolution (no decode at training "
                          "time, larger files). Default: encoded")
-    task_i, task_n = shard_task_from_env()
+    try:
+        task_i, task_n = shard_task_from_env()
+    except ValueError as e:
+        ap.error(str(e))
     ap.add_argument("--shard-index", type=int, default=task_i,
                     help="this task's index among --num-shards tasks: it builds input shards i, i+n, i+2n, ... "
                          f"(default: from SLURM_ARRAY_TASK_ID, else 0; here {task_i})")

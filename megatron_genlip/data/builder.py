@@ -20,7 +20,6 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
-import socket
 import time
 from collections import Counter
 from pathlib import Path
@@ -29,6 +28,7 @@ import numpy as np
 import webdataset as wds
 
 from megatron_genlip.config import Config
+from megatron_genlip.data.files import TEMP_MARK, remove_dead_temporaries, replace_atomically, temp_name
 from megatron_genlip.data.indexed import (
     LENGTHS_DTYPE, STORAGES, SampleWriter, build_settings, file_fingerprint, record_items,
 )
@@ -84,17 +84,6 @@ def expand_inputs(inputs: list[str], duplicates: list[str] | None = None) -> lis
     return unique
 
 
-def temp_name(path: str) -> str:
-    """A temporary name beside ``path`` that no other host or process uses."""
-    return f"{path}.tmp-{socket.gethostname()}-{os.getpid()}"
-
-
-def replace_atomically(path: str | Path, text: str) -> None:
-    tmp = temp_name(str(path))
-    Path(tmp).write_text(text)
-    os.replace(tmp, path)
-
-
 def _iterate_shard(path: str, duplicate_members: list[str]):
     """Raw samples of one shard (no decoding). A member repeated inside a sample (``a.jpg`` twice) is not fatal:
     its name goes to ``duplicate_members`` and the shard goes on (webdataset's default ends the shard there). A
@@ -109,10 +98,18 @@ def _iterate_shard(path: str, duplicate_members: list[str]):
     return iter(wds.tariterators.tarfile_samples([{"url": path}], handler=handler))
 
 
+def shard_identity(shard: str) -> dict:
+    """What a part was built from: a replaced or re-downloaded shard at the same path differs in size or time."""
+    st = os.stat(shard)
+    return {"path": os.path.realpath(shard), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
 def build_part(task: dict) -> dict:
     """Worker: one shard -> one committed part. Returns the part's report."""
     shard, part, cfg, storage = task["shard"], task["part"], task["config"], task["storage"]
+    remove_dead_temporaries(part + TEMP_MARK + "*")  # left by a build of this part killed on this host
     tokenizer = load_tokenizer(cfg.tokenizer.kind, cfg.tokenizer.path)
+    source = shard_identity(shard)
     tmp = temp_name(part)
     writer = SampleWriter(tmp)
     counts: Counter[str] = Counter()
@@ -163,9 +160,9 @@ def build_part(task: dict) -> dict:
     for ext in (".bin", ".idx", ".lengths.npy"):
         os.replace(tmp + ext, part + ext)
     report = {"shard": shard, "written": written, "tokens": tokens, "image_bytes": image_bytes,
-              "skipped": dict(counts), "skipped_samples": skipped, "settings": task["settings"],
+              "skipped": dict(counts), "skipped_samples": skipped, "settings": task["settings"], "source": source,
               "duplicate_keys": duplicate_keys[:MAX_LOGGED_SKIPS], "duplicate_key_count": len(duplicate_keys),
-              "fingerprint": file_fingerprint([part + ".idx", part + ".lengths.npy"]),
+              "fingerprint": file_fingerprint([part + ".bin", part + ".idx", part + ".lengths.npy"]),
               "bin_bytes": os.path.getsize(part + ".bin"), "idx_bytes": os.path.getsize(part + ".idx")}
     replace_atomically(part + ".report.json", json.dumps(report, indent=1))  # the commit point of this part
     return report
@@ -188,18 +185,25 @@ def read_part_report(part: str) -> dict | None:
         return None
 
 
-def _is_current(part: str, settings: dict) -> bool:
+def _is_current(part: str, shard: str, settings: dict) -> bool:
+    """A committed part built from this very shard with these settings."""
     report = read_part_report(part)
-    return report is not None and report.get("settings") == settings
+    return report is not None and report.get("settings") == settings and report.get("source") == shard_identity(shard)
 
 
 def shard_task_from_env() -> tuple[int, int]:
-    """(shard index, number of shards) from a SLURM array job, else (0, 1)."""
+    """(shard index, number of shards) of this task of a SLURM array job (``--array=0-N``, any start and step),
+    else (0, 1). An array given as a list of ids has no such index: pass --shard-index/--num-shards."""
     env = os.environ
-    if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
-        first = int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
-        return int(env["SLURM_ARRAY_TASK_ID"]) - first, int(env["SLURM_ARRAY_TASK_COUNT"])
-    return 0, 1
+    if "SLURM_ARRAY_TASK_ID" not in env or "SLURM_ARRAY_TASK_COUNT" not in env:
+        return 0, 1
+    task, count = int(env["SLURM_ARRAY_TASK_ID"]), int(env["SLURM_ARRAY_TASK_COUNT"])
+    first, step = int(env.get("SLURM_ARRAY_TASK_MIN", "0")), int(env.get("SLURM_ARRAY_TASK_STEP", "1") or 1)
+    index, off = divmod(task - first, step)
+    if off or not 0 <= index < count:
+        raise ValueError(f"SLURM array task {task} (min {first}, step {step}, count {count}) is not in an evenly "
+                         "spaced range: submit with --array=START-END[:STEP] or pass --shard-index/--num-shards")
+    return index, count
 
 
 def build_indexed_dataset(inputs: list[str], output_prefix: str, cfg: Config, workers: int = 1,
@@ -214,6 +218,9 @@ def build_indexed_dataset(inputs: list[str], output_prefix: str, cfg: Config, wo
         raise ValueError("pixel storage needs a fixed resolution (data.stage=1); use --image-storage encoded")
     if not 0 <= shard_index < num_shards:
         raise ValueError(f"--shard-index {shard_index} must be in [0, --num-shards={num_shards})")
+    from megatron_genlip.data.packed_dataset import check_data_config
+
+    check_data_config(cfg.data)
     repeated: list[str] = []
     shards = expand_inputs(inputs, repeated)
     out = Path(output_prefix)
@@ -223,7 +230,7 @@ def build_indexed_dataset(inputs: list[str], output_prefix: str, cfg: Config, wo
     parts = [part_name(parts_dir, i, s) for i, s in enumerate(shards)]
     mine = range(shard_index, len(shards), num_shards)
     todo = [{"shard": shards[i], "part": parts[i], "config": cfg, "storage": storage, "settings": settings}
-            for i in mine if not _is_current(parts[i], settings)]
+            for i in mine if not _is_current(parts[i], shards[i], settings)]
     reused = len(mine) - len(todo)
     start = time.perf_counter()
     bar = None
@@ -265,12 +272,12 @@ def finalize_dataset(inputs: list[str], output_prefix: str, cfg: Config, storage
     named: list[dict] = []
     duplicate_keys: list[str] = []
     totals = Counter()
-    for part in parts:
+    for part, shard in zip(parts, shards):
         report = read_part_report(part)
         if report is None:
             missing.append(part)
             continue
-        if report.get("settings") != settings:
+        if report.get("settings") != settings or report.get("source") != shard_identity(shard):
             stale.append(part)
             continue
         entries.append({"path": os.path.relpath(part, out.parent), "samples": report["written"],
@@ -283,7 +290,8 @@ def finalize_dataset(inputs: list[str], output_prefix: str, cfg: Config, storage
         duplicate_keys += [f"{report['shard']}:{k}" for k in report["duplicate_keys"][: MAX_LOGGED_SKIPS - len(duplicate_keys)]]
     if missing or stale:
         problems = ([f"{len(missing)} part(s) not built, e.g. {missing[0]}"] if missing else []) + \
-                   ([f"{len(stale)} part(s) built with other settings, e.g. {stale[0]}"] if stale else [])
+                   ([f"{len(stale)} part(s) built with other settings or from another version of their shard, "
+                     f"e.g. {stale[0]}"] if stale else [])
         raise ValueError(f"cannot finalize {output_prefix}: {'; '.join(problems)}. Run tools/preprocess_data.py "
                          "with the same --input, --output-prefix and config (all shards, or every --shard-index of "
                          "--num-shards) first")
@@ -292,8 +300,13 @@ def finalize_dataset(inputs: list[str], output_prefix: str, cfg: Config, storage
     tmp = temp_name(lengths_path)
     merged = np.lib.format.open_memmap(tmp, mode="w+", dtype=LENGTHS_DTYPE, shape=(n, 3))
     at = 0
-    for part, entry in zip(parts, entries):
+    for entry in entries:
+        part = str(out.parent / entry["path"])
         piece = np.load(part + ".lengths.npy", mmap_mode="r")
+        if piece.shape != (entry["samples"], 3) or piece.dtype != LENGTHS_DTYPE:
+            os.remove(tmp)
+            raise ValueError(f"{part}.lengths.npy holds {piece.dtype} {piece.shape}, its report {entry['samples']} "
+                             "samples: the part is damaged; delete its .report.json and rebuild it")
         merged[at:at + len(piece)] = piece
         at += len(piece)
     merged.flush()
@@ -308,8 +321,12 @@ def finalize_dataset(inputs: list[str], output_prefix: str, cfg: Config, storage
               "image_storage": storage, "build": built or {}, "repeated_inputs_ignored": repeated,
               "duplicate_keys": {"count": int(totals["duplicate_keys"]), "examples": duplicate_keys,
                                  "dropped": cfg.data.drop_duplicate_keys}}
+    leftovers = glob.glob(str(parts_dir / f"*{TEMP_MARK}*"))
+    if leftovers:
+        report["temporary_files_left"] = {"count": len(leftovers), "example": leftovers[0],
+                                          "note": "left by killed builds on other hosts; delete them once no build runs"}
     replace_atomically(str(out) + ".report.json", json.dumps(report, indent=1))
     manifest = dict(settings, samples=n, tokens=int(totals["tokens"]), fingerprint=fingerprint,
-                    lengths=os.path.basename(lengths_path), parts=entries)
+                    lengths=os.path.basename(lengths_path), parts=entries)  # indexed.MANIFEST_FIELDS + settings
     replace_atomically(str(out) + ".json", json.dumps(manifest, indent=1))  # the commit point of the dataset
     return report

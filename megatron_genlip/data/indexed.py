@@ -33,12 +33,13 @@ from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
+import PIL.Image
 import torch
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
 from megatron_genlip.config import DataConfig
-from megatron_genlip.data.image_processing import patchify_into, resized_rgb
-from megatron_genlip.data.records import Record, decode_image
+from megatron_genlip.data.image_processing import ImageError, patchify_into, resized_rgb, to_rgb
+from megatron_genlip.data.records import Record, SkipSample, decode_image
 from megatron_genlip.data.sample import Sample, assemble_sample
 
 MODE_TEXT, MODE_IMAGE, MODE_LABELS = 0, 1, 2
@@ -70,6 +71,21 @@ def build_settings(cfg, storage: str) -> dict:
     else:
         settings.update(min_pixels=d.min_pixels, max_pixels=d.max_pixels)
     return settings
+
+
+MANIFEST_FIELDS = ("samples", "tokens", "fingerprint", "lengths", "parts")  # a manifest: build settings + these
+
+
+def _check_lengths_file(path: str, samples: int) -> None:
+    """The header of a lengths file matches its dataset (reads no data)."""
+    try:
+        arr = np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as e:
+        raise DatasetError(f"lengths file {path} is missing or unreadable ({e}); rerun tools/preprocess_data.py "
+                           "--finalize with the same arguments") from None
+    if arr.shape != (samples, 3) or arr.dtype != LENGTHS_DTYPE:
+        raise DatasetError(f"lengths file {path} holds {arr.dtype} {arr.shape}, the manifest needs {samples} x 3 "
+                           f"{np.dtype(LENGTHS_DTYPE)}; rerun tools/preprocess_data.py --finalize")
 
 
 def record_items(rec: Record, grid: tuple[int, int], ids: list[int], flags: list[bool], cfg: DataConfig,
@@ -123,8 +139,9 @@ class SampleWriter:
 # resolving data.train_data / valid_data to manifests
 
 
-def _manifests_of(entry: str) -> list[Path]:
-    """One ``data.train_data`` entry -> manifest paths: a prefix, a glob of prefixes, or a ``.txt`` list."""
+def _manifests_of(entry: str, seen: tuple = ()) -> list[Path]:
+    """One ``data.train_data`` entry -> manifest paths: a prefix (or its ``.json``), a glob of prefixes, or a
+    ``.txt`` file listing entries (relative to the file)."""
     if any(c in entry for c in "*?["):
         pattern = entry if entry.endswith(".json") else entry + ".json"
         found = sorted(p for p in glob.glob(pattern) if not p.endswith(".report.json"))
@@ -135,9 +152,11 @@ def _manifests_of(entry: str) -> list[Path]:
         listing = Path(entry)
         if not listing.is_file():
             raise DatasetError(f"dataset list {entry} does not exist")
+        if listing.resolve() in seen:
+            raise DatasetError(f"dataset list {entry} includes itself")
         lines = [ln.split("#", 1)[0].strip() for ln in listing.read_text().splitlines()]
-        return [m for ln in lines if ln for m in _manifests_of(str(listing.parent / ln))]
-    return [Path(entry[:-5] if entry.endswith(".json") else entry + ".json")]
+        return [m for ln in lines if ln for m in _manifests_of(str(listing.parent / ln), seen + (listing.resolve(),))]
+    return [Path(entry if entry.endswith(".json") else entry + ".json")]
 
 
 def resolve_data_paths(spec: str | list[str]) -> list[Path]:
@@ -148,20 +167,32 @@ def resolve_data_paths(spec: str | list[str]) -> list[Path]:
     return [m for e in entries for m in _manifests_of(e)]
 
 
+PART_KEYS = ("path", "samples", "fingerprint", "bin_bytes", "idx_bytes")
+
+
 def read_manifest(path: Path) -> dict:
     if not path.is_file():
         prefix = str(path)[:-5]
         raise FileNotFoundError(f"{path} not found: build the dataset with tools/preprocess_data.py "
                                 f"--output-prefix {prefix} (several machines: --num-shards, then --finalize)")
+    rebuild = "rerun tools/preprocess_data.py --finalize with the same arguments to rewrite it"
     try:
         meta = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DatasetError(f"dataset manifest {path} is not valid JSON ({e}); rerun tools/preprocess_data.py "
-                           "--finalize with the same arguments to rewrite it") from None
+        raise DatasetError(f"dataset manifest {path} is not valid JSON ({e}); {rebuild}") from None
+    if not isinstance(meta, dict):
+        raise DatasetError(f"dataset manifest {path} does not hold a mapping; {rebuild}")
     if meta.get("format_version") != FORMAT_VERSION or "parts" not in meta:
         raise DatasetMismatch(f"dataset {path} has format version {meta.get('format_version')!r}, this trainer reads "
                               f"{FORMAT_VERSION}: rebuild it with tools/preprocess_data.py")
+    if not isinstance(meta["parts"], list) or not all(isinstance(p, dict) and all(k in p for k in PART_KEYS)
+                                                      for p in meta["parts"]):
+        raise DatasetError(f"dataset manifest {path} has malformed parts (each needs {', '.join(PART_KEYS)}); {rebuild}")
     return meta
+
+
+# settings that may differ between datasets read together: they only decided which samples were kept
+PER_DATASET_SETTINGS = ("max_aspect_ratio", "drop_duplicate_keys", "max_sample_length")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -234,9 +265,16 @@ class GenLIPIndexedDataset:
         self.lengths_files: list[str] = []
         self.lengths_sizes: list[int] = []
         fingerprints = []
+        settings = None
         for m in self.manifest_paths:
             meta = read_manifest(m)
             self._check(m, meta, tokenizer_fingerprint)
+            these = {k: v for k, v in meta.items() if k not in MANIFEST_FIELDS + PER_DATASET_SETTINGS}
+            if settings is not None and these != settings:
+                differ = sorted(k for k in set(these) | set(settings) if these.get(k) != settings.get(k))
+                raise DatasetMismatch(f"datasets {self.manifest_paths[0]} and {m} were built with different settings "
+                                      f"({', '.join(differ)}); datasets read together must agree on them")
+            settings = these
             root = m.parent
             for part in meta["parts"]:
                 paths.append(str(root / part["path"]))
@@ -245,11 +283,10 @@ class GenLIPIndexedDataset:
             self.lengths_files.append(str(root / meta["lengths"]))
             self.lengths_sizes.append(meta["samples"])
             fingerprints.append(meta["fingerprint"])
-        self.meta = meta if len(self.manifest_paths) == 1 else {k: v for k, v in meta.items() if k != "parts"}
-        self.meta = {k: v for k, v in self.meta.items() if k != "parts"}
-        self.meta["samples"] = int(sum(sizes))
-        self.storage = meta["image_storage"]
-        self.patch_size = meta["patch_size"]
+            _check_lengths_file(self.lengths_files[-1], meta["samples"])
+        self.meta = dict(settings, samples=int(sum(sizes)))  # what the datasets share, and their total size
+        self.storage = settings["image_storage"]
+        self.patch_size = settings["patch_size"]
         self.part_paths = paths
         self.part_starts = np.concatenate(([0], np.cumsum(sizes, dtype=np.int64)))
         self.part_bytes = np.asarray(nbytes, dtype=np.int64).reshape(-1, 2)
@@ -295,6 +332,9 @@ class GenLIPIndexedDataset:
 
     def grid_and_text(self, i: int) -> tuple[int, int, int]:
         """(gh, gw, text tokens) of sample ``i`` from the memory-mapped lengths."""
+        if not 0 <= i < len(self):
+            raise IndexError(f"sample {i} outside dataset {self.prefix} of {len(self)} samples (a damaged pack index? "
+                             "check it with tools/build_pack_index.py --verify)")
         if self._lengths is None:
             self._lengths = [np.load(f, mmap_mode="r") for f in self.lengths_files]
         s = int(np.searchsorted(self.lengths_starts, i, side="right")) - 1
@@ -326,31 +366,39 @@ class GenLIPIndexedDataset:
 
     def raw(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Stored items of sample ``i``: int32 token ids, uint8 label flags, image bytes or pixels."""
-        p = int(np.searchsorted(self.part_starts, i, side="right")) - 1
         if not 0 <= i < len(self):
-            raise IndexError(f"sample {i} outside a dataset of {len(self)}")
+            raise IndexError(f"sample {i} outside dataset {self.prefix} of {len(self)} samples")
+        p = int(np.searchsorted(self.part_starts, i, side="right")) - 1
         text, flags, image = self._part(p).items(i - int(self.part_starts[p]))
         return text.view(np.int32), flags, image
 
-    def image_patches(self, image: np.ndarray, grid: tuple[int, int], out: np.ndarray | None = None,
+    def image_patches(self, i: int, image: np.ndarray, grid: tuple[int, int], out: np.ndarray | None = None,
                       draft: bool = False) -> np.ndarray:
-        """uint8 patches [gh*gw, 3, p, p] of a stored image (decoded and resized unless stored as pixels)."""
+        """uint8 patches [gh*gw, 3, p, p] of sample ``i``'s stored image: stored pixels, or the encoded image
+        decoded, converted and resized straight to the stored grid (the grid the build computed is authoritative:
+        no recomputation that a config change or a draft-mode decode could alter)."""
         p = self.patch_size
         if self.storage == "pixels":
-            rgb = image.reshape(grid[0] * p, grid[1] * p, 3)
-        else:
-            img = decode_image(image.tobytes(), draft_size=(grid[1] * p, grid[0] * p) if draft else None)
-            c = self.cfg
-            rgb = resized_rgb(img, c.background, stage=c.stage, image_size=c.image_size, patch_size=p,
-                              min_pixels=c.min_pixels, max_pixels=c.max_pixels)
-            if rgb.shape[:2] != (grid[0] * p, grid[1] * p):
-                raise DatasetMismatch(f"image grid {rgb.shape[0] // p}x{rgb.shape[1] // p} differs from the stored "
-                                      f"grid {grid[0]}x{grid[1]}; was the dataset built with other data.stage/"
-                                      "image_size/min_pixels/max_pixels settings?")
+            if image.size != grid[0] * grid[1] * p * p * 3:
+                raise DatasetError(f"sample {i} ({self.locate(i)}) holds {image.size} pixel bytes, its grid {grid} "
+                                   "needs another size: the part's files do not belong together; rebuild that part")
+            return patchify_into(image.reshape(grid[0] * p, grid[1] * p, 3), p, out)
+        try:
+            img = to_rgb(decode_image(image.tobytes(), draft_size=(grid[1] * p, grid[0] * p) if draft else None),
+                         self.cfg.background)
+        except (SkipSample, ImageError) as e:
+            raise DatasetError(f"sample {i} ({self.locate(i)}) does not decode although the build checked it ({e}): "
+                               "the part's files are damaged or do not belong together; rebuild that part") from None
+        rgb = np.asarray(img.resize((grid[1] * p, grid[0] * p), resample=PIL.Image.BILINEAR))
         return patchify_into(rgb, p, out)
+
+    def locate(self, i: int) -> str:
+        """Where sample ``i`` lives, for messages."""
+        p = int(np.searchsorted(self.part_starts, i, side="right")) - 1
+        return f"sample {i - int(self.part_starts[p])} of part {self.part_paths[p]}"
 
     def __getitem__(self, i: int) -> Sample:
         gh, gw, _ = self.grid_and_text(i)
         ids, flags, image = self.raw(i)
-        patches = self.image_patches(image, (gh, gw))
+        patches = self.image_patches(i, image, (gh, gw))
         return assemble_sample(torch.from_numpy(patches), (gh, gw), ids.tolist(), flags.astype(bool).tolist())

@@ -21,17 +21,19 @@ once, under a file lock, by one process before training starts (:func:`ensure_ep
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import multiprocessing as mp
 import os
-import socket
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+
+from megatron_genlip.data.files import (
+    TEMP_MARK, exclusive_lock, fsync_file, remove_dead_temporaries, replace_atomically, temp_name,
+)
 
 PACK_VERSION = 2
 CHUNK_SIZE = 1 << 20  # arrivals packed independently; part of the key (changing it changes the rows)
@@ -206,9 +208,28 @@ def _epoch_paths(directory: Path, epoch: int) -> dict[str, Path]:
     return {"order": Path(f"{stem}.order.npy"), "rows": Path(f"{stem}.rows.npy"), "meta": Path(f"{stem}.json")}
 
 
-def _temp_name(path: Path) -> Path:
-    """Host- and process-unique temporary name beside ``path`` (several machines may build at once)."""
-    return path.with_name(f"{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+def _file_states(directory: Path, epoch: int) -> dict:
+    """Size and modification time of an epoch's files: a stamp is valid while they stay the same."""
+    out = {}
+    for name, path in _epoch_paths(directory, epoch).items():
+        st = path.stat()
+        out[name] = [st.st_size, st.st_mtime_ns]
+    return out
+
+
+def _stamp_path(directory: Path, epoch: int) -> Path:
+    return directory / f"epoch{epoch:04d}.verified"
+
+
+def _stamp_verified(directory: Path, epoch: int) -> None:
+    replace_atomically(_stamp_path(directory, epoch), json.dumps(_file_states(directory, epoch)))
+
+
+def _stamp_valid(directory: Path, epoch: int) -> bool:
+    try:
+        return json.loads(_stamp_path(directory, epoch).read_text()) == _file_states(directory, epoch)
+    except (OSError, ValueError):
+        return False
 
 
 def _pack_chunk(task: tuple) -> tuple[int, np.ndarray, int, str]:
@@ -235,7 +256,7 @@ def build_epoch(directory: Path, settings: PackSettings, source: LengthSource, e
     paths = _epoch_paths(directory, epoch)
     n, size = settings.num_samples, settings.chunk_size
     chunks = (n + size - 1) // size
-    tmp_order = _temp_name(paths["order"])
+    tmp_order = temp_name(paths["order"])
     np.lib.format.open_memmap(tmp_order, mode="w+", dtype=order_dtype(n), shape=(n,)).flush()
     tasks = [(settings, source, epoch, c, str(tmp_order)) for c in range(chunks)]
     results: list = [None] * chunks
@@ -253,20 +274,18 @@ def build_epoch(directory: Path, settings: PackSettings, source: LengthSource, e
     row_sizes = np.concatenate([r[1] for r in results])
     rows = np.zeros(len(row_sizes) + 1, dtype=np.int64)
     np.cumsum(row_sizes, out=rows[1:])
-    tmp_rows = _temp_name(paths["rows"])
+    tmp_rows = temp_name(paths["rows"])
     with open(tmp_rows, "wb") as f:
         np.save(f, rows)
     meta = {"epoch": epoch, "rows": int(len(row_sizes)), "samples": n, "tokens": sum(r[2] for r in results),
             "chunk_sha256": [r[3] for r in results], "rows_sha256": hashlib.sha256(rows.tobytes()).hexdigest(),
             "settings": asdict(settings), "seconds": round(time.perf_counter() - start, 3)}
     for tmp in (tmp_order, tmp_rows):
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        fsync_file(tmp)
     os.replace(tmp_order, paths["order"])
     os.replace(tmp_rows, paths["rows"])
-    tmp_meta = _temp_name(paths["meta"])
-    tmp_meta.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp_meta, paths["meta"])  # the commit point of the epoch
+    replace_atomically(paths["meta"], json.dumps(meta, indent=1))  # the commit point of the epoch
+    _stamp_verified(directory, epoch)  # written by this process from these very arrays
     return meta
 
 
@@ -381,28 +400,49 @@ class PackIndex:
         return problems
 
 
+def ensure_epoch(directory: Path, settings: PackSettings, source: LengthSource, epoch: int, *, build: bool = True,
+                 workers: int = 1, log=print) -> None:
+    """Epoch ``epoch`` built and verified, under that epoch's lock (other epochs can be built at the same time,
+    e.g. by several machines). Whoever takes the lock first removes what killed builders of this host left,
+    builds the epoch if it is missing, or checks its checksums once if nobody has since its files last changed
+    (a damaged epoch is rebuilt, or is an error with ``build=False``); the others then find it done."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(directory / f"epoch{epoch:04d}.lock"):
+        remove_dead_temporaries(str(directory / f"epoch{epoch:04d}.*{TEMP_MARK}*"))
+        index = PackIndex(directory, settings)
+        if index.built(epoch):
+            if _stamp_valid(directory, epoch):
+                return
+            problems = index.verify(epoch)
+            if not problems:
+                _stamp_verified(directory, epoch)
+                return
+            if not build:
+                raise MissingEpochError(f"pack index epoch {epoch} in {directory} is damaged ({'; '.join(problems)}): "
+                                        f"rebuild it with `{BUILD_COMMAND}`")
+            log(f"pack index epoch {epoch} in {directory} is damaged ({'; '.join(problems)}): rebuilding it")
+            for path in _epoch_paths(directory, epoch).values():
+                path.unlink(missing_ok=True)
+        elif not build:
+            raise MissingEpochError(f"the pack index in {directory} lacks epoch {epoch}: build it ahead with "
+                                    f"`{BUILD_COMMAND}` (N > {epoch}) or let the trainer build it "
+                                    "(data.build_missing_pack_index=true)")
+        start = time.perf_counter()
+        meta = build_epoch(directory, settings, source, epoch, workers)
+        log(f"built pack index epoch {epoch}: {meta['rows']:,} rows of {settings.seq_length} tokens from "
+            f"{meta['samples']:,} samples, efficiency {100 * meta['tokens'] / (meta['rows'] * settings.seq_length):.2f}% "
+            f"({time.perf_counter() - start:.1f} s) in {directory}")
+
+
 def ensure_epochs(directory: str | Path, settings: PackSettings, source: LengthSource, *, epochs: int = 0,
                   rows: int = 0, build: bool = True, workers: int = 1, log=print) -> PackIndex:
-    """A pack index covering at least ``epochs`` epochs and ``rows`` global rows.
-
-    Missing epochs are built by whichever process first takes the directory's lock (the others wait and then
-    find them built), or, with ``build=False``, are an error naming the command that builds them."""
+    """A pack index covering at least ``epochs`` epochs and ``rows`` global rows, every epoch of it verified
+    (:func:`ensure_epoch`); safe to call from every rank at once."""
     directory = Path(directory)
     index = PackIndex(directory, settings)
-    if index.epochs >= epochs and index.total_rows >= rows:
-        return index
-    if not build:
-        index._need(index.epochs)  # epochs are built in order: the first missing one is index.epochs
-    directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / "build.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one builder; released on exit or death
-        index.refresh()
-        while index.epochs < epochs or index.total_rows < rows:
-            e = index.epochs
-            start = time.perf_counter()
-            meta = build_epoch(directory, settings, source, e, workers)
-            index.refresh()
-            log(f"built pack index epoch {e}: {meta['rows']:,} rows of {settings.seq_length} tokens from "
-                f"{meta['samples']:,} samples, efficiency {100 * index.efficiency(e):.2f}% "
-                f"({time.perf_counter() - start:.1f} s) in {directory}")
+    e = 0
+    while e < epochs or index.row_starts[e] < rows:  # epoch e is read iff rows before it < rows
+        ensure_epoch(directory, settings, source, e, build=build, workers=workers, log=log)
+        index.refresh()  # epochs 0..e are built now, so row_starts[e + 1] exists
+        e += 1
     return index

@@ -25,7 +25,8 @@ from megatron_genlip.data.indexed import GenLIPIndexedDataset
 from megatron_genlip.data.pack_index import PackIndex, PackSettings, ensure_epochs
 from megatron_genlip.data.packing import assemble_batch
 
-BLEND_PERIOD = 1000  # rows per period of a blend's schedule (weights are realised to 1/BLEND_PERIOD)
+BLEND_PERIOD = 1000  # rows per period of a blend's schedule, at least (weights are realised to 1/period)
+MAX_BLEND_PERIOD = 1_000_000
 
 
 class PackedRows(torch.utils.data.Dataset):
@@ -78,12 +79,23 @@ class PackedRows(torch.utils.data.Dataset):
         return self.rows_in_epoch(0)
 
 
-def blend_schedule(weights: Sequence[float], period: int = BLEND_PERIOD) -> np.ndarray:
+def blend_period(weights: Sequence[float]) -> int:
+    """Rows per period: BLEND_PERIOD, longer when the smallest weight needs it to get 10 rows per period."""
+    w = np.asarray(weights, dtype=np.float64)
+    need = int(np.ceil(10 / (w.min() / w.sum())))
+    if need > MAX_BLEND_PERIOD:
+        raise ValueError(f"blend weight {w.min():g} is below 1e-5 of the total: it would get no rows; drop that "
+                         "dataset or raise its weight")
+    return max(BLEND_PERIOD, need)
+
+
+def blend_schedule(weights: Sequence[float], period: int | None = None) -> np.ndarray:
     """Source of each row in one period: greedy on the largest deficit ``weight * (t + 1) - taken``, so
     every prefix of the period is as close to the weights as whole rows allow (ties: the lower index)."""
     w = np.asarray(weights, dtype=np.float64)
     if len(w) == 0 or (w <= 0).any() or not np.isfinite(w).all():
         raise ValueError(f"blend weights must be positive and finite, got {list(weights)}")
+    period = period or blend_period(w)
     w = w / w.sum()
     taken = np.zeros(len(w))
     out = np.empty(period, dtype=np.int64)
@@ -100,11 +112,11 @@ class BlendedRows(torch.utils.data.Dataset):
     The schedule repeats every ``period`` rows, so the map is O(1) and resuming needs nothing but the row
     index. Each source runs through its own epochs independently (a small source repeats more often)."""
 
-    def __init__(self, sources: Sequence[PackedRows], weights: Sequence[float], period: int = BLEND_PERIOD):
+    def __init__(self, sources: Sequence[PackedRows], weights: Sequence[float], period: int | None = None):
         self.sources = list(sources)
         self.weights = [float(x) for x in weights]
         self.schedule = blend_schedule(self.weights, period)
-        self.period = period
+        self.period = len(self.schedule)
         counts = np.stack([np.cumsum(self.schedule == d) for d in range(len(self.sources))])  # [S, P]
         self.per_period = counts[:, -1]
         self.before = np.concatenate((np.zeros((len(self.sources), 1), dtype=np.int64), counts[:, :-1]), axis=1)
@@ -133,9 +145,6 @@ class BlendedRows(torch.utils.data.Dataset):
         """Weighted mean of the sources' packing efficiency."""
         return float(sum(w * s.efficiency(epoch) for w, s in zip(self.weights, self.sources)) / sum(self.weights))
 
-    def rows_in_epoch(self, epoch: int) -> int:
-        return sum(s.rows_in_epoch(epoch) for s in self.sources)
-
     def batch(self, global_rows: Sequence[int]) -> dict[str, torch.Tensor]:
         rows = []
         for g in global_rows:
@@ -147,9 +156,6 @@ class BlendedRows(torch.utils.data.Dataset):
 
     __getitems__ = batch
     __getitem__ = PackedRows.__getitem__
-
-    def __len__(self) -> int:
-        return self.rows_in_epoch(0)
 
 
 class MicroBatchSampler(torch.utils.data.Sampler):
@@ -203,7 +209,8 @@ def check_data_config(cfg) -> None:
     for i, b in enumerate(cfg.train_blend):
         if not (b.weight > 0 and np.isfinite(b.weight)):
             problems.append(f"data.train_blend[{i}].weight must be a positive number, got {b.weight}")
-    for name, low in (("max_open_parts", 1), ("prefetch_factor", 1), ("pack_index_workers", 0)):
+    for name, low in (("max_open_parts", 1), ("prefetch_factor", 1), ("pack_index_workers", 0),
+                      ("pack_buffer_size", 1)):
         if getattr(cfg, name) < low:
             problems.append(f"data.{name} must be >= {low}, got {getattr(cfg, name)}")
     if cfg.max_sample_length > np.iinfo(np.uint16).max:
@@ -211,6 +218,19 @@ def check_data_config(cfg) -> None:
                         "stored as uint16")
     if problems:
         raise ConfigError("invalid data configuration:\n  - " + "\n  - ".join(problems))
+
+
+def check_rows_match(rows: PackedRows | BlendedRows, cfg) -> None:
+    """Dataset settings that only the full config can check: the model's patch size and the prompt."""
+    for src in getattr(rows, "sources", [rows]):
+        meta, where = src.dataset.meta, src.dataset.prefix
+        if meta["patch_size"] != cfg.model.patch_size:
+            raise ConfigError(f"dataset {where} was built with patch size {meta['patch_size']}, model.patch_size is "
+                              f"{cfg.model.patch_size}: rebuild it with this config")
+        if meta["prompt"] != cfg.tokenizer.prompt:
+            raise ConfigError(f"dataset {where} was built with the prompt {meta['prompt']!r}, tokenizer.prompt is "
+                              f"{cfg.tokenizer.prompt!r} (captioning would use another prompt than training): set "
+                              "tokenizer.prompt to the dataset's or rebuild the dataset")
 
 
 def open_rows(spec: str | list[str], cfg, tokenizer_fingerprint: str | None = None) -> PackedRows:

@@ -86,7 +86,7 @@ def assemble_batch(rows: Sequence[tuple[object, np.ndarray]], seq_length: int, p
             if at + n_img + n_txt > seq_length:
                 raise ValueError(f"samples of row {r} do not fit a row of {seq_length} tokens")
             text, flags, image = ds.raw(int(i))
-            ds.image_patches(image, (gh, gw), np_patches[next_patch:next_patch + n_img], draft)
+            ds.image_patches(int(i), image, (gh, gw), np_patches[next_patch:next_patch + n_img], draft)
             next_patch += n_img
             img, txt = slice(at, at + n_img), slice(at + n_img, at + n_img + n_txt)
             rr, cc = _image_rows_cols(gh, gw)

@@ -24,7 +24,7 @@ from megatron.core import parallel_state
 
 from megatron_genlip.config import Config, ConfigError, resolve_layout
 from megatron_genlip.data.builder import tokenizer_fingerprint
-from megatron_genlip.data.packed_dataset import build_loader, open_rows, open_train_rows
+from megatron_genlip.data.packed_dataset import build_loader, check_rows_match, open_rows, open_train_rows
 from megatron_genlip.data.tokenizer import load_tokenizer
 from megatron_genlip.model.genlip import build_model
 from megatron_genlip.parallel import rng, state
@@ -101,18 +101,26 @@ class Trainer:
             raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's "
                               f"{self.tokenizer.n_vocab} ids")
         self.train_rows = open_train_rows(cfg.data, fp)
-        # the pack index must cover every row the run reads, plus what the loader prefetches past the end; it is
-        # built here (one process, under a lock) or ahead by tools/build_pack_index.py, never in a loader worker
-        t, d = cfg.train, cfg.data
-        prefetched = t.global_batch_size * (d.prefetch_factor * max(1, d.num_workers) + 1)
-        build = dict(build=d.build_missing_pack_index, workers=d.pack_index_workers or min(8, os.cpu_count() or 1),
-                     log=print if self.rank == 0 else (lambda *_: None))
-        self.train_rows.ensure(rows=t.train_steps * t.global_batch_size + prefetched, **build)
+        check_rows_match(self.train_rows, cfg)
+        d = cfg.data
+        self._index_build = dict(build=d.build_missing_pack_index,
+                                 workers=d.pack_index_workers or min(8, os.cpu_count() or 1),
+                                 log=print if self.rank == 0 else (lambda *_: None))
         self.valid = self.valid_rows = None
         if d.valid_data:
             self.valid_rows = open_rows(d.valid_data, d, fp)
-            self.valid_rows.ensure(epochs=1, **build)
+            check_rows_match(self.valid_rows, cfg)
+            self.valid_rows.ensure(epochs=1, **self._index_build)
             self.valid = self.valid_rows.dataset
+
+    def _ensure_pack_index(self) -> None:
+        """The pack index covers every row the rest of the run reads (from the resumed position), plus what the
+        loader prefetches past the end. Built here by one process under a lock, or ahead by
+        tools/build_pack_index.py; never inside a DataLoader worker."""
+        t, d = self.cfg.train, self.cfg.data
+        prefetched = t.global_batch_size * (d.prefetch_factor * max(1, d.num_workers) + 1)
+        needed = self.consumed_samples + (t.train_steps - self.iteration) * t.global_batch_size + prefetched
+        self.train_rows.ensure(rows=needed, **self._index_build)
 
     def _build_engine(self) -> None:
         cfg, tp, pp = self.cfg, self.layout.tensor_parallel, self.layout.pipeline_parallel
@@ -203,6 +211,7 @@ class Trainer:
         if rank0:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=1))
+        self._ensure_pack_index()
         log.print(f"{self.resumed_from}; layout {dataclasses.asdict(self.layout)}; "
                   f"packing efficiency (epoch 0) {100 * self.train_rows.efficiency(0):.2f}%")
         loader = build_loader(self.train_rows, self.consumed_samples, t.micro_batch_size, self.dp_rank,
@@ -332,7 +341,7 @@ class Trainer:
         """Validation loss through the pipeline schedule (mean over micro-batches of their token means).
         Captioning needs the whole model on one rank: export the checkpoint for that under PP."""
         t = self.cfg.train
-        n = max(1, t.eval_rows // (t.micro_batch_size * self.dp_world))
+        n = max(1, min(t.eval_rows, self.valid_rows.rows_in_epoch(0)) // (t.micro_batch_size * self.dp_world))
         loader = build_loader(self.valid_rows, 0, t.micro_batch_size, self.dp_rank, self.dp_world, limit=n)
         feed = (pipeline_inputs({k: v.to(self.device) for k, v in b.items() if k != "row_index"}) for b in loader)
         loss = float(self.engine.eval_batch(data_iter=feed, num_micro_batches=n))
