@@ -16,6 +16,10 @@ torch.set_num_threads(1)
 platform.initialize()  # the process start of the test session: the platform decision and the library patches
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: minutes-long tests (fresh environments, installs); -m 'not slow' skips them")
+
+
 def small_model_config(**kw) -> ModelConfig:
     """A small model with in_proj/proj present (text_embed_dim != hidden) and the Qwen vocabulary size."""
     base = dict(num_layers=2, hidden_size=48, ffn_hidden_size=128, num_attention_heads=4, text_embed_dim=40,
