@@ -3,6 +3,7 @@ decided, the DeepSpeed config read from it, and the scripts that no longer decid
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -45,14 +46,14 @@ def test_cuda_decision_compiles_and_keeps_dynamo():
 
 
 def test_cuda_without_triton_or_with_dynamo_disabled_is_a_clear_error():
-    no_triton = Capabilities(**{**H200.__dict__, "triton": False})
+    no_triton = dataclasses.replace(H200, triton=False)
     with pytest.raises(PlatformError, match="Triton is not importable.*train.compile=false"):
         decide(no_triton)
     assert not decide(no_triton, compile=False).compile
-    env_off = Capabilities(**{**H200.__dict__, "dynamo_env_disabled": True})
+    env_off = dataclasses.replace(H200, dynamo_env_disabled=True)
     with pytest.raises(PlatformError, match="TORCHDYNAMO_DISABLE=1 is set.*Unset it"):
         decide(env_off)
-    assert decide(Capabilities(**{**CPU.__dict__, "dynamo_env_disabled": True})).dynamo_disabled
+    assert decide(dataclasses.replace(CPU, dynamo_env_disabled=True)).dynamo_disabled
 
 
 @pytest.mark.parametrize("version, ok", [("2.10.1", False), ("2.11.0", True), ("2.11.0a0+git5e1f4b2", True),
