@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -23,18 +24,21 @@ MAX_MIB = 64
 
 
 def _env(tmp: Path, offline: bool) -> dict:
-    """The environment of the fresh venv's commands: no PYTHONPATH (the install must provide everything), no
-    pip cache; offline: no pip configuration at all (no index, no extra find-links), only the wheelhouse."""
-    e = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "PYTHON", "VIRTUAL_ENV"))}
-    e.update(PIP_NO_CACHE_DIR="1", PIP_DISABLE_PIP_VERSION_CHECK="1", TORCH_EXTENSIONS_DIR=str(tmp / "ext"),
-             OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", HOME=str(tmp / "home"))
+    """The environment of the fresh venv's commands: no PYTHONPATH (the install must provide everything), caches
+    under tmp; offline: no pip configuration at all (no index, no extra find-links), only the wheelhouse."""
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
     if offline:
+        e = {k: v for k, v in e.items() if not k.startswith("PIP_")}
         e.update(PIP_CONFIG_FILE=os.devnull, PIP_NO_INDEX="1")
+    e.update(PIP_NO_CACHE_DIR="1", PIP_DISABLE_PIP_VERSION_CHECK="1", TORCH_EXTENSIONS_DIR=str(tmp / "ext"),
+             XDG_CACHE_HOME=str(tmp / "cache"), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     return e
 
 
 def _run(cmd: list[str], env: dict, timeout: int, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    start = time.monotonic()
     proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    print(f"{time.monotonic() - start:6.1f} s  {' '.join(Path(c).name if '/' in c else c for c in cmd[:5])}")
     assert proc.returncode == 0, f"{' '.join(cmd[:6])} ... failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n" \
                                  f"{proc.stderr[-4000:]}"
     return proc
@@ -42,7 +46,6 @@ def _run(cmd: list[str], env: dict, timeout: int, cwd: Path = ROOT) -> subproces
 
 def test_offline_install_from_a_wheelhouse_then_one_training_step(tmp_path):
     house, venv = tmp_path / "wheelhouse", tmp_path / "venv"
-    (tmp_path / "home").mkdir()
     online = _env(tmp_path, offline=False)
     built = _run(["bash", str(ROOT / "tools" / "make_wheelhouse.sh"), str(house), "--max-mib", str(MAX_MIB)],
                  dict(os.environ, PIP_NO_CACHE_DIR="1"), timeout=300)
@@ -52,19 +55,20 @@ def test_offline_install_from_a_wheelhouse_then_one_training_step(tmp_path):
     size = sum(p.stat().st_size for p in house.glob("*.whl"))
     assert size <= MAX_MIB * 2**20 and f"{len(wheels)} wheels" in built.stdout
 
-    _run([sys.executable, "-m", "venv", str(venv)], online, timeout=120)
+    _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], online, timeout=120)
     py = str(venv / "bin" / "python")
+    pip = [sys.executable, "-m", "pip", "--python", py, "install", "-q"]  # this pip, installing into the venv
     # the CPU torch wheel on disk, by its exact local version: never a (CUDA) torch from an index
-    _run([py, "-m", "pip", "install", "-q", "--only-binary", "torch", f"torch=={torch.__version__}"], online, 300)
+    _run(pip + ["--only-binary", "torch", f"torch=={torch.__version__}"], online, 300)
     offline = _env(tmp_path, offline=True)
-    _run([py, "-m", "pip", "install", "-q", "--no-index", "--find-links", str(house), "-r",
-          "requirements-cluster.txt"], offline, timeout=300)
-    where = _run([py, "-c", "import torch, deepspeed, megatron.core, megatron_genlip as m; "
-                            "print(torch.__version__, torch.__file__, m.__file__)"], offline, 120).stdout.split()
+    _run(pip + ["--no-index", "--find-links", str(house), "-r", "requirements-cluster.txt"], offline, timeout=300)
+    probe = _run([py, "-c", "import torch, megatron_genlip as m; print('WHERE', torch.__version__, torch.__file__, "
+                            "m.__file__)"], offline, 120).stdout
+    where = next(line for line in probe.splitlines() if line.startswith("WHERE ")).split()[1:]
     assert where[0] == torch.__version__ and where[1].startswith(str(venv)) and where[2].startswith(str(ROOT))
 
     data = build_test_dataset(tmp_path / "data", 40, 8)
-    cmd = command(1, data, tmp_path / "run", ["train.train_steps=1", "train.warmup_steps=1", "train.eval_rows=2",
+    cmd = command(1, data, tmp_path / "run", ["train.train_steps=1", "train.warmup_steps=0", "train.eval_rows=2",
                                                 "train.eval_captions=1", "train.max_new_tokens=4"])
     cmd = [str(venv / "bin" / "deepspeed")] + cmd[len(launcher()):]
     out = _run(cmd, offline, timeout=300).stdout
