@@ -179,7 +179,8 @@ def phase_env(run: Run) -> None:
         raise SystemExit("gpu_run: no CUDA device here; use --dry-run on a CPU machine")
     te = info.get("transformer_engine")
     run.results["transformer_engine"] = (
-        "installed: its attention kernel is compared in the bench phase" if te else
+        "installed: its attention kernel (te-arbitrary) is compared with the dense reference in the bench phase; "
+        "TE layers and TE FP8 training steps are not in this 9-minute plan (run gpu_bench.py --backend te)" if te else
         "NOT installed on this machine, so nothing of Transformer Engine (te backend, TE FP8) was measured; "
         "its core wheel (264 MiB) is larger than what one call to the machine can carry")
     run.say(f"Transformer Engine: {run.results['transformer_engine']}")
