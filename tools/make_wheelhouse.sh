@@ -47,6 +47,9 @@ done
 PYTHON=${PYTHON:-python}
 mkdir -p "$TARGET"
 TARGET=$(cd "$TARGET" && pwd)
+if compgen -G "$TARGET/*.whl" >/dev/null; then  # pip would keep old versions beside new ones
+  echo "make_wheelhouse.sh: $TARGET already holds wheels; give a new or empty folder" >&2; exit 2
+fi
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
