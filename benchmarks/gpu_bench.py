@@ -33,6 +33,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from megatron_genlip import platform  # noqa: E402
 from megatron_genlip.config import ConfigError, load_config  # noqa: E402
 from megatron_genlip.data.packing import collate_batch  # noqa: E402
 from megatron_genlip.data.sample import assemble_sample  # noqa: E402
@@ -165,9 +166,9 @@ def _time_ms(fn, q, k, v, grad_out, device, reps=5):
     return statistics.median(times)
 
 
-def te_attention(heads: int, head_dim: int):
+def te_attention(heads: int, head_dim: int, device: torch.device):
     """TE DotProductAttention with an arbitrary mask as fn(q, k, v, dense_mask) on [B, h, L, hd], or None."""
-    if not torch.cuda.is_available():
+    if device.type != "cuda":
         return None
     try:
         import transformer_engine.pytorch as te
@@ -209,7 +210,7 @@ def kernel_report(args, device, dtype, heads: int, head_dim: int) -> list[str]:
     lines = [f"kernels: {B} rows x {L} tokens, {heads} heads x {head_dim}, {dtype}, reference = dense SDPA in "
              f"fp32; relative error = max|err| / max|ref| (pass <= {tol:.0e})"]
     candidates = [("flex", FlexAttention(), lambda kern: kern.build_mask(sample_ids, kinds))]
-    te_fn = te_attention(heads, head_dim)
+    te_fn = te_attention(heads, head_dim, device)
     if te_fn is not None:
         candidates.append(("te-arbitrary", te_fn, lambda kern: dense))
     else:
@@ -270,7 +271,7 @@ def run_variant(args, cfg, batch, device, all_positions: bool, deadline: float, 
     torch.manual_seed(args.seed)
     model = build_model(cfg.model, seed=args.seed).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.01,
-                            fused=device.type == "cuda")
+                            fused=platform.current().fused_adamw and device.type == "cuda")
 
     def step():
         loss = all_positions_loss(model, batch) if all_positions else model(batch).loss
@@ -303,11 +304,11 @@ def run_variant(args, cfg, batch, device, all_positions: bool, deadline: float, 
     return row
 
 
-def detect_peak(args, cfg) -> tuple[float, str]:
+def detect_peak(args, cfg, device: torch.device) -> tuple[float, str]:
     if args.peak_tflops > 0:
         return args.peak_tflops, "--peak-tflops"
-    if torch.cuda.is_available():
-        name = torch.cuda.get_device_name()
+    if device.type == "cuda":
+        name = platform.current().device_name
         for key, peak in BF16_PEAK_TFLOPS.items():
             if key in name:
                 return peak, f"{name}: {key} bf16 dense"
@@ -323,14 +324,16 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     start = time.monotonic()
     deadline = start + args.max_seconds
-    cuda = torch.cuda.is_available() and not args.dry_run
+    here = platform.initialize()  # the decision: compiled FlexAttention on CUDA, nothing compiled on CPU
+    cuda = here.cuda and not args.dry_run
     device = torch.device("cuda" if cuda else "cpu")
     if not cuda and not args.dry_run:
         print("gpu_bench: no CUDA device; use --dry-run to check the code paths on CPU", file=sys.stderr)
         return 2
-    where = "DRY RUN on CPU (tiny shapes, fp32, nothing timed)" if args.dry_run else torch.cuda.get_device_name()
+    where = "DRY RUN on CPU (tiny shapes, fp32, nothing timed)" if args.dry_run else here.device_name
     print(f"gpu_bench: {where}; torch {torch.__version__}; plain single-GPU steps with torch AdamW "
           "(no DeepSpeed engine)")
+    print(here.describe(), flush=True)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     cfgs = {m: load_config(config_path(m), DRY_RUN_SHAPES.get(m, []) if args.dry_run else []) for m in models}
     first = cfgs[models[0]].model
@@ -344,7 +347,7 @@ def main(argv=None) -> int:
     rows = []
     for m in models:
         base = cfgs[m]
-        peak, peak_src = detect_peak(args, base)
+        peak, peak_src = detect_peak(args, base, device)
         batch = packed_rows(base.model.vocab_size, args.seq_length, args.rows, args.seed, device)
         efficiency = float((batch["sample_ids"] >= 0).float().mean())
         print(f"{m}: {args.rows} x {args.seq_length}-token rows, packing {efficiency:.1%}, "
@@ -366,7 +369,9 @@ def main(argv=None) -> int:
             gc.collect()
             if cuda:
                 torch.cuda.empty_cache()
-            print(f"  {label}: {row['status']}" + (f", first loss {row['loss']:.4f}" if "loss" in row else ""),
+            numbers = (f", {row['tokens_s']:.0f} tokens/s, {row['samples_s']:.1f} samples/s, {row['tflops']:.1f} "
+                       f"TFLOP/s, MFU {row['mfu']:.1%}, peak {row['mem_gb']:.1f} GB" if "mfu" in row else "")
+            print(f"  {label}: {row['status']}" + (f", first loss {row['loss']:.4f}" if "loss" in row else "") + numbers,
                   flush=True)
             rows.append(row)
 

@@ -11,7 +11,6 @@ CPU-MFU of both: ideal model FLOPs / CPU time / the GEMM rate measured in this p
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 
@@ -22,8 +21,6 @@ from megatron_genlip.data.packing import collate_batch
 from megatron_genlip.data.sample import assemble_sample
 from megatron_genlip.hf.keys import to_hf
 from megatron_genlip.model.accounting import flops_per_sample
-
-os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
 
 def make_batch(cfg: ModelConfig, tokens: int, seed: int = 0) -> dict:
@@ -75,9 +72,10 @@ def main() -> None:
 
     from plain_genlip import PlainGenLIP
     from megatron_genlip.model.genlip import build_model
+    from megatron_genlip import platform
     from megatron_genlip.training.distributed import init_distributed
 
-    init_distributed()
+    init_distributed(platform.initialize())  # on CPU: no compile, dynamo off
     cfg = ModelConfig(num_layers=args.layers, hidden_size=args.hidden, ffn_hidden_size=args.hidden * 8 // 3 // 16 * 16,
                       num_attention_heads=args.hidden // 64, text_embed_dim=args.hidden, vocab_size=args.vocab,
                       mrope_section=[11, 11, 10], drop_path_rate=0.0)

@@ -27,7 +27,7 @@ OUTPUT_DIR=${OUTPUT_DIR:-outputs/tiny}
 DATA_DIR=${DATA_DIR:-data/tiny}
 EMBEDDED_DATA=${EMBEDDED_DATA:-1}
 PORT=${MASTER_PORT:-$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} TORCHDYNAMO_DISABLE=${TORCHDYNAMO_DISABLE:-1}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # compile/dynamo: the trainer's platform decision
 DATA_ARGS=()
 if [ "$EMBEDDED_DATA" = "1" ]; then
   python -m megatron_genlip.training.prepare --config "$CONFIG" --data-dir "$DATA_DIR"
@@ -45,7 +45,6 @@ from pathlib import Path
 
 def _run() -> None:
     os.chdir(Path(__file__).resolve().parent.parent)
-    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
     from megatron_genlip.training.entry import main
     from megatron_genlip.training.prepare import prepare_default_data
 

@@ -135,6 +135,7 @@ class TrainConfig:
     clip_grad: float = 1.0  # global gradient-norm clipping
     precision: str = "bf16"  # "bf16" (fp32 master weights and optimizer state) or "fp32"; fp16 is not offered
     activation_checkpointing: bool = False  # recompute each transformer block in backward (RNG replayed)
+    compile: bool = True  # torch.compile the FlexAttention kernels on CUDA (megatron_genlip/platform.py); CPU: never
     seed: int = 42
     log_interval: int = 1  # steps between log lines
     save_interval: int = 1000  # steps between checkpoints (and one at the end)

@@ -5,15 +5,19 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
 import pytest
 import torch
 
-import megatron_genlip  # noqa: F401  (warning filters)
+from megatron_genlip import platform
 from megatron_genlip.config import ModelConfig
 
 torch.set_num_threads(1)
+platform.initialize()  # the process start of the test session: the platform decision and the library patches
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: minutes-long tests (fresh environments, installs); -m 'not slow' skips them")
 
 
 def small_model_config(**kw) -> ModelConfig:

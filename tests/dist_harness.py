@@ -18,11 +18,14 @@ def _free_port() -> int:
 
 def _worker(rank: int, world: int, port: int, module: str, fn: str, args: tuple, errors) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), OMP_NUM_THREADS="1", TORCHDYNAMO_DISABLE="1")
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     import torch
     import torch.distributed as dist
 
+    from megatron_genlip import platform
+
     torch.set_num_threads(1)
+    platform.initialize()  # a worker's process start: the platform decision and the library patches
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world)
         getattr(importlib.import_module(module), fn)(rank, world, *args)

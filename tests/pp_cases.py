@@ -10,13 +10,11 @@ from conftest import small_model_config
 from megatron_genlip.model.genlip import build_model
 from megatron_genlip.parallel import state
 from megatron_genlip.parallel.pipeline import build_pipeline, pipeline_inputs
-from megatron_genlip.training.distributed import disable_shm_comm_op
 from tp_cases import packed_batch
 
 
 def packed_row_loss_under_tp_pp(rank: int, world: int, result_file: str) -> None:
     """One packed row through TP=2 x PP=2 vs each of its samples alone on one device."""
-    disable_shm_comm_op()
     deepspeed.init_distributed(verbose=False)  # DeepSpeed's comm layer over the existing gloo group
     cfg = small_model_config(vocab_size=151936)
     batch = packed_batch()

@@ -8,6 +8,7 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
 from conftest import small_model_config
+from megatron_genlip import compat
 from megatron_genlip.data.tokenizer import load_qwen_tokenizer
 from megatron_genlip.inference.generate import generate_caption
 from megatron_genlip.model.genlip import build_model
@@ -25,11 +26,13 @@ def _gather_objects(obj) -> list:
 
 
 def _stock_sequence_parallel_gather_fails() -> bool:
-    """Canary: megatron-core's SP all-gather allocates on torch.cuda.current_device() and fails on CPU."""
-    try:
-        gather_from_sequence_parallel_region(torch.ones(2, 1, 3), group=state.tensor_parallel_group())
-    except AssertionError as e:
-        return "not compiled with CUDA" in str(e)
+    """Canary of compat's ``cpu-current-device``: megatron-core's SP all-gather allocates on
+    torch.cuda.current_device(), which fails on a CPU torch without the patch."""
+    with compat.stock("cpu-current-device"):
+        try:
+            gather_from_sequence_parallel_region(torch.ones(2, 1, 3), group=state.tensor_parallel_group())
+        except AssertionError as e:
+            return "not compiled with CUDA" in str(e)
     return False
 
 
@@ -63,13 +66,8 @@ def sp_matches_tp1(rank: int, world: int, result_file: str) -> None:
     res: dict = {}
 
     state.reinitialize(2)
-    build_model(cfg, 2, seed=0)  # plain TP: the shim must not be applied
-    res["stock_fails_before_sp_model"] = _stock_sequence_parallel_gather_fails()
-    try:
-        torch.cuda.current_device()
-        res["current_device_untouched_without_sp"] = False
-    except AssertionError:
-        res["current_device_untouched_without_sp"] = True
+    res["stock_gather_fails"] = _stock_sequence_parallel_gather_fails()
+    res["patched_at_start"] = "cpu-current-device" in compat.applied()
 
     runs = {}
     for name, tp, sp, recompute in (("sp", 2, True, False), ("sp_recompute", 2, True, True), ("tp1", 1, False, False)):

@@ -18,6 +18,7 @@ from megatron_genlip.model.attention import BLOCK_SIZE, FlexAttention, SdpaAtten
 from megatron_genlip.model.genlip import build_model
 from megatron_genlip.model.masks import KIND_IMAGE, KIND_PAD, KIND_TEXT, sdpa_mask
 from megatron_genlip.model.spec import get_layer_spec
+from megatron_genlip.parallel import state
 from megatron_genlip.parallel.pipeline import BlockStage
 
 TOL = 1e-5  # relative (max abs error / max abs reference), fp32
@@ -143,7 +144,7 @@ def test_pipeline_block_stage_builds_the_kernel_mask(packed_batch):
     x = torch.randn(b["input_ids"].shape[1], b["input_ids"].shape[0], 48, generator=torch.Generator().manual_seed(2))
     outs = {}
     for attention in ("sdpa", "flex"):
-        stage = BlockStage(small_model_config(attention=attention), 1, 0, 0).eval()
+        stage = BlockStage(small_model_config(attention=attention), state.tensor_parallel_group(), 0, 0).eval()
         outs[attention] = stage((x, b["positions"], b["sample_ids"], b["token_kinds"], b["labels"]))[0]
     err = rel_err(outs["flex"], outs["sdpa"])
     assert err <= TOL, f"BlockStage flex vs sdpa relative error {err:.2e} > {TOL:.0e}"

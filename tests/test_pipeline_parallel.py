@@ -51,7 +51,7 @@ def test_stage_builds_rotary_tables_and_mask_once_per_micro_batch():
 
     state.reinitialize(1)
     cfg = small_model_config()
-    blocks = [BlockStage(cfg, 1, 0, i) for i in range(2)]
+    blocks = [BlockStage(cfg, state.tensor_parallel_group(), 0, i) for i in range(2)]
     positions = torch.arange(12).expand(1, 3, 12).clone()
     sample_ids = torch.tensor([[0] * 5 + [1] * 5 + [-1] * 2])
     kinds = torch.tensor([[1, 1, 0, 0, 0, 1, 1, 1, 0, 0, -1, -1]])

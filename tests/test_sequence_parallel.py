@@ -60,12 +60,14 @@ def test_sp_unsplittable_call_runs_unsplit_without_grad_and_refuses_with_grad(sp
         assert msg and "parallel.tensor_parallel" in msg and "length 79" in msg
 
 
-def test_cpu_shim_canary(sp_results):
+def test_cpu_current_device_canary(sp_results):
     """megatron-core 0.16.1's SP all-gather still allocates on torch.cuda.current_device() and fails on a CPU
-    torch; when an upgrade fixes it this fails, and state.apply_cpu_sequence_parallel_shim can go. The shim is
-    not applied by a plain TP model."""
-    assert sp_results["stock_fails_before_sp_model"]
-    assert sp_results["current_device_untouched_without_sp"]
+    torch without compat's ``cpu-current-device`` patch (applied at process start, not by the model); when an
+    upgrade fixes it this fails, and the patch can go."""
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: the CPU patch is not applied")
+    assert sp_results["stock_gather_fails"]
+    assert sp_results["patched_at_start"]
 
 
 def test_sequence_parallel_config_validation_names_the_fields():

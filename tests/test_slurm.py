@@ -36,7 +36,7 @@ def data(tmp_path_factory):
 def job_env(cluster, data: dict, run_dir: Path, **knobs) -> dict:
     """Everything the CPU job needs, as environment variables only (the sbatch file stays as it is)."""
     sets = [f"data.train_data={data['train']}", f"data.valid_data={data['val']}", *OVERRIDES]
-    e = cluster.env(trainer_env())  # OMP_NUM_THREADS=1, TORCHDYNAMO_DISABLE=1, PYTHONUNBUFFERED=1
+    e = cluster.env(trainer_env())  # OMP_NUM_THREADS=1, PYTHONUNBUFFERED=1
     e.update({
         "SBATCH_GPUS_PER_NODE": "0",             # CPU-only emulated nodes: no GPU request
         "SBATCH_TIMELIMIT": "15:00",

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import random_image, small_model_config
+from megatron_genlip import platform
 from megatron_genlip.config import ConfigError, load_config, resolve_layout
 from megatron_genlip.data.packing import collate_batch
 from megatron_genlip.data.sample import build_sample
@@ -63,12 +64,13 @@ def test_layout_and_deepspeed_config():
     cfg = load_config(TINY, ["train.global_batch_size=8", "parallel.zero_stage=2", "train.precision=bf16"])
     layout = resolve_layout(cfg, 2)
     assert (layout.data_parallel, layout.grad_accumulation) == (2, 2)
-    ds = deepspeed_config(cfg, layout)
+    ds = deepspeed_config(cfg, layout, platform.current())
     assert ds["train_batch_size"] == 8 and ds["gradient_accumulation_steps"] == 2
     assert ds["zero_optimization"]["stage"] == 2 and ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
     opt = ds["optimizer"]["params"]
     assert opt["betas"] == [0.9, 0.95] and opt["eps"] == 1e-8 and opt["weight_decay"] == 0.01
-    assert ds["gradient_clipping"] == 1.0 and opt["torch_adam"] is (not torch.cuda.is_available())
+    assert ds["gradient_clipping"] == 1.0 and opt["torch_adam"] is True
+    assert opt.get("fused", False) is platform.current().fused_adamw
 
 
 def test_learning_rate_formula_at_chosen_steps():

@@ -21,7 +21,7 @@ def free_port() -> int:
 
 
 def env() -> dict:
-    e = dict(os.environ, OMP_NUM_THREADS="1", TORCHDYNAMO_DISABLE="1", PYTHONUNBUFFERED="1")
+    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     e.pop("RANK", None)
     e.pop("WORLD_SIZE", None)
     return e

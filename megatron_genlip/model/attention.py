@@ -9,11 +9,12 @@ builds ``mask`` ONCE per forward with ``kernel.build_mask(sample_ids, token_kind
   rule (``masks.may_attend`` with the padding diagonal, so padding rows give no NaN). Fully masked 128x128 tiles
   are skipped, which is what makes 16384-token rows of ~270-token samples cheap (GENLIP_SPEC.md §2.7, §11).
 
-On CUDA both the block-mask construction and the attention are ``torch.compile``d (fused Triton kernels, no
-L x L tensor). Elsewhere flex_attention runs eagerly: torch 2.13's public ``flex_attention`` refuses CPU inputs
-that require grad, so on CPU the kernel calls the higher-order op the public function dispatches to
-(``torch._higher_order_ops.flex_attention``), whose eager implementation has forward and backward (it
-materialises the scores; for tests and small runs). The flex kernel also accepts a dense boolean mask and then
+On CUDA the kernel uses only torch's public API: ``create_block_mask`` and ``flex_attention``, both
+``torch.compile``d when the platform decision says so (``train.compile``, on by default on CUDA: fused Triton
+kernels, no L x L tensor; uncompiled they run unfused). On CPU nothing is compiled and torch's public
+``flex_attention`` refuses inputs that require grad, so the kernel calls ``compat.flex_attention_cpu`` (the
+higher-order op the public function dispatches to, whose eager implementation has forward and backward; it
+materialises the scores: for tests and small runs). The flex kernel also accepts a dense boolean mask and then
 runs SDPA: incremental decoding with a KV cache and image-only feature extraction build their own small dense
 masks (``inference/generate.py``), so generation works unchanged with ``model.attention=flex``.
 """
@@ -26,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
+from megatron_genlip import compat, platform
 from megatron_genlip.model.masks import may_attend, sdpa_mask
 
 BLOCK_SIZE = 128  # FlexAttention tile (query and key); rows need not be multiples of it
@@ -66,23 +68,17 @@ def _compiled(fn):
     return torch.compile(fn, dynamic=False)
 
 
+def _on_device(fn, device: torch.device):
+    """``fn`` compiled when the platform decision compiles and the tensors live on the accelerator; as is on CPU."""
+    return _compiled(fn) if platform.current().compile and device.type != "cpu" else fn
+
+
 def flex_block_mask(sample_ids: torch.Tensor, token_kinds: torch.Tensor, block_size: int = BLOCK_SIZE) -> BlockMask:
     """BlockMask [B, 1, L, L] of the prefix-LM rule (one per micro-batch, shared by all layers and heads)."""
     B, L = sample_ids.shape
-    build = _compiled(create_block_mask) if sample_ids.is_cuda else create_block_mask
+    build = _on_device(create_block_mask, sample_ids.device)
     return build(prefix_lm_mask_mod(sample_ids, token_kinds), B, None, L, L, device=sample_ids.device,
                  BLOCK_SIZE=block_size)
-
-
-def _flex_eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask) -> torch.Tensor:
-    """Eager flex attention with autograd: what ``flex_attention`` runs after its argument checks, minus the
-    check that forbids CPU backward (torch 2.13)."""
-    from torch._higher_order_ops.flex_attention import flex_attention as flex_attention_hop
-    from torch.nn.attention.flex_attention import _apply_kernel_options, _identity
-
-    options = _apply_kernel_options(q, k, v, False, None, None)
-    out, _lse, _max = flex_attention_hop(q, k, v, _identity, block_mask.as_tuple(), q.shape[-1] ** -0.5, options)
-    return out
 
 
 class FlexAttention:
@@ -96,9 +92,9 @@ class FlexAttention:
     def __call__(self, q, k, v, mask):
         if not isinstance(mask, BlockMask):
             return sdpa(q, k, v, mask)
-        if q.is_cuda:
-            return _compiled(flex_attention)(q, k, v, block_mask=mask)
-        return _flex_eager(q, k, v, mask)
+        if q.device.type == "cpu":  # torch refuses CPU backward through the public function
+            return compat.flex_attention_cpu(q, k, v, mask)
+        return _on_device(flex_attention, q.device)(q, k, v, block_mask=mask)
 
     def __repr__(self) -> str:
         return "FlexAttention()"

@@ -168,16 +168,19 @@ class HeadMixin:
 
 
 class GenLIPModel(EmbeddingMixin, HeadMixin, torch.nn.Module):
-    def __init__(self, cfg: ModelConfig, tensor_parallel: int = 1, seed: int = 0, sequence_parallel: bool = False):
+    """The whole model on one pipeline stage. ``tp_group`` is the tensor-parallel process group (None: no
+    tensor parallelism, e.g. the meta-device model of ``--dry-run``); the constructor creates no process group and
+    patches nothing (:func:`build_model` makes a runnable one, groups included)."""
+
+    def __init__(self, cfg: ModelConfig, tp_group=None, seed: int = 0, sequence_parallel: bool = False):
         super().__init__()
-        state.ensure_initialized(tensor_parallel)
+        tensor_parallel = state.group_size(tp_group)
         sequence.check_supported(tensor_parallel, sequence_parallel)
         self.cfg = cfg
         self.sequence_parallel = sequence_parallel  # blocks run on sequence slices (parallel/sequence.py)
         self.activation_checkpointing = False  # per-block recomputation in backward (set by the trainer)
         spec = get_layer_spec(cfg)
         pconfig = parallel_config(cfg, tensor_parallel, sequence_parallel)
-        tp_group = state.tensor_parallel_group()
         with component_rng(seed, 0):
             self._build_embedding(cfg, spec, pconfig, tp_group)
         self.rotary = MultimodalRotaryEmbedding(cfg.head_dim, cfg.mrope_section, cfg.rope_theta)
@@ -230,8 +233,10 @@ class GenLIPModel(EmbeddingMixin, HeadMixin, torch.nn.Module):
 
 def build_model(cfg: ModelConfig, tensor_parallel: int = 1, seed: int | None = None,
                 sequence_parallel: bool = False) -> GenLIPModel:
-    """Build a model with the §2.10 init; ``seed`` makes the weights identical on every rank and layout
-    (None: a seed drawn from torch's RNG). ``sequence_parallel`` needs ``tensor_parallel`` > 1."""
+    """Build a runnable model with the §2.10 init on megatron-core's tensor-parallel group (a single process gets a
+    world of one); ``seed`` makes the weights identical on every rank and layout (None: a seed drawn from torch's
+    RNG). ``sequence_parallel`` needs ``tensor_parallel`` > 1."""
     if seed is None:
         seed = int(torch.randint(0, 2**31 - 1, ()))
-    return GenLIPModel(cfg, tensor_parallel, seed, sequence_parallel)
+    state.ensure_initialized(tensor_parallel)
+    return GenLIPModel(cfg, state.tensor_parallel_group(), seed, sequence_parallel)

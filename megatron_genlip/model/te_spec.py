@@ -28,8 +28,8 @@ import torch
 import torch.distributed as dist
 import transformer_engine.pytorch as te
 from megatron.core import parallel_state
-from megatron.core.tensor_parallel.layers import _initialize_affine_weight_cpu
 
+from megatron_genlip.compat import initialize_affine_weight_cpu
 from megatron_genlip.config import ConfigError, ModelConfig
 from megatron_genlip.model.attention import get_attention
 
@@ -90,7 +90,7 @@ class _TELinear(te.Linear):
                          device="cpu" if config.use_cpu_initialization else torch.cuda.current_device())
         column = self.parallel_mode == "column"
         with torch.no_grad():
-            _initialize_affine_weight_cpu(
+            initialize_affine_weight_cpu(
                 self.weight, out_features, in_features, self.weight.shape[0 if column else 1], 0 if column else 1,
                 init_method, params_dtype=config.params_dtype, rank=dist.get_rank(tp_group), world_size=tp_size,
                 skip_set_tensor_parallel_attributes=True,

@@ -12,7 +12,8 @@ is this rank's sequence slice [L/TP, B, d] (scattered after the embeddings, gath
 rank sends its slice to the same TP rank of the next stage, so DeepSpeed's activation partitioning over the TP
 group (``pipeline.pipe_partitioned``, which assumes replicated activations) must be off (the trainer does so).
 
-Parameter names inside each stage equal the single-device model's (``vision_embeddings.*``, ``layer_norm1.*``
+Stage constructors take the tensor-parallel group as an argument (the ``LayerSpec`` carries it) and create no
+process group; :func:`build_pipeline` passes megatron-core's. Parameter names inside each stage equal the single-device model's (``vision_embeddings.*``, ``layer_norm1.*``
 of block i, ``ln_post.*``, ...), and every component is initialised from its own RNG stream
 (``component_rng``), so a pipeline holds exactly the weights of the one-device model built with the same seed.
 """
@@ -37,18 +38,18 @@ def pipeline_inputs(batch: dict[str, torch.Tensor]) -> tuple:
     return tuple(batch[k] for k in INPUT_KEYS), batch["labels"]
 
 
-def _common(cfg: ModelConfig, tensor_parallel: int, sequence_parallel: bool = False):
+def _common(cfg: ModelConfig, tp_group, sequence_parallel: bool = False):
+    tensor_parallel = state.group_size(tp_group)
     sequence.check_supported(tensor_parallel, sequence_parallel)
-    return (get_layer_spec(cfg), parallel_config(cfg, tensor_parallel, sequence_parallel),
-            state.tensor_parallel_group())
+    return get_layer_spec(cfg), parallel_config(cfg, tensor_parallel, sequence_parallel), tp_group
 
 
 class EmbedStage(EmbeddingMixin, torch.nn.Module):
-    def __init__(self, cfg: ModelConfig, tensor_parallel: int, seed: int, sequence_parallel: bool = False):
+    def __init__(self, cfg: ModelConfig, tp_group, seed: int, sequence_parallel: bool = False):
         super().__init__()
         self.sequence_parallel = sequence_parallel
         with component_rng(seed, 0):
-            self._build_embedding(cfg, *_common(cfg, tensor_parallel))
+            self._build_embedding(cfg, *_common(cfg, tp_group))
         self.to(getattr(torch, cfg.params_dtype))
 
     def forward(self, inputs: tuple) -> tuple:
@@ -86,10 +87,10 @@ class BlockStage(TransformerBlock):
     """One transformer block; its rotary tables and mask come from the tuple it receives (built once per
     micro-batch for all blocks of the stage)."""
 
-    def __init__(self, cfg: ModelConfig, tensor_parallel: int, seed: int, index: int,
+    def __init__(self, cfg: ModelConfig, tp_group, seed: int, index: int,
                  activation_checkpointing: bool = False, sequence_parallel: bool = False):
         with component_rng(seed, 1 + index):
-            super().__init__(cfg, *_common(cfg, tensor_parallel, sequence_parallel), index)
+            super().__init__(cfg, *_common(cfg, tp_group, sequence_parallel), index)
         self.rotary = MultimodalRotaryEmbedding(cfg.head_dim, cfg.mrope_section, cfg.rope_theta)
         self.activation_checkpointing = activation_checkpointing
         self.to(getattr(torch, cfg.params_dtype))
@@ -107,11 +108,11 @@ class BlockStage(TransformerBlock):
 class HeadStage(HeadMixin, torch.nn.Module):
     """ln_post, proj, LM head on labelled positions and the token-mean loss: the pipeline's output."""
 
-    def __init__(self, cfg: ModelConfig, tensor_parallel: int, seed: int, sequence_parallel: bool = False):
+    def __init__(self, cfg: ModelConfig, tp_group, seed: int, sequence_parallel: bool = False):
         super().__init__()
         self.sequence_parallel = sequence_parallel
         with component_rng(seed, cfg.num_layers + 1):
-            self._build_head(cfg, *_common(cfg, tensor_parallel))  # runs on full length, never split
+            self._build_head(cfg, *_common(cfg, tp_group))  # runs on full length, never split
         self.to(getattr(torch, cfg.params_dtype))
 
     def forward(self, inputs: tuple) -> torch.Tensor:
@@ -124,12 +125,16 @@ class HeadStage(HeadMixin, torch.nn.Module):
 
 def build_pipeline(cfg: ModelConfig, tensor_parallel: int, pipeline_parallel: int, seed: int,
                    activation_checkpointing: bool = False, sequence_parallel: bool = False) -> PipelineModule:
+    """The pipeline on megatron-core's groups, which must exist (TP x PP as given)."""
     sequence.check_supported(tensor_parallel, sequence_parallel)
-    sp = sequence_parallel
-    layers = [LayerSpec(EmbedStage, cfg, tensor_parallel, seed, sp)]
-    layers += [LayerSpec(BlockStage, cfg, tensor_parallel, seed, i, activation_checkpointing, sp)
+    sp, group = sequence_parallel, state.tensor_parallel_group()
+    if state.group_size(group) != tensor_parallel:
+        raise RuntimeError(f"megatron-core's tensor-parallel group has {state.group_size(group)} ranks, "
+                           f"not tensor_parallel={tensor_parallel}")
+    layers = [LayerSpec(EmbedStage, cfg, group, seed, sp)]
+    layers += [LayerSpec(BlockStage, cfg, group, seed, i, activation_checkpointing, sp)
                for i in range(cfg.num_layers)]
-    layers += [LayerSpec(HeadStage, cfg, tensor_parallel, seed, sp)]
+    layers += [LayerSpec(HeadStage, cfg, group, seed, sp)]
     return PipelineModule(layers=layers, num_stages=pipeline_parallel, loss_fn=None,
                           topology=state.deepspeed_topology(tensor_parallel, pipeline_parallel),
                           partition_method="type:BlockStage", activation_checkpoint_interval=0)

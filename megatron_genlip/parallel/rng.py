@@ -16,8 +16,10 @@ Two kinds of stream (Megatron's ``model_parallel_cuda_manual_seed``):
 megatron-core's ``CudaRNGStatesTracker`` stores CUDA generator states only and fails on a CPU-only torch
 (``torch.cuda.get_rng_state``: "Torch not compiled with CUDA enabled", ENGINES_ON_CPU.md §2.4). The
 :class:`RNGStatesTracker` here stores the CPU generator state (and the current CUDA device's, when CUDA is
-available) per stream and swaps them in ``fork``; :func:`install_tracker` makes it the object megatron-core's
-``get_cuda_rng_tracker()`` returns, so megatron code that forks the tracker works unchanged.
+available) per stream and swaps them in ``fork``. It is the object megatron-core's ``get_cuda_rng_tracker()``
+returns on every platform (installed at start-up by ``compat``'s ``megatron-rng-tracker`` patch, which also checks
+the megatron-core version whose tracker attributes the subclass relies on), so megatron code that forks the
+tracker works unchanged.
 
 Activation checkpointing: :func:`checkpoint` is ``torch.utils.checkpoint`` (non-reentrant; it replays the
 default generators) plus a replay of the tracker's streams, so draws inside ``fork()`` are reproduced too.
@@ -30,16 +32,18 @@ import contextlib
 import torch
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import random as mcore_random
+from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+from megatron_genlip import compat, platform
 
 DEFAULT = "default-rng"  # megatron's name for "no fork active": torch's default generators
-DATA_PARALLEL = mcore_random._DATA_PARALLEL_RNG_TRACKER_NAME  # "data-parallel-rng"
-TENSOR_PARALLEL = mcore_random._MODEL_PARALLEL_RNG_TRACKER_NAME  # "model-parallel-rng"
+DATA_PARALLEL, TENSOR_PARALLEL = compat.megatron_rng_stream_names()  # "data-parallel-rng", "model-parallel-rng"
 REPLICATED_STREAMS = (DEFAULT, DATA_PARALLEL)  # identical on all ranks of a TP group
 DP_SEED_STRIDE = 1000  # replicated seed = seed + 1000 * data-parallel rank (the trainer's historical rule)
 
 
 def _cuda() -> bool:
-    return torch.cuda.is_available()
+    return platform.current().cuda
 
 
 def _current_states() -> dict:
@@ -94,18 +98,15 @@ class RNGStatesTracker(mcore_random.CudaRNGStatesTracker):
         return self._current_state_name
 
 
-def install_tracker() -> RNGStatesTracker:
-    """Make an :class:`RNGStatesTracker` megatron-core's global tracker (``get_cuda_rng_tracker()``); idempotent."""
-    tracker = mcore_random._CUDA_RNG_STATE_TRACKER
-    if not isinstance(tracker, RNGStatesTracker):
-        tracker = RNGStatesTracker()
-        mcore_random._CUDA_RNG_STATE_TRACKER = tracker
-        mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
-    return tracker
-
-
 def get_tracker() -> RNGStatesTracker:
-    return install_tracker()
+    """megatron-core's global tracker (``get_cuda_rng_tracker()``), which the start-up platform decision made an
+    :class:`RNGStatesTracker`."""
+    platform.current()
+    tracker = get_cuda_rng_tracker()
+    if not isinstance(tracker, RNGStatesTracker):
+        raise RuntimeError(f"megatron-core's RNG tracker is a {type(tracker).__name__}, not the project's "
+                           "RNGStatesTracker: something replaced it after megatron_genlip.platform.initialize()")
+    return tracker
 
 
 def replicated_seed(seed: int, dp_rank: int) -> int:
@@ -124,7 +125,7 @@ def model_parallel_seed(seed: int, dp_rank: int | None = None) -> int:
         dp_rank = parallel_state.get_data_parallel_rank()
     base = replicated_seed(seed, dp_rank)
     torch.manual_seed(base)
-    install_tracker()
+    get_tracker()
     mcore_random.model_parallel_cuda_manual_seed(base)
     return base
 
@@ -132,8 +133,7 @@ def model_parallel_seed(seed: int, dp_rank: int | None = None) -> int:
 def replicated_generator(device: torch.device | str | None = None) -> torch.Generator:
     """The generator of the replicated stream for ``device``: torch's default generator. Raises if called
     inside ``fork()`` of a per-TP-rank stream, where the default generator holds that stream instead."""
-    tracker = mcore_random._CUDA_RNG_STATE_TRACKER
-    current = getattr(tracker, "_current_state_name", DEFAULT)
+    current = get_tracker().current_stream
     if current not in REPLICATED_STREAMS:
         raise RuntimeError(f"a draw that must agree over the tensor-parallel group (e.g. DropPath) ran inside "
                            f"get_cuda_rng_tracker().fork({current!r}), a stream that differs per TP rank")

@@ -41,21 +41,21 @@ import torch
 import torch.distributed as dist
 from megatron.core.tensor_parallel import gather_from_sequence_parallel_region, scatter_to_sequence_parallel_region
 
+from megatron_genlip import platform
 from megatron_genlip.parallel import state
 
 
 def check_supported(tensor_parallel: int, sequence_parallel: bool) -> None:
-    """Refuse SP without TP; on CPU apply the ``torch.cuda.current_device`` shim its collectives need."""
-    if not sequence_parallel:
-        return
-    if tensor_parallel < 2:
+    """Refuse SP without TP. (On CPU its collectives need ``compat``'s ``cpu-current-device`` patch, applied at
+    start-up by the platform decision, not here: constructors patch nothing.)"""
+    if sequence_parallel and tensor_parallel < 2:
         raise ValueError(f"sequence parallelism splits the sequence over the tensor-parallel group: it needs "
                          f"parallel.tensor_parallel > 1 (got {tensor_parallel})")
-    state.apply_cpu_sequence_parallel_shim()
 
 
 def scatter(x: torch.Tensor) -> torch.Tensor:
     """Full-length [L, B, d] -> this rank's slice [L/TP, B, d] (backward: all-gather)."""
+    platform.current()  # a library user who never initialised: the decision (and CPU patches) now, not mid-step
     return scatter_to_sequence_parallel_region(x, group=state.tensor_parallel_group())
 
 

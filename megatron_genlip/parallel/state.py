@@ -1,8 +1,9 @@
 """Process groups. megatron-core's ``parallel_state`` owns the TP/PP/DP groups (ARCHITECTURE.md §2).
 
-The model's layers always take their tensor-parallel group from here, so a single-process run (a demo,
-a unit test, a conversion tool) needs a world of one: :func:`ensure_initialized` creates it on demand with
-an in-memory store (no ports, no network).
+Model constructors take their tensor-parallel group as an argument and create nothing; the builders
+(``model.genlip.build_model``, ``parallel.pipeline.build_pipeline``) take it from here. A single-process run (a
+demo, a unit test, a conversion tool) needs a world of one: :func:`ensure_initialized` creates it on demand with
+an in-memory store (no ports, no network). The meta-device model of ``--dry-run`` needs no group at all.
 
 Rank order: megatron-core's default order puts TP innermost, then DP, then PP outermost, exactly like
 DeepSpeed's ``PipeModelDataParallelTopology`` (axes pipe, data, model). :func:`check_rank_order` asserts it,
@@ -40,6 +41,11 @@ def reinitialize(tensor_parallel: int, pipeline_parallel: int = 1) -> None:
     ensure_initialized(tensor_parallel, pipeline_parallel)
 
 
+def group_size(group) -> int:
+    """Ranks in ``group``; None (no tensor parallelism, e.g. a meta-device model) counts as one."""
+    return 1 if group is None else dist.get_world_size(group)
+
+
 def tensor_parallel_group() -> dist.ProcessGroup:
     if not parallel_state.model_parallel_is_initialized():
         ensure_initialized()
@@ -62,30 +68,6 @@ def gather_last_dim(x):
     parts = [torch.empty_like(x) for _ in range(world)]
     dist.all_gather(parts, x.contiguous(), group=group)
     return torch.cat(parts, dim=-1)
-
-
-def apply_cpu_sequence_parallel_shim() -> bool:
-    """Let megatron-core's sequence-parallel collectives allocate on CPU (gloo); True when applied.
-
-    Under sequence parallelism megatron-core 0.16.1 allocates its all-gather / reduce-scatter outputs with
-    ``device=torch.cuda.current_device()`` (tensor_parallel/mappings.py:141/148/181, layers.py:552, the global
-    memory buffer at utils.py:631), which raises "Torch not compiled with CUDA enabled" on a CPU-only torch
-    (ENGINES_ON_CPU.md §2.3). gloo itself implements ``all_gather_into_tensor`` and ``reduce_scatter_tensor``,
-    so the only change needed is ``torch.cuda.current_device()`` returning the CPU device. Applied only when
-    CUDA is unavailable (the model calls it only with sequence parallelism on); on a GPU nothing changes.
-    tests/test_sequence_parallel.py keeps a canary that the stock call still fails without it.
-    """
-    import torch
-
-    if torch.cuda.is_available():
-        return False
-    if not getattr(torch.cuda.current_device, "_genlip_cpu_shim", False):
-        def current_device() -> "torch.device":
-            return torch.device("cpu")
-
-        current_device._genlip_cpu_shim = True
-        torch.cuda.current_device = current_device
-    return True
 
 
 def deepspeed_topology(tensor_parallel: int, pipeline_parallel: int):

@@ -12,6 +12,8 @@ import socket
 import torch
 import torch.distributed as dist
 
+from megatron_genlip.platform import Platform
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -37,29 +39,19 @@ def fill_env() -> None:
         env["MASTER_PORT"] = str(free_port())
 
 
-def disable_shm_comm_op() -> None:
-    """DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce op (~60 s, needs g++) at init;
-    it only serves inference all-reduce, so training marks it incompatible (ENGINES_ON_CPU.md §1.2)."""
-    import deepspeed.ops as ds_ops
-
-    ds_ops.__compatible_ops__["deepspeed_shm_comm"] = False
-
-
-def init_distributed() -> tuple[int, int]:
-    """Initialise torch.distributed through DeepSpeed (megatron-core's groups come after layout checks)."""
+def init_distributed(platform: Platform) -> tuple[int, int]:
+    """Initialise torch.distributed through DeepSpeed (megatron-core's groups come after layout checks). On CPU
+    the platform decision has already kept DeepSpeed from JIT-building its shared-memory op (compat)."""
     import deepspeed
 
     fill_env()
-    if not torch.cuda.is_available():
-        disable_shm_comm_op()
-    else:
+    if platform.cuda:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     if not dist.is_initialized():
         deepspeed.init_distributed(verbose=False)
     return dist.get_rank(), dist.get_world_size()
 
 
-def device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+def device(platform: Platform) -> torch.device:
+    """This rank's device: the CUDA device ``init_distributed`` selected, or the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if platform.cuda else torch.device("cpu")

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import torch
-
 from megatron_genlip.config import Config, Layout
+from megatron_genlip.platform import Platform
 from megatron_genlip.training.checkpoint import resumes_from_universal
 
 
-def deepspeed_config(cfg: Config, layout: Layout) -> dict:
+def deepspeed_config(cfg: Config, layout: Layout, platform: Platform) -> dict:
+    """DeepSpeed's config for ``cfg`` at ``layout``; the Adam implementation and ZeRO's communication overlap and
+    buckets come from the platform decision."""
     t, p = cfg.train, cfg.parallel
-    on_gpu = torch.cuda.is_available()
-    zero: dict = {"stage": p.zero_stage}
-    if p.zero_stage >= 2:
-        zero.update(overlap_comm=on_gpu, contiguous_gradients=True, reduce_bucket_size=5e8)
+    zero: dict = {"stage": p.zero_stage, **platform.zero_settings(p.zero_stage)}
     if p.zero_stage == 3:
         zero.update(stage3_gather_16bit_weights_on_model_save=False)
     ds = {
@@ -32,8 +30,7 @@ def deepspeed_config(cfg: Config, layout: Layout) -> dict:
                 "betas": [t.adam_beta1, t.adam_beta2],
                 "eps": t.adam_eps,
                 "weight_decay": t.weight_decay,
-                # CPU: torch's AdamW (nothing to compile); GPU: DeepSpeed's fused Adam
-                "torch_adam": not on_gpu,
+                **platform.optimizer_params(),  # torch's AdamW: fused on CUDA, foreach on CPU
             },
         },
         "zero_optimization": zero,

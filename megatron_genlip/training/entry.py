@@ -49,6 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def dry_run(cfg: Config, world_size: int | None) -> dict:
+    from megatron_genlip import platform
     from megatron_genlip.model.accounting import build_meta_model, count_parameters, flops_per_sample
     from megatron_genlip.training.ds_config import deepspeed_config
 
@@ -56,6 +57,7 @@ def dry_run(cfg: Config, world_size: int | None) -> dict:
     if world_size is None:
         world_size = t.global_batch_size // t.micro_batch_size * p.tensor_parallel * p.pipeline_parallel
     layout = resolve_layout(cfg, world_size)
+    here = platform.decide(platform.Capabilities.probe(), t.compile)  # decided, not applied: no patch, no group
     counts = count_parameters(build_meta_model(cfg.model))
     n_img, n_txt, n_lab = DRY_RUN_SAMPLE[cfg.data.stage]
     samples_per_row = cfg.data.seq_length / (n_img + n_txt)
@@ -64,7 +66,8 @@ def dry_run(cfg: Config, world_size: int | None) -> dict:
     tokens_step = t.global_batch_size * cfg.data.seq_length
     info = {
         "layout": layout.__dict__,
-        "deepspeed_config": deepspeed_config(cfg, layout),
+        "deepspeed_config": deepspeed_config(cfg, layout, here),
+        "platform": here.describe(),
         "parameters": {"encoder": counts.encoder, "encoder_without_gate": counts.encoder_without_gate,
                        "text": counts.text, "total": counts.total},
         "tokens_per_step": tokens_step,
@@ -78,6 +81,7 @@ def dry_run(cfg: Config, world_size: int | None) -> dict:
         "gpu_hours_at_50pct_mfu": flops_step * t.train_steps / (0.5 * t.peak_tflops * 1e12) / 3600,
     }
     print(json.dumps(info["deepspeed_config"], indent=2))
+    print(f"{here.describe()} (this machine)")
     print(f"layout: world {layout.world_size} = TP {layout.tensor_parallel} x PP {layout.pipeline_parallel} x "
           f"DP {layout.data_parallel}; gradient accumulation {layout.grad_accumulation}")
     print(f"parameters: encoder {counts.encoder / 1e6:.1f}M (without gate {counts.encoder_without_gate / 1e6:.1f}M), "

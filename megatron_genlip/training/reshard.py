@@ -34,10 +34,10 @@ import shlex
 import shutil
 import time
 from pathlib import Path
-from unittest import mock
 
 import torch
 
+from megatron_genlip import compat
 from megatron_genlip.config import Config, ConfigError, Layout, _from_dict, resolve_layout
 from megatron_genlip.parallel import sharding
 from megatron_genlip.training import checkpoint as ckpt
@@ -163,18 +163,11 @@ def _source_param_shapes(src: Path) -> dict[str, list[torch.Size]]:
 
 def _convert(src: Path, out: Path, info: dict, workers: int) -> None:
     """deepspeed.checkpoint.ds_to_universal with our ``universal_checkpoint_info`` (checkpoints written before
-    it was saved, or by another tool, get it too: it is injected through the converter's own hook)."""
-    from deepspeed.checkpoint import ds_to_universal
-    from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
-
-    def inject(ds_checkpoint):
-        ds_checkpoint.global_state[UNIVERSAL_CHECKPOINT_INFO] = info
-
+    it was saved, or by another tool, get it too: ``compat.ds_to_universal`` injects it)."""
     args = argparse.Namespace(input_folder=str(src), output_folder=str(out), num_extract_workers=workers,
                               num_merge_workers=workers, keep_temp_folder=False, strict=True,
                               inject_missing_state=True)
-    with mock.patch.object(ds_to_universal, "_inject_missing_state", inject):
-        ds_to_universal.main(args)
+    compat.ds_to_universal(args, info)
 
 
 def _normalise(out: Path, shapes: dict[str, list], src_tp: int, num_layers: int, states: dict) -> None:

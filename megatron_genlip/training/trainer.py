@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from megatron_genlip import compat, platform
 from megatron_genlip.config import Config, ConfigError, resolve_layout
 from megatron_genlip.data.builder import tokenizer_fingerprint
 from megatron_genlip.data.packed_dataset import build_loader, check_rows_match, open_rows, open_train_rows
@@ -50,31 +51,19 @@ def _ignore_stop_signals(_worker_id: int) -> None:
         signal.signal(s, signal.SIG_IGN)
 
 
-def _report_fp32_clip_norm(engine) -> None:
-    """With ZeRO-0 and fp32 DeepSpeed clips with torch's plain optimizer path and drops the norm it computed
-    (``get_global_grad_norm()`` stays None, which the NaN policy would read as non-finite); keep it."""
-    if engine.zero_optimization() or engine.bfloat16_enabled() or engine.fp16_enabled():
-        return
-    from deepspeed.runtime.utils import clip_grad_norm_
-
-    def clip_and_record() -> None:
-        engine._global_grad_norm = clip_grad_norm_(parameters=engine.module.parameters(),
-                                                   max_norm=engine.gradient_clipping(), mpu=engine.mpu)
-
-    engine.clip_fp32_gradients = clip_and_record
-
-
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.stop_requested = False
-        self.rank, self.world = init_distributed()
+        # first: the one platform decision (device, compile, loader, optimizer, library patches); logged by train()
+        self.platform = platform.initialize(cfg.train.compile)
+        self.rank, self.world = init_distributed(self.platform)
         self.layout = resolve_layout(cfg, self.world)
         state.ensure_initialized(self.layout.tensor_parallel, self.layout.pipeline_parallel)
         state.check_rank_order(self.layout.tensor_parallel, self.layout.pipeline_parallel)
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_world = parallel_state.get_data_parallel_world_size()
-        self.device = device()
+        self.device = device(self.platform)
         self.out = Path(cfg.train.output_dir)
         self.ckpt_dir = self.out / "checkpoints"
         self.iteration = 0
@@ -134,7 +123,7 @@ class Trainer:
         # random streams (parallel/rng.py): DropPath's stream is identical over TP, different per DP rank;
         # megatron-core's tracker gets the per-TP-rank "model-parallel-rng" stream
         rng.model_parallel_seed(cfg.train.seed, self.dp_rank)
-        self.ds_config = deepspeed_config(cfg, self.layout)
+        self.ds_config = deepspeed_config(cfg, self.layout, self.platform)
         if sp and pp > 1:
             # stages exchange sequence slices that differ per TP rank; DeepSpeed's default splits the activation
             # over the TP group and reassembles it from every rank's part, assuming it is replicated (with SP
@@ -150,7 +139,6 @@ class Trainer:
             raise RuntimeError("parallel.sequence_parallel with parallel.pipeline_parallel > 1 needs DeepSpeed's "
                                "pipeline.pipe_partitioned and pipeline.grad_partitioned off")
         self.pipelined = pp > 1
-        _report_fp32_clip_norm(self.engine)
 
     def _client_state(self) -> dict:
         """Trainer state saved with every checkpoint, under its own key (DeepSpeed's own top-level keys such
@@ -208,6 +196,8 @@ class Trainer:
         rank0 = self.rank == 0
         show_bar = t.progress_bar == "always" or (t.progress_bar == "auto" and sys.stderr.isatty())
         log = RunLogger(self.out, rank0, t.tensorboard, t.train_steps if show_bar else None, self.iteration)
+        log.print(self.platform.describe())
+        log.record("platform", self.iteration, dataclasses.asdict(self.platform))
         if rank0:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=1))
@@ -216,13 +206,12 @@ class Trainer:
                   f"packing efficiency (epoch 0) {100 * self.train_rows.efficiency(0):.2f}%")
         loader = build_loader(self.train_rows, self.consumed_samples, t.micro_batch_size, self.dp_rank,
                               self.dp_world, cfg.data.num_workers, worker_init_fn=_ignore_stop_signals,
-                              prefetch_factor=cfg.data.prefetch_factor, pin_memory=self.device.type == "cuda")
+                              prefetch_factor=cfg.data.prefetch_factor, pin_memory=self.platform.pin_memory)
         batches = iter(loader)
         try:
             return self._loop(batches, log)
         finally:  # workers ignore SIGTERM (the trainer owns it), so they are stopped here, never signalled
-            if hasattr(batches, "_shutdown_workers"):
-                batches._shutdown_workers()
+            compat.stop_loader_workers(batches)
             log.close()
 
     def _loop(self, batches, log: RunLogger) -> dict:
