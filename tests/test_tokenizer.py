@@ -275,6 +275,7 @@ def test_cli_reads_text_and_shards_and_trains(tmp_path, capsys, cli, captions):
     assert "vocab size: 322 (300 ranks + 22 special tokens)" in printed
     assert "merges: 44" in printed
     assert "tokens/caption:" in printed
+    assert f"tokenizer.path={output}, model.vocab_size=384 (322 ids padded to a multiple of 64" in printed
     assert len(load_ranks(output)) == 300
 
 

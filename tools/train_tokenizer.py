@@ -26,6 +26,14 @@ from megatron_genlip.data.tokenizer import QWEN2_SPECIAL_TOKENS, load_bpe_tokeni
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
 
+VOCAB_MULTIPLE = 64  # model.vocab_size is divided over tensor-parallel ranks
+
+
+def padded_vocab_size(n_vocab: int, multiple: int = VOCAB_MULTIPLE) -> int:
+    """The model vocabulary for a tokenizer of ``n_vocab`` ids: the next multiple of ``multiple``."""
+    return -(-n_vocab // multiple) * multiple
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", nargs="+", required=True, metavar="PATH",
@@ -119,6 +127,10 @@ def main(argv: list[str] | None = None) -> None:
           f"({n_bytes / n_tokens:.2f}x fewer)")
     print(f"eos <|im_end|> = {tokenizer.eos_id}, <|image_pad|> = {tokenizer.token_id('<|image_pad|>')}")
     print(f"wrote {output}")
+    padded = padded_vocab_size(tokenizer.n_vocab)
+    print(f"use in the config: tokenizer.kind=bpe, tokenizer.path={output}, model.vocab_size={padded} "
+          f"({tokenizer.n_vocab} ids padded to a multiple of {VOCAB_MULTIPLE}, so tensor parallelism up to "
+          f"{VOCAB_MULTIPLE} ranks divides it)")
 
 
 if __name__ == "__main__":
