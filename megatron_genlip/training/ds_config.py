@@ -8,7 +8,9 @@ from megatron_genlip.config import Config, Layout
 from megatron_genlip.training.checkpoint import resumes_from_universal
 
 
-def deepspeed_config(cfg: Config, layout: Layout) -> dict:
+def deepspeed_config(cfg: Config, layout: Layout, load_universal: bool | None = None) -> dict:
+    """``load_universal``: the run resumes from a resharded (universal) checkpoint (None: guess from ``latest``,
+    for dry runs; the trainer passes what rank 0 chose)."""
     t, p = cfg.train, cfg.parallel
     on_gpu = torch.cuda.is_available()
     zero: dict = {"stage": p.zero_stage}
@@ -41,6 +43,8 @@ def deepspeed_config(cfg: Config, layout: Layout) -> dict:
         "wall_clock_breakdown": False,
         "dump_state": False,
     }
-    if resumes_from_universal(cfg):  # a resharded checkpoint (tools/reshard_checkpoint.py): any TP/PP/DP layout
+    if load_universal is None:
+        load_universal = resumes_from_universal(cfg)
+    if load_universal:  # a resharded checkpoint (tools/reshard_checkpoint.py): any TP/PP/DP layout
         ds["checkpoint"] = {"load_universal": True}
     return ds
