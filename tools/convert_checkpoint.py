@@ -14,6 +14,10 @@ The folder holds config.json (model_type "genlip"), model.safetensors with the G
 ``AutoModel.from_pretrained(HF_DIR, trust_remote_code=True)``, the tokenizer (``tokenizer.json`` for
 ``AutoTokenizer`` plus the tiktoken ranks), preprocessor_config.json + image_processing_genlip.py, and a
 model card.
+
+Checkpoints are verified against their manifest (sizes and sha256) before they are read: without --iteration the
+newest one that verifies is exported. --save must be a new or empty folder (or --overwrite), and never one that
+holds a training run's checkpoints.
 """
 
 from __future__ import annotations
@@ -26,8 +30,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from megatron_genlip.config import ConfigError  # noqa: E402
-from megatron_genlip.hf.convert import (CheckpointError, parse_size, read_checkpoint, write_hf_folder,  # noqa: E402
-                                         write_weights_only_checkpoint)
+from megatron_genlip.hf.convert import (CheckpointError, check_save_dir, parse_size, read_checkpoint,  # noqa: E402
+                                         write_hf_folder, write_weights_only_checkpoint)
 
 
 def _size(text: str) -> int:
@@ -46,8 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="exported Hugging Face folder to turn into a trainer checkpoint (weights only)")
     ap.add_argument("--save", required=True, metavar="DIR",
                     help="output: the Hugging Face folder (with --load) or the checkpoint directory (with --from-hf)")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="write into a --save folder that is not empty (never into one holding a run's checkpoints)")
     ap.add_argument("--iteration", type=int, default=None,
-                    help="export the checkpoint of this step (default: the one 'latest' names)")
+                    help="export the checkpoint of this step (default: the newest one that verifies)")
     ap.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16",
                     help="dtype of the exported weights (default bf16, as the official checkpoints)")
     ap.add_argument("--vision-only", action="store_true",
@@ -66,8 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     start = time.time()
     try:
+        check_save_dir(args.save, args.overwrite)  # before minutes of reading
         if args.from_hf:
-            tag = write_weights_only_checkpoint(args.from_hf, args.save, args.tp, args.pp)
+            tag = write_weights_only_checkpoint(args.from_hf, args.save, args.tp, args.pp, args.overwrite)
             print(f"[convert] wrote {tag} from {args.from_hf} ({time.time() - start:.1f} s); start a run from it "
                   f"with --set train.load={args.save} (fresh optimizer, step 0)")
             return 0
@@ -77,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         n = sum(t.numel() for t in state.values())
         print(f"[convert] merged {len(state)} tensors, {n / 1e6:.2f}M parameters, step {client.get('iteration')}, "
               f"layout {client.get('layout') or client.get('target_layout')}", flush=True)
-        out = write_hf_folder(state, client, args.save, args.dtype, args.vision_only, args.max_shard_size)
+        out = write_hf_folder(state, client, args.save, args.dtype, args.vision_only, args.max_shard_size,
+                              args.overwrite)
         print(f"[convert] wrote {out} ({args.dtype}{', vision only' if args.vision_only else ''}) "
               f"in {time.time() - start:.1f} s")
         return 0
