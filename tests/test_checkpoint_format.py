@@ -219,3 +219,21 @@ def test_manifest_lists_every_file_with_size_and_sha256(ckpts):
     start = time.perf_counter()
     fmt.hash_file(p, fsync=True)
     assert time.perf_counter() - start < 5
+
+
+def test_a_save_failing_on_one_rank_fails_on_every_rank(tmp_path):
+    """Real DeepSpeed engines on 2 ranks: rank 1's optimizer file hits a full disk, rank 0's writes succeed.
+    Every rank raises the same message (no rank hangs in DeepSpeed's closing barrier), the partial tag is
+    removed and `latest` still names the previous checkpoint."""
+    import torch
+
+    from dist_harness import run_ranks
+
+    ckpt_dir, result = tmp_path / "checkpoints", tmp_path / "result.pt"
+    run_ranks(2, "ckpt_cases", "save_fails_on_one_rank", str(ckpt_dir), str(result))
+    outcomes = torch.load(result)
+    assert outcomes[0] == outcomes[1], outcomes
+    assert outcomes[0].startswith(f"no space left on {mount_point(tmp_path)} while saving iter_0000002; the previous "
+                                  "checkpoint iter_0000001 is intact"), outcomes[0]
+    assert fmt.list_tags(ckpt_dir) == ["iter_0000001"] and fmt.read_latest(ckpt_dir).tag == "iter_0000001"
+    assert fmt.choose(ckpt_dir).verdict.status == "verified"
