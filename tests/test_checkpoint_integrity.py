@@ -100,7 +100,7 @@ def test_restart_of_a_finished_run_keeps_its_summary(tmp_path, reference, data):
     out = tmp_path / "done"
     shutil.copytree(reference["out"], out)
     before = {p: (out / p).read_bytes() for p in ("summary.json", "logs/train.jsonl", "config.json")}
-    proc = run(1, data, out, COMMON)
+    proc = run(2, data, out, COMMON)  # the layout it ran at: the old trainer rewrote summary.json
     assert f"the run in {out} is finished (step 6 of 6" in proc.stdout and "is kept as it was" in proc.stdout
     assert all((out / p).read_bytes() == b for p, b in before.items())
 

@@ -41,6 +41,7 @@ from megatron_genlip.training import ckpt_format as fmt
 from megatron_genlip.training.errors import CheckpointSaveError, ResumeError
 
 LOW_SPACE_BYTES = 64 << 20  # a write failure with less free space than this is reported as "no space left"
+OWN_CHECKPOINTS = "the output directory"  # the first place a run resumes from; the second is "train.load"
 
 
 def rng_state() -> dict:
@@ -115,9 +116,8 @@ def save_checkpoint(engine, ckpt_dir: str | Path, step: int, client_state: dict,
         client_state = dict(client_state, universal_checkpoint_info=_universal_info(engine, client_state))
         failure = _write_files(engine, ckpt_dir, tag, client_state)
     _abort_if_failed(_first_failure(failure), ckpt_dir, tag)
-    entries = _hash_my_share(ckpt_dir / tag)
-    failure = None
-    if rank == 0:
+    entries, failure = _hash_my_share(ckpt_dir, tag)
+    if rank == 0 and failure is None:
         failure = _attempt(lambda: _finish(ckpt_dir, tag, step, entries, keep_last, protect), ckpt_dir, tag)
     _abort_if_failed(_first_failure(failure), ckpt_dir, tag)
     return tag
@@ -150,10 +150,11 @@ def _write_files(engine, ckpt_dir: Path, tag: str, client_state: dict) -> dict |
     return _attempt(lambda: torch.save(rng_state(), ckpt_dir / tag / fmt.rng_name(dist.get_rank())), ckpt_dir, tag)
 
 
-def _hash_my_share(tag_dir: Path) -> dict[str, dict]:
+def _hash_my_share(ckpt_dir: Path, tag: str) -> tuple[dict[str, dict], dict | None]:
     """This rank's share of the manifest: the files are split over the ranks that see them (each rank surely
     sees the files it wrote), each hashed once and fsynced, so the manifest never vouches for data still in a
-    page cache."""
+    page cache. Rank 0 gets every rank's entries and the first failure; the others their own failure."""
+    tag_dir = ckpt_dir / tag
     listings: list = [None] * dist.get_world_size()
     dist.all_gather_object(listings, fmt.list_files(tag_dir))
     rank = dist.get_rank()
@@ -162,10 +163,14 @@ def _hash_my_share(tag_dir: Path) -> dict[str, dict]:
         for rel in files:
             seen_by.setdefault(rel, []).append(r)
     mine = [rel for i, (rel, ranks) in enumerate(sorted(seen_by.items())) if ranks[i % len(ranks)] == rank]
-    entries = {rel: fmt.hash_file(tag_dir / rel, fsync=True) for rel in mine}
+    entries: dict[str, dict] = {}
+    failure = _attempt(lambda: entries.update({rel: fmt.hash_file(tag_dir / rel, fsync=True) for rel in mine}),
+                       ckpt_dir, tag)
     gathered: list = [None] * dist.get_world_size() if rank == 0 else None
-    dist.gather_object(entries, gathered, dst=0)
-    return {k: v for part in gathered for k, v in part.items()} if rank == 0 else {}
+    dist.gather_object((entries, failure), gathered, dst=0)
+    if rank != 0:
+        return {}, failure
+    return {k: v for part, _ in gathered for k, v in part.items()}, next((f for _, f in gathered if f), None)
 
 
 def _finish(ckpt_dir: Path, tag: str, step: int, entries: dict, keep_last: int, protect: tuple[str, ...]) -> None:
@@ -287,7 +292,7 @@ class Resume:
 
     directory: Path | None = None
     tag: str | None = None
-    source: str = ""  # "the output directory" | "train.load"
+    source: str = ""  # OWN_CHECKPOINTS | "train.load"
     state: dict = field(default_factory=dict)  # the trainer state saved with it (or the weights-only marker)
     manifest: dict | None = None
     notes: list[str] = field(default_factory=list)  # why newer checkpoints were passed over, what `latest` said
@@ -303,7 +308,7 @@ class Resume:
 
 def resume_sources(cfg) -> list[tuple[Path, str]]:
     """Where a run looks for a checkpoint, in order: the output directory's, then ``train.load``."""
-    sources = [(Path(cfg.train.output_dir) / "checkpoints", "the output directory")]
+    sources = [(Path(cfg.train.output_dir) / "checkpoints", OWN_CHECKPOINTS)]
     if cfg.train.load:
         sources.append((Path(cfg.train.load), "train.load"))
     return sources

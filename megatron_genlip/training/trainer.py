@@ -123,7 +123,7 @@ class Trainer:
     def _finished_run(self) -> bool:
         """A restart of a run whose output directory holds its final checkpoint has nothing to do."""
         r = self.resume
-        return (r.tag is not None and r.source == "the output directory" and not r.state.get("weights_only")
+        return (r.tag is not None and r.source == ckpt.OWN_CHECKPOINTS and not r.state.get("weights_only")
                 and r.state.get("iteration", 0) >= self.cfg.train.train_steps)
 
     def _build_data(self) -> None:
@@ -231,23 +231,26 @@ class Trainer:
         rank0 = self.rank == 0
         if self.finished:
             return self._finished_summary()
-        show_bar = t.progress_bar == "always" or (t.progress_bar == "auto" and sys.stderr.isatty())
-        log = RunLogger(self.out, rank0, t.tensorboard, t.train_steps if show_bar else None, self.iteration)
         if rank0:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=1))
-        log.print(f"{self.resumed_from}; layout {dataclasses.asdict(self.layout)}; "
-                  f"packing efficiency (epoch 0) {100 * self.train_rows.efficiency(0):.2f}%")
+        efficiency = self.train_rows.efficiency(0)  # packs epoch 0 if its index is not cached: still start-up
         loader = build_loader(self.train_rows, self.consumed_samples, t.micro_batch_size, self.dp_rank,
                               self.dp_world, cfg.data.num_workers, worker_init_fn=_ignore_stop_signals)
         batches = iter(loader)
+        log = None
         try:
             install_stop_handlers(self)  # until here a stop signal ends start-up at once (signals.py)
+            show_bar = t.progress_bar == "always" or (t.progress_bar == "auto" and sys.stderr.isatty())
+            log = RunLogger(self.out, rank0, t.tensorboard, t.train_steps if show_bar else None, self.iteration)
+            log.print(f"{self.resumed_from}; layout {dataclasses.asdict(self.layout)}; "
+                      f"packing efficiency (epoch 0) {100 * efficiency:.2f}%")
             return self._loop(batches, log)
         finally:  # workers ignore SIGTERM (the trainer owns it), so they are stopped here, never signalled
             if hasattr(batches, "_shutdown_workers"):
                 batches._shutdown_workers()
-            log.close()
+            if log is not None:
+                log.close()
 
     def _loop(self, batches, log: RunLogger) -> dict:
         t = self.cfg.train
