@@ -109,22 +109,34 @@ def test_manifest_damage_makes_a_tag_corrupt(ckpts):
     assert "genlip_manifest.json is unreadable" in choice.notes[0]
 
 
-def test_tags_without_manifest_legacy_or_incomplete(tmp_path):
+def test_tags_without_manifest_legacy_or_unverifiable(tmp_path):
     """No manifest: trusted (legacy, with a warning) only when `latest` names it or a later tag, since the old
-    format wrote `latest` after a save finished; a newer tag without one is an unfinished save."""
+    format wrote `latest` after a save finished; otherwise it cannot be told from an unfinished old save."""
     d = tmp_path / "ck"
     for step in (2, 4, 6):
         make_tag(d, step, manifest=False)
     fmt.write_latest(d, "iter_0000004")
     choice = fmt.choose(d)
     assert choice.tag == "iter_0000004" and choice.verdict.status == "legacy"
-    assert "incomplete" in choice.notes[0] and "iter_0000006" in choice.notes[0]
+    assert "iter_0000006 cannot be used: no genlip_manifest.json and latest does not name it" in choice.notes[0]
     assert "without verification" in choice.verdict.warnings[0]
     (d / "latest").unlink()
-    assert fmt.choose(d).tag is None  # nothing vouches for any of them
+    assert fmt.choose(d).tag is None and fmt.choose(d).tags  # nothing vouches for them, but they exist
     make_tag(d, 8)
-    (d / "iter_0000010").mkdir()  # a save killed before it wrote a file
     assert fmt.choose(d).tag == "iter_0000008"
+
+
+def test_a_save_cut_short_is_no_checkpoint(tmp_path):
+    """Saves are written into iter_N.partial and renamed once their manifest is there: a save killed halfway
+    (here the very first one) leaves no tag, so the restart starts from scratch instead of refusing."""
+    d = tmp_path / "ck"
+    make_tag(d, 2, manifest=False).rename(d / "iter_0000002.partial")
+    choice = fmt.choose(d)
+    assert choice.tag is None and choice.tags == [] and fmt.list_partials(d) == ["iter_0000002.partial"]
+    make_tag(d, 4, manifest=False).rename(d / "iter_0000004.partial")
+    assert fmt.publish(d, "iter_0000004", iteration=4) == d / "iter_0000004"
+    assert fmt.choose(d).verdict.status == "verified" and fmt.read_latest(d).tag == "iter_0000004"
+    assert json.loads((d / "iter_0000004" / fmt.MANIFEST).read_text())["tag"] == "iter_0000004"
 
 
 def test_empty_and_missing_directories(tmp_path):

@@ -467,19 +467,18 @@ def write_weights_only_checkpoint(hf_dir: str | Path, save_dir: str | Path, tp: 
     trainer_state = {k: v.float().contiguous() for k, v in from_hf(state, gated=mcfg.gated_attention).items()}
     check_against_model(trainer_state, mcfg, str(hf_dir))
     tag = Path(save_dir) / ckpt_format.tag_for(0)
-    shutil.rmtree(tag, ignore_errors=True)  # a previous import (with --overwrite): no stale files or manifest
-    tag.mkdir(parents=True)
-    save_file(trainer_state, str(tag / WEIGHTS_ONLY_FILE), metadata={"format": "pt"})
+    work = Path(save_dir) / ckpt_format.partial_name(tag.name)  # renamed to `tag` once complete
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    save_file(trainer_state, str(work / WEIGHTS_ONLY_FILE), metadata={"format": "pt"})
     # the source run's config when the folder is one of ours (tokenizer, recipe), else the defaults (Qwen
     # tokenizer, as the official checkpoints); the model section always comes from config.json
     source_cfg = conf.get("genlip_training", {}).get("config") or Config().to_dict()
     source_cfg = dict(source_cfg, model=dataclasses.asdict(mcfg))
     marker = {"weights_only": True, "source": str(Path(hf_dir).resolve()), "iteration": 0,
               "target_layout": {"tensor_parallel": tp, "pipeline_parallel": pp}, "config": source_cfg}
-    (tag / ckpt_format.WEIGHTS_ONLY_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-    ckpt_format.write_manifest(tag, ckpt_format.manifest_files(tag), iteration=0, imported_from=marker["source"])
-    ckpt_format.write_latest(save_dir, tag.name)
-    return tag
+    (work / ckpt_format.WEIGHTS_ONLY_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+    return ckpt_format.publish(save_dir, tag.name, iteration=0, imported_from=marker["source"])
 
 
 def load_weights_only(engine, tag_dir: str | Path, model_cfg: ModelConfig) -> None:

@@ -6,10 +6,11 @@ Layout of ``CKPT_DIR`` (the format itself lives in :mod:`megatron_genlip.trainin
                              client_state) + rng_rank00000.pt ... (every rank's RNG states) + genlip_manifest.json
     latest                   "iter_0000100", written atomically after the manifest
 
-A save is complete once its manifest exists: every rank hashes a share of the files (streamed sha256), rank 0
-writes the manifest, then ``latest``, then applies retention. A save that fails on any rank (disk full, quota,
-I/O error) fails on every rank with one message; its partial tag is removed and ``latest`` still names the
-previous checkpoint.
+A save is written into ``iter_N.partial/``; every rank hashes a share of the files (streamed sha256), rank 0
+writes the manifest, renames the directory to ``iter_N`` (the checkpoint exists from here on), writes ``latest``
+and applies retention. A save cut short leaves only a ``.partial`` directory, which is never resumed from and
+is removed by the next save. A save that fails on any rank (disk full, quota, I/O error) fails on every rank
+with one message; its partial directory is removed and ``latest`` still names the previous checkpoint.
 
 Resuming (:func:`choose_resume`) is decided by rank 0 and broadcast, so all ranks load the same step: the
 newest checkpoint that verifies (sizes always, checksums unless ``train.verify_checkpoint=false``; the ranks
@@ -110,11 +111,12 @@ def save_checkpoint(engine, ckpt_dir: str | Path, step: int, client_state: dict,
     rank failed; the previous checkpoint and ``latest`` are then untouched."""
     ckpt_dir = Path(ckpt_dir)
     tag = fmt.tag_for(step)
+    partial = fmt.partial_name(tag)
     rank = dist.get_rank()
-    failure = _attempt(lambda: _prepare_tag_dir(ckpt_dir, tag), ckpt_dir, tag) if rank == 0 else None
+    failure = _attempt(lambda: _prepare(ckpt_dir, partial), ckpt_dir, tag) if rank == 0 else None
     if not _first_failure(failure):
         client_state = dict(client_state, universal_checkpoint_info=_universal_info(engine, client_state))
-        failure = _write_files(engine, ckpt_dir, tag, client_state)
+        failure = _write_files(engine, ckpt_dir, tag, partial, client_state)
     _abort_if_failed(_first_failure(failure), ckpt_dir, tag)
     entries, failure = _hash_my_share(ckpt_dir, tag)
     if rank == 0 and failure is None:
@@ -123,21 +125,19 @@ def save_checkpoint(engine, ckpt_dir: str | Path, step: int, client_state: dict,
     return tag
 
 
-def _prepare_tag_dir(ckpt_dir: Path, tag: str) -> None:
-    """Rank 0, before anyone writes: an existing directory of this tag is a leftover (a save that never
-    finished, or a checkpoint passed over at resume because it did not verify) and must not mix with new files."""
-    tag_dir = ckpt_dir / tag
-    if tag_dir.exists():
-        print(f"removing {tag_dir} before saving it again (a save that never finished, or a checkpoint passed over "
-              "at resume)", file=sys.stderr, flush=True)
-        shutil.rmtree(tag_dir)
-    tag_dir.mkdir(parents=True)
+def _prepare(ckpt_dir: Path, partial: str) -> None:
+    """Rank 0, before anyone writes: ``.partial`` directories are saves that never finished (this run holds the
+    output directory's lock, so nobody else writes them); they go, and the new one starts empty."""
+    for leftover in fmt.list_partials(ckpt_dir):
+        print(f"removing {ckpt_dir / leftover}: a save that did not finish", file=sys.stderr, flush=True)
+        shutil.rmtree(ckpt_dir / leftover)
+    (ckpt_dir / partial).mkdir(parents=True)
 
 
-def _write_files(engine, ckpt_dir: Path, tag: str, client_state: dict) -> dict | None:
-    """DeepSpeed's files and this rank's RNG states; the failure of this rank, if any."""
+def _write_files(engine, ckpt_dir: Path, tag: str, partial: str, client_state: dict) -> dict | None:
+    """DeepSpeed's files and this rank's RNG states, into the partial directory; this rank's failure, if any."""
     try:
-        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+        engine.save_checkpoint(str(ckpt_dir), tag=partial, client_state=client_state, save_latest=False)
     except Exception as e:  # noqa: BLE001 - reported on every rank by _abort_if_failed
         # DeepSpeed 0.19.8's save_checkpoint ends with a barrier that this rank skipped by raising from a write
         # (its only collectives before the writes are a barrier and the tag check); ranks whose writes
@@ -147,14 +147,15 @@ def _write_files(engine, ckpt_dir: Path, tag: str, client_state: dict) -> dict |
         except Exception:  # noqa: BLE001
             pass
         return _failure(e, ckpt_dir, tag)
-    return _attempt(lambda: torch.save(rng_state(), ckpt_dir / tag / fmt.rng_name(dist.get_rank())), ckpt_dir, tag)
+    rng_file = ckpt_dir / partial / fmt.rng_name(dist.get_rank())
+    return _attempt(lambda: torch.save(rng_state(), rng_file), ckpt_dir, tag)
 
 
 def _hash_my_share(ckpt_dir: Path, tag: str) -> tuple[dict[str, dict], dict | None]:
     """This rank's share of the manifest: the files are split over the ranks that see them (each rank surely
     sees the files it wrote), each hashed once and fsynced, so the manifest never vouches for data still in a
     page cache. Rank 0 gets every rank's entries and the first failure; the others their own failure."""
-    tag_dir = ckpt_dir / tag
+    tag_dir = ckpt_dir / fmt.partial_name(tag)
     listings: list = [None] * dist.get_world_size()
     dist.all_gather_object(listings, fmt.list_files(tag_dir))
     rank = dist.get_rank()
@@ -174,9 +175,10 @@ def _hash_my_share(ckpt_dir: Path, tag: str) -> tuple[dict[str, dict], dict | No
 
 
 def _finish(ckpt_dir: Path, tag: str, step: int, entries: dict, keep_last: int, protect: tuple[str, ...]) -> None:
-    """Rank 0: manifest (the checkpoint is complete from here on), ``latest``, retention."""
-    fmt.write_manifest(ckpt_dir / tag, entries, iteration=step, world_size=dist.get_world_size())
-    fmt.write_latest(ckpt_dir, tag)
+    """Rank 0: the manifest, the rename that makes the checkpoint exist, ``latest``, retention. A tag directory of
+    the same step already there was passed over at resume (it did not verify): the new save replaces it."""
+    fmt.publish(ckpt_dir, tag, entries, log=lambda text: print(text, file=sys.stderr, flush=True), iteration=step,
+                world_size=dist.get_world_size())
     prune(ckpt_dir, keep_last, protect=(tag, *protect))
 
 
@@ -228,12 +230,12 @@ def mount_point(path: str | Path) -> Path:
 
 
 def _abort_if_failed(failure: dict | None, ckpt_dir: Path, tag: str) -> None:
-    """Every rank: if some rank failed, rank 0 removes the partial tag and every rank raises the same error."""
+    """Every rank: if some rank failed, rank 0 removes the partial save and every rank raises the same error."""
     if failure is None:
         return
     previous = fmt.read_latest(ckpt_dir).tag
     if dist.get_rank() == 0:
-        shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+        shutil.rmtree(ckpt_dir / fmt.partial_name(tag), ignore_errors=True)
     dist.barrier()
     intact = (f"the previous checkpoint {previous} is intact" if previous
               else "no earlier checkpoint exists")

@@ -8,7 +8,9 @@ A checkpoint directory::
 
     iter_0000100/                 one checkpoint ("tag"): DeepSpeed's files, rng_rank*.pt, markers, and
         genlip_manifest.json      every other file of the tag with its size and sha256, written LAST
-    latest                        "iter_0000100": a hint, written atomically after the manifest
+    iter_0000200.partial/         a save in progress: renamed to iter_0000200 once its manifest is written,
+                                  so a save cut short never looks like a checkpoint (and is removed by the next save)
+    latest                        "iter_0000100": a hint, written atomically after the rename
 
 Trust rules (:func:`check_tag`, :func:`choose`):
 
@@ -16,11 +18,11 @@ Trust rules (:func:`check_tag`, :func:`choose`):
   **verified**; a listed file that is missing, shorter, longer or different makes it **corrupt**;
   ``rng_rank*.pt`` files are optional: a problem with one is a warning (that rank's random streams restart),
   never a reason to distrust the weights and optimizer state;
-* a tag without a manifest is either **incomplete** (its save never finished) or **legacy** (saved before
-  checkpoints carried a manifest). It is trusted as legacy only when ``latest`` names it or a later tag,
-  because the old format wrote ``latest`` only after a save had finished;
+* a tag without a manifest was saved before checkpoints carried one (**legacy**), or is the unfinished save of
+  such an old version. It is trusted only when ``latest`` names it or a later tag, because the old format wrote
+  ``latest`` only after a save had finished; otherwise it is **unverifiable**;
 * ``latest`` is only a hint: the newest verified tag wins, whatever ``latest`` says (a crash between the
-  manifest and ``latest`` leaves a newer complete checkpoint that ``latest`` does not name yet).
+  rename and ``latest`` leaves a newer complete checkpoint that ``latest`` does not name yet).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import socket
 import time
 from dataclasses import dataclass, field
@@ -46,6 +49,7 @@ WEIGHTS_ONLY_FILE = "model.safetensors"  # the full weights of a weights-only ta
 MODEL_STATES_FILES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
 OPTIM_STATES_GLOB = "*_optim_states.pt"  # ZeRO optimizer partitions, one per data-parallel x model-parallel rank
 RNG_RE = re.compile(r"^rng_rank\d{5,}\.pt$")
+PARTIAL_SUFFIX = ".partial"  # a tag directory being written
 HASH_CHUNK = 8 << 20
 
 
@@ -59,6 +63,19 @@ class CheckpointFormatError(RuntimeError):
 
 def tag_for(step: int) -> str:
     return f"iter_{step:07d}"
+
+
+def partial_name(tag: str) -> str:
+    return tag + PARTIAL_SUFFIX
+
+
+def list_partials(directory: str | Path) -> list[str]:
+    """Tag directories of saves that never finished (or are being written right now)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(p.name for p in directory.iterdir()
+                  if p.name.endswith(PARTIAL_SUFFIX) and TAG_RE.match(p.name[:-len(PARTIAL_SUFFIX)]))
 
 
 def step_of(tag: str) -> int | None:
@@ -141,10 +158,10 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:
@@ -192,10 +209,11 @@ def hash_file(path: str | Path, fsync: bool = False) -> dict:
     return {"size": size, "sha256": digest.hexdigest()}
 
 
-def write_manifest(tag_dir: str | Path, files: dict[str, dict], **info) -> None:
-    """The manifest of a finished tag (atomically). ``files``: relative path -> :func:`hash_file` entry."""
+def write_manifest(tag_dir: str | Path, files: dict[str, dict], tag: str | None = None, **info) -> None:
+    """The manifest of a finished tag (atomically). ``files``: relative path -> :func:`hash_file` entry; ``tag``:
+    the tag's name when it is written in its ``.partial`` directory."""
     tag_dir = Path(tag_dir)
-    manifest = {"format": "megatron-genlip checkpoint manifest", "version": MANIFEST_VERSION, "tag": tag_dir.name,
+    manifest = {"format": "megatron-genlip checkpoint manifest", "version": MANIFEST_VERSION, "tag": tag or tag_dir.name,
                 "algorithm": "sha256", "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "host": socket.gethostname(), **info, "files": dict(sorted(files.items()))}
     atomic_write_text(tag_dir / MANIFEST, json.dumps(manifest, indent=1) + "\n")
@@ -204,6 +222,23 @@ def write_manifest(tag_dir: str | Path, files: dict[str, dict], **info) -> None:
 def manifest_files(tag_dir: str | Path, fsync: bool = True) -> dict[str, dict]:
     """Hash every file of a tag in this process (the tools; the trainer splits the work over its ranks)."""
     return {rel: hash_file(Path(tag_dir) / rel, fsync) for rel in list_files(tag_dir)}
+
+
+def publish(directory: str | Path, tag: str, files: dict[str, dict] | None = None, log=None, **info) -> Path:
+    """Finish a save written into ``tag``'s ``.partial`` directory: its manifest (``files``, or every file hashed
+    here), the rename that makes the checkpoint exist (replacing a tag directory of that name, one that did not
+    verify), then ``latest``."""
+    directory = Path(directory)
+    work, final = directory / partial_name(tag), directory / tag
+    write_manifest(work, manifest_files(work) if files is None else files, tag=tag, **info)
+    if final.exists():
+        if log:
+            log(f"replacing {final}, which did not verify")
+        shutil.rmtree(final)
+    work.rename(final)
+    fsync_dir(directory)
+    write_latest(directory, tag)
+    return final
 
 
 def read_manifest(tag_dir: str | Path) -> dict | None:
@@ -265,7 +300,7 @@ FileChecker = Callable[[Path, dict, bool], tuple[list, list]]
 @dataclass
 class Verdict:
     """How far a tag can be trusted: status "verified", "legacy" (no manifest, trusted through ``latest``),
-    "incomplete" (no manifest, not trusted) or "corrupt"."""
+    "unverifiable" (no manifest, not trusted) or "corrupt"."""
 
     tag: str
     status: str
@@ -278,8 +313,9 @@ class Verdict:
         return self.status in ("verified", "legacy")
 
     def reason(self) -> str:
-        if self.status == "incomplete":
-            return f"incomplete (no {MANIFEST}: its save did not finish)"
+        if self.status == "unverifiable":
+            return (f"no {MANIFEST} and {LATEST} does not name it or a later tag: a save of an older version that "
+                    f"did not finish, or an old checkpoint whose {LATEST} is gone (rewrite {LATEST} to trust it)")
         more = f" (and {len(self.problems) - 3} more)" if len(self.problems) > 3 else ""
         return "; ".join(self.problems[:3]) + more
 
@@ -297,7 +333,7 @@ def check_tag(directory: str | Path, tag: str, checksums: bool = True, hint: Lat
     if manifest is None:
         hint = read_latest(directory) if hint is None else hint
         if hint.tag is None or step_of(tag) is None or step_of(tag) > step_of(hint.tag):
-            return Verdict(tag, "incomplete")
+            return Verdict(tag, "unverifiable")
         if not any((tag_dir / n).is_file() for n in (*MODEL_STATES_FILES, WEIGHTS_ONLY_MARKER)):
             return Verdict(tag, "corrupt", [f"{tag_dir} holds none of {', '.join(MODEL_STATES_FILES)}"])
         return Verdict(tag, "legacy", warnings=[f"{tag_dir} has no {MANIFEST} (saved before checkpoints carried "

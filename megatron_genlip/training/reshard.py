@@ -333,26 +333,27 @@ def reshard(load: str | Path, save: str | Path, tp: int, pp: int, dp: int | None
     log(f"[1/4] {len(shapes)} parameters; tensor-parallel split by name: {len(info['tp_replicated_parameter_patterns'])}"
         f" replicated, {len(info['parameter_with_row_parallelism_patterns'])} row-parallel (dim 1), the rest dim 0")
     save.mkdir(parents=True, exist_ok=True)
+    work = save / fmt.partial_name(tag)  # renamed to `out` once complete: a conversion cut short never looks done
+    shutil.rmtree(work, ignore_errors=True)
     try:
         log("[2/4] DeepSpeed ds_to_universal: gathering ZeRO fragments, merging TP shards")
         staged = _stage_source(src, save / f".staging-{tag}-{os.getpid()}")
         try:
-            _convert(staged, out, info, workers)
+            _convert(staged, work, info, workers)
         finally:
             shutil.rmtree(staged, ignore_errors=True)
         states = torch.load(states_file, map_location="cpu", weights_only=False, mmap=True)  # module dropped below
-        _normalise(out, shapes, source["tensor_parallel"], num_layers, states)
-        zero = out / "zero"
+        _normalise(work, shapes, source["tensor_parallel"], num_layers, states)
+        zero = work / "zero"
         renamed = _rename_for_target(zero, num_layers, pipelined=pp > 1)
         n = _verify(zero, shapes, source["tensor_parallel"], tp, num_layers, pipelined=pp > 1)
         log(f"[3/4] verified {n} parameters (full fp32 weights, exp_avg, exp_avg_sq, step); renamed {renamed} for "
             f"{'the pipeline' if pp > 1 else 'PP=1'} naming")
-        _write_states(out, states, state, src, source, target)
-        fmt.write_manifest(out, fmt.manifest_files(out), iteration=state.get("iteration"), resharded_from=str(src))
+        _write_states(work, states, state, src, source, target)
+        fmt.publish(save, tag, iteration=state.get("iteration"), resharded_from=str(src))
     except BaseException:
-        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
         raise
-    fmt.write_latest(save, tag)
     log(f"[4/4] wrote {out} and {save / 'latest'} in {time.perf_counter() - start:.1f}s; resume with "
         f"--set train.load={save} --set parallel.tensor_parallel={tp} --set parallel.pipeline_parallel={pp} "
         f"(parallel.zero_stage 1 or 2{', or 3' if tp == 1 else ''})")
