@@ -106,9 +106,9 @@ def _first_failure(failure: dict | None) -> dict | None:
 
 def save_checkpoint(engine, ckpt_dir: str | Path, step: int, client_state: dict, keep_last: int,
                     protect: tuple[str, ...] = ()) -> str:
-    """Save on every rank: DeepSpeed's files and the RNG states, then the manifest, then ``latest``, then
-    retention (which never deletes the tags in ``protect``). Raises CheckpointSaveError on every rank if any
-    rank failed; the previous checkpoint and ``latest`` are then untouched."""
+    """Save on every rank: DeepSpeed's files and the RNG states into ``iter_N.partial``, then the manifest, the
+    rename to ``iter_N``, ``latest`` and retention (which never deletes the tags in ``protect``). Raises
+    CheckpointSaveError on every rank if any rank failed; the previous checkpoint and ``latest`` are untouched."""
     ckpt_dir = Path(ckpt_dir)
     tag = fmt.tag_for(step)
     partial = fmt.partial_name(tag)
