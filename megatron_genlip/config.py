@@ -8,6 +8,7 @@ Unknown keys are an error that names the key, so a typo never silently falls bac
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,13 +140,16 @@ class TrainConfig:
     seed: int = 42
     log_interval: int = 1  # steps between log lines
     save_interval: int = 1000  # steps between checkpoints (and one at the end)
-    keep_last: int = 3  # checkpoints kept; older ones are deleted
+    keep_last: int = 3  # complete checkpoints kept; older ones are deleted (0: keep all)
     load: str | None = None  # checkpoint directory to start from when output_dir has none
     eval_interval: int = 1000  # steps between evaluations (and one at the end)
     eval_rows: int = 8  # held-out packed rows for the validation loss
     eval_captions: int = 16  # held-out images captioned for exact-match / token accuracy
     max_new_tokens: int = 64  # generation limit for evaluation captions
     nan_policy: str = "skip"  # non-finite loss/grad norm: "skip" the step (counted) or "stop" the run
+    max_consecutive_skips: int = 20  # stop (exit 3, naming the last good checkpoint) after this many skipped steps in a row; 0: never
+    verify_checkpoint: bool = True  # on resume, check every file's sha256 against the manifest (sizes are always checked)
+    allow_fresh_start: bool = False  # start from scratch when checkpoints exist but none can be resumed from
     inject_nan_steps: list[int] = field(default_factory=list)  # fault injection: poison these steps' batches
     peak_tflops: float = 989.0  # per device, for MFU (H100 dense bf16)
     tensorboard: bool = True
@@ -278,8 +282,80 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     raw: dict[str, Any] = read_yaml(path) if path is not None else {}
     apply_overrides(raw, list(overrides or []))
     cfg = _from_dict(Config, raw)
+    validate(cfg)
     validate_model(cfg.model, cfg.train, cfg.parallel)
     return cfg
+
+
+TOKENIZER_KINDS = ("qwen", "bpe")  # as megatron_genlip.data.tokenizer.TOKENIZER_KINDS (a test keeps them equal)
+
+
+def validate(cfg: Config) -> None:
+    """Check every field with a range at start-up, before any process, file or engine is touched, and report
+    all problems at once, each naming its field. The cross-field and world-size checks of the parallel layout
+    are :func:`resolve_layout`'s; those of the model's shapes :func:`validate_model`'s."""
+    not_finite = [name for name, value in _float_fields(cfg) if value is not None and not math.isfinite(value)]
+    errors = [f"{name} must be a finite number, got {getattr(getattr(cfg, name.split('.')[0]), name.split('.')[1])!r}"
+              for name in not_finite]
+
+    def need(ok: bool, name: str, rule: str) -> None:
+        section, key = name.split(".")
+        if not ok and name not in not_finite:
+            errors.append(f"{name} must be {rule}, got {getattr(getattr(cfg, section), key)!r}")
+
+    m, tok, d, p, t = cfg.model, cfg.tokenizer, cfg.data, cfg.parallel, cfg.train
+    for key in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "text_embed_dim", "vocab_size",
+                "patch_size", "num_channels"):
+        need(getattr(m, key) >= 1, f"model.{key}", ">= 1")
+    need(m.rope_theta > 0, "model.rope_theta", "> 0")
+    need(m.layernorm_eps > 0, "model.layernorm_eps", "> 0")
+    need(m.init_std >= 0, "model.init_std", ">= 0")
+    need(tok.kind in TOKENIZER_KINDS, "tokenizer.kind", f"one of {', '.join(TOKENIZER_KINDS)}")
+    need(tok.kind != "bpe" or bool(tok.path), "tokenizer.path", "set for tokenizer.kind=bpe (a ranks file written by "
+         "tools/train_tokenizer.py)")
+    need(d.stage in (1, 2), "data.stage", "1 or 2")
+    need(d.image_size >= 1 and d.image_size % max(1, m.patch_size) == 0, "data.image_size",
+         f"a positive multiple of model.patch_size ({m.patch_size})")
+    need(d.min_pixels >= 1, "data.min_pixels", ">= 1")
+    need(d.max_pixels >= d.min_pixels, "data.max_pixels", f">= data.min_pixels ({d.min_pixels})")
+    image_tokens = (d.image_size // max(1, m.patch_size)) ** 2 if d.stage == 1 else 1
+    need(d.seq_length > image_tokens, "data.seq_length", f"> {image_tokens} (a packed row must hold at least one "
+         "sample: its image tokens plus its text)")
+    need(d.max_sample_length >= 1, "data.max_sample_length", ">= 1")
+    need(d.pack_buffer_size >= 1, "data.pack_buffer_size", ">= 1 (samples scanned when filling a row)")
+    need(d.seed >= 0, "data.seed", ">= 0")
+    need(d.num_workers >= 0, "data.num_workers", ">= 0 (0: load in the training process)")
+    need(p.data_parallel is None or p.data_parallel >= 1, "parallel.data_parallel", ">= 1 or null")
+    for key in ("micro_batch_size", "global_batch_size", "train_steps", "log_interval", "save_interval",
+                "eval_interval", "eval_rows", "max_new_tokens"):
+        need(getattr(t, key) >= 1, f"train.{key}", ">= 1")
+    need(t.lr > 0, "train.lr", "> 0")
+    need(0 <= t.min_lr <= max(t.lr, 0), "train.min_lr", f"within [0, train.lr ({t.lr})]")
+    need(0 <= t.warmup_ratio < 1, "train.warmup_ratio", "in [0, 1)")
+    need(t.warmup_steps is None or t.warmup_steps >= 0, "train.warmup_steps", ">= 0 or null")
+    need(t.weight_decay >= 0, "train.weight_decay", ">= 0")
+    need(0 <= t.adam_beta1 < 1, "train.adam_beta1", "in [0, 1)")
+    need(0 <= t.adam_beta2 < 1, "train.adam_beta2", "in [0, 1)")
+    need(t.adam_eps > 0, "train.adam_eps", "> 0")
+    need(t.clip_grad >= 0, "train.clip_grad", ">= 0 (0: no clipping)")
+    need(t.seed >= 0, "train.seed", ">= 0")
+    need(t.keep_last >= 0, "train.keep_last", ">= 0 (0: keep every checkpoint)")
+    need(t.eval_captions >= 0, "train.eval_captions", ">= 0")
+    need(t.peak_tflops > 0, "train.peak_tflops", "> 0")
+    need(t.max_consecutive_skips >= 0, "train.max_consecutive_skips", ">= 0 (0: never stop for skipped steps)")
+    need(all(s >= 1 for s in t.inject_nan_steps), "train.inject_nan_steps", "a list of steps >= 1")
+    if errors:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
+
+
+def _float_fields(cfg: Config):
+    """("section.key", value) of every float field (NaN and infinity pass every comparison test unnoticed)."""
+    for section in dataclasses.fields(cfg):
+        obj = getattr(cfg, section.name)
+        hints = typing.get_type_hints(type(obj))
+        for f in dataclasses.fields(obj):
+            if hints[f.name] in (float, float | None):
+                yield f"{section.name}.{f.name}", getattr(obj, f.name)
 
 
 FP8_TE_RECIPES = ("delayed", "current", "mxfp8")

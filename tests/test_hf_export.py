@@ -276,7 +276,7 @@ def test_weights_only_checkpoint_starts_a_run_at_another_layout(trained, tmp_pat
 
 def test_bad_inputs_name_the_file(trained, tmp_path):
     ckpt = trained["runs"]["single"] / "checkpoints"
-    with pytest.raises(CheckpointError, match=r"iter_0000099.*available: iter_0000003"):
+    with pytest.raises(CheckpointError, match=r"iter_0000099 does not exist \(checkpoints in .*: iter_0000003\)"):
         read_checkpoint(ckpt, 99)
     bad = convert("--load", str(ckpt), "--iteration", "99", "--save", str(tmp_path / "x"), check=False)
     assert bad.returncode == 2 and "iter_0000099" in bad.stderr

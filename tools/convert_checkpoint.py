@@ -18,6 +18,10 @@ the §6 key names (sharded with model.safetensors.index.json above --max-shard-s
 model card. --from-hf reads the official schema and our earlier exports, and refuses, naming the fields, a
 config.json it cannot train (unknown fields, mrope_interleaved/use_swiglu_ffn false, LayerScale off, an
 M-RoPE section naming channels the head dim does not have, ...).
+
+Checkpoints are verified against their manifest (sizes and sha256) before they are read: without --iteration the
+newest one that verifies is exported. --save must be a new or empty folder (or --overwrite), and never one that
+holds a training run's checkpoints.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from megatron_genlip.config import ConfigError  # noqa: E402
-from megatron_genlip.hf.convert import (CheckpointError, parse_size, read_checkpoint,  # noqa: E402
+from megatron_genlip.hf.convert import (CheckpointError, check_save_dir, parse_size, read_checkpoint,  # noqa: E402
                                          read_trainer_state, write_hf_folder, write_weights_only_checkpoint)
 from megatron_genlip.hf.official_config import MODEL_FIELDS  # noqa: E402
 
@@ -52,8 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "a trainer checkpoint (weights only)")
     ap.add_argument("--save", required=True, metavar="DIR",
                     help="output: the Hugging Face folder (with --load) or the checkpoint directory (with --from-hf)")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="write into a --save folder that is not empty (never into one holding a run's checkpoints)")
     ap.add_argument("--iteration", type=int, default=None,
-                    help="export the checkpoint of this step (default: the one 'latest' names)")
+                    help="export the checkpoint of this step (default: the newest one that verifies)")
     ap.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16",
                     help="dtype of the exported weights (default bf16, as the official checkpoints)")
     ap.add_argument("--vision-only", action="store_true",
@@ -72,8 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     start = time.time()
     try:
+        check_save_dir(args.save, args.overwrite)  # before minutes of reading
         if args.from_hf:
-            tag = write_weights_only_checkpoint(args.from_hf, args.save, args.tp, args.pp)
+            tag = write_weights_only_checkpoint(args.from_hf, args.save, args.tp, args.pp, args.overwrite)
             model = read_trainer_state(tag)["config"]["model"]
             fields = [*MODEL_FIELDS.values(), "mrope_section"]
             print(f"[convert] wrote {tag} from {args.from_hf} ({time.time() - start:.1f} s); start a run from it "
@@ -87,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         n = sum(t.numel() for t in state.values())
         print(f"[convert] merged {len(state)} tensors, {n / 1e6:.2f}M parameters, step {client.get('iteration')}, "
               f"layout {client.get('layout') or client.get('target_layout')}", flush=True)
-        out = write_hf_folder(state, client, args.save, args.dtype, args.vision_only, args.max_shard_size)
+        out = write_hf_folder(state, client, args.save, args.dtype, args.vision_only, args.max_shard_size,
+                              args.overwrite)
         print(f"[convert] wrote {out} ({args.dtype}{', vision only' if args.vision_only else ''}) "
               f"in {time.time() - start:.1f} s")
         return 0

@@ -9,7 +9,8 @@ at the new layout. Runs on CPU, in one process, without a launcher. Example:
     deepspeed --num_gpus 1 examples/pretrain_genlip.py --config CONFIG --set parallel.tensor_parallel=1 \\
         --set parallel.pipeline_parallel=1 --set train.load=outputs/run-tp1/checkpoints --output-dir outputs/run-tp1
 
-Sources: checkpoints written by the trainer with ZeRO stage 1, 2 or 3 (any TP/PP/DP). Targets: any TP/PP/DP the
+Sources: checkpoints written by the trainer with ZeRO stage 1, 2 or 3 (any TP/PP/DP), verified against their
+manifest before they are read (without --iteration, the newest one that verifies). Targets: any TP/PP/DP the
 model allows, with parallel.zero_stage 1 or 2 (or 3 at TP=1). Per-rank RNG states are not carried over (DropPath
 restarts from the seed). Exit status 2 with a message naming the file or setting when a checkpoint cannot be
 converted.
@@ -29,7 +30,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--load", required=True, metavar="CKPT_DIR",
                     help="checkpoint directory of the run (OUTPUT_DIR/checkpoints: holds 'latest' and iter_NNNNNNN/)")
     ap.add_argument("--iteration", type=int, default=None, metavar="N",
-                    help="convert iter_N (default: the checkpoint named by CKPT_DIR/latest)")
+                    help="convert iter_N (default: the newest checkpoint of CKPT_DIR that verifies)")
     ap.add_argument("--save", required=True, metavar="NEW_CKPT_DIR",
                     help="directory to write the converted checkpoint to (same iter_ tag, plus 'latest'); "
                          "start the new run with --set train.load=NEW_CKPT_DIR")

@@ -23,6 +23,7 @@ import json
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -35,10 +36,11 @@ from megatron_genlip.hf.official_config import (check_gate_rows, from_official, 
                                                 official_model_fields, to_official)
 from megatron_genlip.parallel.sharding import merge_tp, model_name, split_tp
 from megatron_genlip.training import checkpoint as ckpt
+from megatron_genlip.training import ckpt_format
 
 HF_DIR = Path(__file__).resolve().parent
 REMOTE_CODE = ("configuration_genlip.py", "modeling_genlip.py", "image_processing_genlip.py")
-WEIGHTS_ONLY_FILE = "model.safetensors"
+WEIGHTS_ONLY_FILE = ckpt_format.WEIGHTS_ONLY_FILE
 ENCODER_PREFIXES = ("vision_embeddings.", "visual.", "ln_post.")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -52,21 +54,13 @@ class CheckpointError(ValueError):
 
 
 def resolve_tag(ckpt_dir: str | Path, iteration: int | None = None) -> Path:
-    """The tag directory for ``iteration`` (None: the one ``latest`` names)."""
-    ckpt_dir = Path(ckpt_dir)
-    if not ckpt_dir.is_dir():
-        raise CheckpointError(f"checkpoint directory {ckpt_dir} does not exist")
-    tags = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and re.match(r"^iter_\d{7,}$", p.name))
-    if iteration is None:
-        pointer = ckpt_dir / "latest"
-        if not pointer.is_file():
-            raise CheckpointError(f"{pointer} is missing: pass --iteration (available: {', '.join(tags) or 'none'})")
-        tag = ckpt_dir / pointer.read_text().strip()
-    else:
-        tag = ckpt_dir / f"iter_{iteration:07d}"
-    if not tag.is_dir():
-        raise CheckpointError(f"no checkpoint {tag} (available: {', '.join(tags) or 'none'})")
-    return tag
+    """The tag directory to read: ``iteration``'s, or the newest one that verifies against its manifest (sizes and
+    sha256; ``training/ckpt_format.py``), saying on stderr why newer ones were passed over."""
+    try:
+        verdict = ckpt_format.resolve(ckpt_dir, iteration, log=lambda text: print(text, file=sys.stderr))
+    except ckpt_format.CheckpointFormatError as e:
+        raise CheckpointError(str(e)) from None
+    return Path(ckpt_dir) / verdict.tag
 
 
 def _torch_load(path: Path):
@@ -79,15 +73,15 @@ def _torch_load(path: Path):
 def read_trainer_state(tag: Path) -> dict:
     """The trainer's client state (config, layout, counters) stored with the checkpoint (or the marker of a
     weights-only one): ``training.checkpoint.read_trainer_state``, with errors that name the file."""
-    if (tag / ckpt.WEIGHTS_ONLY_MARKER).is_file():
-        source = tag / ckpt.WEIGHTS_ONLY_MARKER
+    if (tag / ckpt_format.WEIGHTS_ONLY_MARKER).is_file():
+        source = tag / ckpt_format.WEIGHTS_ONLY_MARKER
     else:
         try:
-            source = ckpt.model_states_file(tag.parent, tag.name)
-        except FileNotFoundError as e:
+            source = ckpt_format.model_states_path(tag)
+        except ckpt_format.CheckpointFormatError as e:
             raise CheckpointError(str(e)) from None
     try:
-        client = ckpt.read_trainer_state(tag.parent, tag.name)
+        client = ckpt.read_trainer_state(tag)
     except Exception as e:  # noqa: BLE001 - a truncated or foreign file; say which one
         raise CheckpointError(f"cannot read {source}: {type(e).__name__}: {e} "
                               "(truncated or not a checkpoint of this trainer?)") from e
@@ -101,12 +95,12 @@ def _module_files(tag: Path, tp: int, pp: int, num_layers: int) -> list[dict[str
     per_rank = []
     for r in range(tp):
         if pp == 1:
-            f = tag / f"mp_rank_{r:02d}_model_states.pt"
+            f = tag / ckpt_format.model_states_name(r)
             if not f.is_file():
                 raise CheckpointError(f"{f} is missing (checkpoint written at TP={tp})")
             per_rank.append(dict(_torch_load(f)["module"]))
             continue
-        files = sorted(glob.glob(str(tag / f"layer_*-model_{r:02d}-model_states.pt")))
+        files = sorted(glob.glob(str(tag / ckpt_format.pipeline_layer_glob(r))))
         if len(files) != num_layers + 2:
             raise CheckpointError(f"{tag}: expected {num_layers + 2} pipeline layer files for TP rank {r}, "
                                   f"found {len(files)}")
@@ -123,9 +117,9 @@ def read_checkpoint(ckpt_dir: str | Path, iteration: int | None = None) -> tuple
     with the single-device model's names; returns it with the trainer state (config, layout, counters)."""
     tag = resolve_tag(ckpt_dir, iteration)
     client = read_trainer_state(tag)
-    if (tag / ckpt.WEIGHTS_ONLY_MARKER).is_file():
+    if (tag / ckpt_format.WEIGHTS_ONLY_MARKER).is_file():
         return _load_safetensors(tag / WEIGHTS_ONLY_FILE), client
-    if (tag / ckpt.UNIVERSAL_MARKER).is_file():  # tools/reshard_checkpoint.py: full fp32 masters in zero/<name>/
+    if (tag / ckpt_format.UNIVERSAL_MARKER).is_file():  # tools/reshard_checkpoint.py: full fp32 masters in zero/<name>/
         state = _universal_weights(tag, client["config"]["model"]["num_layers"])
         check_against_model(state, model_config(client["config"]), str(tag))
         return state, client
@@ -378,10 +372,12 @@ Files: {', '.join(files)}.
 
 
 def write_hf_folder(state: dict[str, torch.Tensor], client: dict, save_dir: str | Path, dtype: str = "bf16",
-                    vision_only: bool = False, max_shard_size: str | int = "5GB") -> Path:
-    """Write the Hugging Face folder of a merged trainer state dict (see the module docstring)."""
+                    vision_only: bool = False, max_shard_size: str | int = "5GB", overwrite: bool = False) -> Path:
+    """Write the Hugging Face folder of a merged trainer state dict (see the module docstring); a non-empty
+    ``save_dir`` only with ``overwrite`` (its model*.safetensors are then replaced)."""
     from megatron_genlip.data.tokenizer import load_tokenizer
 
+    check_save_dir(save_dir, overwrite)
     cfg_dict = client["config"]
     mcfg, tok_cfg = model_config(cfg_dict), TokenizerConfig(**cfg_dict["tokenizer"])
     tokenizer = load_tokenizer(tok_cfg.kind, tok_cfg.path)
@@ -417,10 +413,26 @@ def write_hf_folder(state: dict[str, torch.Tensor], client: dict, save_dir: str 
 # Hugging Face folder -> trainer checkpoint (weights only, fresh optimizer)
 
 
-def write_weights_only_checkpoint(hf_dir: str | Path, save_dir: str | Path, tp: int = 1, pp: int = 1) -> Path:
+def check_save_dir(save_dir: str | Path, overwrite: bool = False) -> None:
+    """A conversion writes into an empty (or new) folder, or into a non-empty one only when asked to; never into
+    a folder holding a training run's checkpoints (its ``latest`` would be repointed: the run would restart at
+    step 0 with a fresh optimizer)."""
+    save_dir = Path(save_dir)
+    run_tags = ckpt_format.holds_run_checkpoints(save_dir)
+    if run_tags:
+        raise CheckpointError(f"--save {save_dir} holds a training run's checkpoints ({', '.join(run_tags[-3:])}): "
+                              "writing there would repoint its 'latest'; choose another folder")
+    if save_dir.is_dir() and any(save_dir.iterdir()) and not overwrite:
+        raise CheckpointError(f"--save {save_dir} is not empty; pass --overwrite to replace what is there, or choose "
+                              "another folder")
+
+
+def write_weights_only_checkpoint(hf_dir: str | Path, save_dir: str | Path, tp: int = 1, pp: int = 1,
+                                  overwrite: bool = False) -> Path:
     """A checkpoint the trainer starts from (``train.load``): the full weights under trainer names, with
-    the marker the trainer recognises. ``tp``/``pp`` are checked against the model now (heads, widths,
-    vocabulary and layers divisible), so a bad target layout fails here, not on the cluster."""
+    the marker the trainer recognises, a manifest, then ``latest``. ``tp``/``pp`` are checked against the model
+    now (heads, widths, vocabulary and layers divisible), so a bad target layout fails here, not on the cluster."""
+    check_save_dir(save_dir, overwrite)
     state, conf = load_hf_weights(hf_dir)
     if conf.get("vision_only"):
         raise CheckpointError(f"{Path(hf_dir) / 'config.json'}: a --vision-only export has no text embedding or LM "
@@ -435,18 +447,19 @@ def write_weights_only_checkpoint(hf_dir: str | Path, save_dir: str | Path, tp: 
     resolve_layout(probe, tp * pp)  # raises ConfigError naming the fields
     trainer_state = {k: v.float().contiguous() for k, v in from_hf(state, gated=mcfg.gated_attention).items()}
     check_against_model(trainer_state, mcfg, str(hf_dir))
-    tag = Path(save_dir) / "iter_0000000"
-    tag.mkdir(parents=True, exist_ok=True)
-    save_file(trainer_state, str(tag / WEIGHTS_ONLY_FILE), metadata={"format": "pt"})
+    tag = Path(save_dir) / ckpt_format.tag_for(0)
+    work = Path(save_dir) / ckpt_format.partial_name(tag.name)  # renamed to `tag` once complete
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    save_file(trainer_state, str(work / WEIGHTS_ONLY_FILE), metadata={"format": "pt"})
     # the source run's config when the folder is one of ours (tokenizer, recipe), else the defaults (Qwen
     # tokenizer, as the official checkpoints); the model section always comes from config.json
     source_cfg = conf.get("genlip_training", {}).get("config") or Config().to_dict()
     source_cfg = dict(source_cfg, model=dataclasses.asdict(mcfg))
     marker = {"weights_only": True, "source": str(Path(hf_dir).resolve()), "iteration": 0,
               "target_layout": {"tensor_parallel": tp, "pipeline_parallel": pp}, "config": source_cfg}
-    (tag / ckpt.WEIGHTS_ONLY_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-    (Path(save_dir) / "latest").write_text(tag.name)
-    return tag
+    (work / ckpt_format.WEIGHTS_ONLY_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+    return ckpt_format.publish(save_dir, tag.name, iteration=0, imported_from=marker["source"])
 
 
 def load_weights_only(engine, tag_dir: str | Path, model_cfg: ModelConfig) -> None:

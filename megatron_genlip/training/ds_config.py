@@ -7,9 +7,10 @@ from megatron_genlip.platform import Platform
 from megatron_genlip.training.checkpoint import resumes_from_universal
 
 
-def deepspeed_config(cfg: Config, layout: Layout, platform: Platform) -> dict:
+def deepspeed_config(cfg: Config, layout: Layout, platform: Platform, load_universal: bool | None = None) -> dict:
     """DeepSpeed's config for ``cfg`` at ``layout``; the Adam implementation and ZeRO's communication overlap and
-    buckets come from the platform decision."""
+    buckets come from the platform decision. ``load_universal``: the run resumes from a resharded (universal)
+    checkpoint (None: guess from ``latest``, for dry runs; the trainer passes what rank 0 chose)."""
     t, p = cfg.train, cfg.parallel
     zero: dict = {"stage": p.zero_stage, **platform.zero_settings(p.zero_stage)}
     if p.zero_stage == 3:
@@ -38,6 +39,8 @@ def deepspeed_config(cfg: Config, layout: Layout, platform: Platform) -> dict:
         "wall_clock_breakdown": False,
         "dump_state": False,
     }
-    if resumes_from_universal(cfg):  # a resharded checkpoint (tools/reshard_checkpoint.py): any TP/PP/DP layout
+    if load_universal is None:
+        load_universal = resumes_from_universal(cfg)
+    if load_universal:  # a resharded checkpoint (tools/reshard_checkpoint.py): any TP/PP/DP layout
         ds["checkpoint"] = {"load_universal": True}
     return ds

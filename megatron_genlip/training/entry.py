@@ -19,8 +19,11 @@ Launch examples:
   deepspeed --num_gpus 2 examples/pretrain_genlip.py --config examples/configs/tiny.yaml
   torchrun --nproc_per_node 8 examples/pretrain_genlip.py --config examples/configs/stage1-So16.yaml
   python examples/pretrain_genlip.py --config examples/configs/stage1-So16.yaml --dry-run
-Resuming is automatic: a run restarted with the same train.output_dir continues from its latest checkpoint.
-SIGTERM or SIGUSR1 make the trainer save a checkpoint at the end of the current step and exit cleanly.
+Resuming is automatic: a run restarted with the same train.output_dir continues from its newest checkpoint that
+verifies (older ones are tried when a newer one is damaged); a finished run exits at once, its summary kept.
+SIGTERM or SIGUSR1 make the trainer save a checkpoint at the end of the current step and exit cleanly (during
+start-up they end it at once). Only one run at a time may use an output directory (a lock); the ranks stop
+when their launcher dies.
 """
 
 
@@ -95,9 +98,11 @@ def dry_run(cfg: Config, world_size: int | None) -> dict:
 
 
 def main(argv=None) -> dict:
-    from megatron_genlip.training.signals import install_early_stop_handlers
+    from megatron_genlip.training.errors import RunAborted
+    from megatron_genlip.training.signals import StopBeforeTraining, install_early_stop_handlers, watch_launcher
 
     install_early_stop_handlers()
+    watch_launcher()
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
@@ -107,11 +112,32 @@ def main(argv=None) -> dict:
 
         summary = Trainer(cfg).train()
     except ConfigError as e:
-        if os.environ.get("RANK", "0") == "0":  # every rank fails the same way; say it once
-            print(f"configuration error: {e}", file=sys.stderr)
+        _say(f"configuration error: {e}")
         raise SystemExit(2) from None
+    except RunAborted as e:
+        _say(f"error: {e}", every_rank=e.per_rank)
+        raise SystemExit(e.exit_code) from None
+    except StopBeforeTraining as e:
+        _say(str(e))
+        raise SystemExit(e.exit_code) from None
+    if summary.get("already_finished"):
+        _say(f"the run in {cfg.train.output_dir} is finished (step {summary.get('steps')} of "
+             f"{cfg.train.train_steps}, checkpoint {summary['checkpoint']}): nothing to do; "
+             f"{summary['summary_file']} is kept as it was. Raise train.train_steps to train on", stream=sys.stdout)
+        return summary
     _print_summary(summary)
     return summary
+
+
+def _say(text: str, every_rank: bool = False, stream=None) -> None:
+    """One message for a run whose ranks all stop the same way: printed by rank 0 only (every rank prints its
+    own when ``every_rank``, prefixed with its number)."""
+    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
+    if every_rank and os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")) != "1":
+        text = f"[rank {rank}] {text}"
+    elif rank != "0":
+        return
+    print(text, file=stream or sys.stderr, flush=True)
 
 
 def _print_summary(s: dict) -> None:

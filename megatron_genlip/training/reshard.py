@@ -16,6 +16,10 @@ What this module adds around DeepSpeed's converter:
   ``mp_rank_00_model_states.pt``, and ``genlip_universal.json`` marks the tag as universal so the trainer
   configures DeepSpeed to load it (``training.checkpoint.resumes_from_universal``);
 * the target layout is checked against the model and batch before anything is written;
+* the source is verified against its manifest (sizes and sha256) before it is read, and the result gets its own
+  manifest before ``latest`` names it (``training/ckpt_format.py``);
+* PP=1 sources keep the module in their model-state files, with megatron-core's ``_extra_state`` entries (None),
+  which ds_to_universal cannot write: it reads a staged view of the source without them;
 * :func:`layout_mismatch` is the start-up check that turns DeepSpeed's obscure failure on a layout change into
   an error that prints the command to run.
 
@@ -41,6 +45,7 @@ from megatron_genlip import compat
 from megatron_genlip.config import Config, ConfigError, Layout, _from_dict, resolve_layout
 from megatron_genlip.parallel import sharding
 from megatron_genlip.training import checkpoint as ckpt
+from megatron_genlip.training import ckpt_format as fmt
 
 TOOL = "tools/reshard_checkpoint.py"
 
@@ -77,8 +82,8 @@ def reshard_command(ckpt_dir: Path, tag: str, target: dict) -> tuple[str, Path]:
     """The command that converts ``ckpt_dir/tag`` for ``target``, and the directory it writes."""
     tp, pp, dp = target["tensor_parallel"], target["pipeline_parallel"], target["data_parallel"]
     save = Path(f"{Path(ckpt_dir)}-tp{tp}pp{pp}dp{dp}")
-    m = ckpt.TAG_RE.match(tag)
-    it = f" --iteration {int(m.group(1))}" if m else ""
+    step = fmt.step_of(tag)
+    it = f" --iteration {step}" if step is not None else ""
     q = shlex.quote
     return f"python {TOOL} --load {q(str(ckpt_dir))}{it} --save {q(str(save))} --tp {tp} --pp {pp} --dp {dp}", save
 
@@ -159,6 +164,24 @@ def _source_param_shapes(src: Path) -> dict[str, list[torch.Size]]:
     if not shapes:
         raise ReshardError(f"the model-state files of {src} list no parameter shapes")
     return shapes
+
+
+def _stage_source(src: Path, staging: Path) -> Path:
+    """A view of ``src`` that ds_to_universal can read: its files linked as they are, except model-state files
+    whose ``module`` holds non-tensor entries (megatron-core's ``_extra_state``, None for local layers), copied
+    without them. ds_to_universal 0.19.8 writes every module entry it finds no ZeRO fragment for as
+    ``tensor.float()``, which fails on those (PP=1 sources keep the module in these files; PP>1 ones do not)."""
+    staging.mkdir(parents=True)
+    for f in sorted(src.iterdir()):
+        state = torch.load(f, map_location="cpu", weights_only=False, mmap=True) if f.name.endswith(
+            "model_states.pt") else None
+        module = state.get("module") if isinstance(state, dict) else None
+        if isinstance(module, dict) and any(not torch.is_tensor(v) for v in module.values()):
+            state["module"] = {k: v for k, v in module.items() if torch.is_tensor(v)}
+            torch.save(state, staging / f.name)
+        else:
+            (staging / f.name).symlink_to(f.resolve())
+    return staging
 
 
 def _convert(src: Path, out: Path, info: dict, workers: int) -> None:
@@ -263,27 +286,22 @@ def reshard(load: str | Path, save: str | Path, tp: int, pp: int, dp: int | None
     load, save = Path(load), Path(save)
     if not load.is_dir():
         raise ReshardError(f"--load {load}: no such directory")
-    if iteration is None:
-        tag = ckpt.latest_tag(load)
-        if tag is None:
-            raise ReshardError(f"--load {load}: no 'latest' file naming an existing checkpoint (pass --iteration N)")
-    else:
-        tag = ckpt.tag_for(iteration)
+    try:  # the source is verified (sizes and sha256) before it is read
+        tag = fmt.resolve(load, iteration, log=log).tag
+    except fmt.CheckpointFormatError as e:
+        raise ReshardError(str(e)) from None
     src = load / tag
-    if not src.is_dir():
-        have = sorted(p.name for p in load.iterdir() if ckpt.TAG_RE.match(p.name))
-        raise ReshardError(f"checkpoint {src} does not exist (checkpoints in {load}: {', '.join(have) or 'none'})")
-    if ckpt.is_universal(load, tag):
-        raise ReshardError(f"{src} is already a universal checkpoint ({ckpt.UNIVERSAL_MARKER}): it loads at any "
+    if ckpt.is_universal(src):
+        raise ReshardError(f"{src} is already a universal checkpoint ({fmt.UNIVERSAL_MARKER}): it loads at any "
                            "layout as it is")
     try:
-        state = ckpt.read_trainer_state(load, tag)
-        if state.get("weights_only"):
-            raise ReshardError(f"{src} is a weights-only checkpoint: it has no optimizer state to convert, and the "
-                               "trainer starts from its weights (step 0) as it is")
-        states_file = ckpt.model_states_file(load, tag)
-    except FileNotFoundError as e:
-        raise ReshardError(str(e)) from None
+        state = ckpt.read_trainer_state(src)
+    except Exception as e:  # noqa: BLE001 - only an unverified (legacy) checkpoint gets here damaged
+        raise ReshardError(f"cannot read the trainer state of {src} ({type(e).__name__}: {e})") from None
+    if state.get("weights_only"):
+        raise ReshardError(f"{src} is a weights-only checkpoint: it has no optimizer state to convert, and the "
+                           "trainer starts from its weights (step 0) as it is")
+    states_file = fmt.model_states_path(src)
     if not state:
         raise ReshardError(f"{states_file} holds no megatron-genlip trainer state (client_state['genlip'])")
     source = checkpoint_layout(state)
@@ -308,23 +326,27 @@ def reshard(load: str | Path, save: str | Path, tp: int, pp: int, dp: int | None
     log(f"[1/4] {len(shapes)} parameters; tensor-parallel split by name: {len(info['tp_replicated_parameter_patterns'])}"
         f" replicated, {len(info['parameter_with_row_parallelism_patterns'])} row-parallel (dim 1), the rest dim 0")
     save.mkdir(parents=True, exist_ok=True)
+    work = save / fmt.partial_name(tag)  # renamed to `out` once complete: a conversion cut short never looks done
+    shutil.rmtree(work, ignore_errors=True)
     try:
         log("[2/4] DeepSpeed ds_to_universal: gathering ZeRO fragments, merging TP shards")
-        _convert(src, out, info, workers)
+        staged = _stage_source(src, save / f".staging-{tag}-{os.getpid()}")
+        try:
+            _convert(staged, work, info, workers)
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
         states = torch.load(states_file, map_location="cpu", weights_only=False, mmap=True)  # module dropped below
-        _normalise(out, shapes, source["tensor_parallel"], num_layers, states)
-        zero = out / "zero"
+        _normalise(work, shapes, source["tensor_parallel"], num_layers, states)
+        zero = work / "zero"
         renamed = _rename_for_target(zero, num_layers, pipelined=pp > 1)
         n = _verify(zero, shapes, source["tensor_parallel"], tp, num_layers, pipelined=pp > 1)
         log(f"[3/4] verified {n} parameters (full fp32 weights, exp_avg, exp_avg_sq, step); renamed {renamed} for "
             f"{'the pipeline' if pp > 1 else 'PP=1'} naming")
-        _write_states(out, states, state, src, source, target)
+        _write_states(work, states, state, src, source, target)
+        fmt.publish(save, tag, iteration=state.get("iteration"), resharded_from=str(src))
     except BaseException:
-        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
         raise
-    tmp = save / f"latest.tmp{os.getpid()}"
-    tmp.write_text(tag)
-    tmp.replace(save / "latest")
     log(f"[4/4] wrote {out} and {save / 'latest'} in {time.perf_counter() - start:.1f}s; resume with "
         f"--set train.load={save} --set parallel.tensor_parallel={tp} --set parallel.pipeline_parallel={pp} "
         f"(parallel.zero_stage 1 or 2{', or 3' if tp == 1 else ''})")
@@ -339,8 +361,8 @@ def _write_states(out: Path, states: dict, state: dict, src: Path, source: dict,
     states["module"] = None  # weights are in zero/ (DeepSpeed does not read the module in universal mode)
     states["mp_world_size"] = 1  # DeepSpeed checks the number of mp_rank files against it
     states["genlip"] = dict(state, resharded={"from": str(src), "source_layout": source, "target_layout": target})
-    for name in ckpt.MODEL_STATES_FILES:
+    for name in fmt.MODEL_STATES_FILES:
         torch.save(states, out / name)
     marker = {"format": "deepspeed-universal", "iteration": state.get("iteration"), "source": str(src),
               "source_layout": source, "target_layout": target}
-    (out / ckpt.UNIVERSAL_MARKER).write_text(json.dumps(marker, indent=1))
+    (out / fmt.UNIVERSAL_MARKER).write_text(json.dumps(marker, indent=1))

@@ -8,10 +8,12 @@ signals, logging and evaluation.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -31,24 +33,36 @@ from megatron_genlip.model.genlip import build_model
 from megatron_genlip.parallel import rng, state
 from megatron_genlip.parallel.pipeline import build_pipeline, pipeline_inputs
 from megatron_genlip.training import checkpoint as ckpt
+from megatron_genlip.training import ckpt_format as fmt
 from megatron_genlip.training import reshard
 from megatron_genlip.training.distributed import device, init_distributed
 from megatron_genlip.training.ds_config import deepspeed_config
+from megatron_genlip.training.errors import NonFiniteError, TooManySkips
 from megatron_genlip.training.evaluate import caption_metrics, validation_loss
+from megatron_genlip.training.lock import lock_output_dir
 from megatron_genlip.training.metrics import RunLogger, batch_stats, format_step, memory_gb
 from megatron_genlip.training.schedule import build_scheduler
 from megatron_genlip.training.signals import STOP_SIGNALS, install_stop_handlers
-
-
-
-class NonFiniteError(RuntimeError):
-    """A non-finite loss or gradient norm under ``train.nan_policy=stop``."""
 
 
 def _ignore_stop_signals(_worker_id: int) -> None:
     """DataLoader workers leave SIGTERM/SIGUSR1 to the trainer, which checkpoints before exiting."""
     for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def _config_error(field: str):
+    """Start-up checks of the files a config names (datasets, tokenizer) fail as configuration errors that name
+    the field, without a traceback."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except (OSError, ValueError) as e:
+        text = re.sub(r"\b(stage|image_size|min_pixels|max_pixels|background): dataset", r"data.\1: dataset", str(e))
+        text = text.replace("tokenizer_fingerprint: dataset", "tokenizer (tokenizer.kind/tokenizer.path): dataset")
+        raise ConfigError(f"{field}: {text}") from None
 
 
 class Trainer:
@@ -69,47 +83,65 @@ class Trainer:
         self.iteration = 0
         self.consumed_samples = 0
         self.skipped_steps = 0
+        self.consecutive_skips = 0
         self.samples_seen = 0.0
         self.tokens_seen = 0.0
+        self.lock = lock_output_dir(self.out)  # before anything reads or writes the output directory
+        self.resume = ckpt.choose_resume(cfg)  # rank 0 decides: every rank loads the same checkpoint
+        # newest checkpoint saved (or resumed from) with no skipped step pending
+        self.last_good: Path | None = self.resume.tag_dir if self.resume.tag else None
+        self.finished = self._finished_run()
+        if self.finished:
+            return
         self._build_data()
         self._build_engine()
         self.resumed_from = self._resume()
-        install_stop_handlers(self)
 
     # ---------------------------------------------------------------------------------------------
     # set-up
+
+    def _finished_run(self) -> bool:
+        """A restart of a run whose output directory holds its final checkpoint has nothing to do."""
+        r = self.resume
+        return (r.tag is not None and r.source == ckpt.OWN_CHECKPOINTS and not r.state.get("weights_only")
+                and r.state.get("iteration", 0) >= self.cfg.train.train_steps)
 
     def _build_data(self) -> None:
         cfg = self.cfg
         if not cfg.data.train_data and not cfg.data.train_blend:
             raise ConfigError("data.train_data (or data.train_blend) is not set: point it at a dataset built by "
                               "tools/preprocess_data.py")
-        fp = tokenizer_fingerprint(cfg.tokenizer.kind, cfg.tokenizer.path)
-        self.tokenizer = load_tokenizer(cfg.tokenizer.kind, cfg.tokenizer.path)
+        with _config_error("tokenizer.path"):
+            fp = tokenizer_fingerprint(cfg.tokenizer.kind, cfg.tokenizer.path)
+            self.tokenizer = load_tokenizer(cfg.tokenizer.kind, cfg.tokenizer.path)
         if self.tokenizer.n_vocab > cfg.model.vocab_size:
             raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's "
                               f"{self.tokenizer.n_vocab} ids")
-        self.train_rows = open_train_rows(cfg.data, fp)
-        check_rows_match(self.train_rows, cfg)
         d = cfg.data
+        with _config_error("data.train_blend" if d.train_blend else "data.train_data"):
+            self.train_rows = open_train_rows(d, fp)
+        check_rows_match(self.train_rows, cfg)
         self._index_build = dict(build=d.build_missing_pack_index,
                                  workers=d.pack_index_workers or min(8, os.cpu_count() or 1),
                                  log=print if self.rank == 0 else (lambda *_: None))
         self.valid = self.valid_rows = None
         if d.valid_data:
-            self.valid_rows = open_rows(d.valid_data, d, fp)
-            check_rows_match(self.valid_rows, cfg)
-            self.valid_rows.ensure(epochs=1, **self._index_build)
+            with _config_error("data.valid_data"):
+                self.valid_rows = open_rows(d.valid_data, d, fp)
+                check_rows_match(self.valid_rows, cfg)
+                self.valid_rows.ensure(epochs=1, **self._index_build)  # a sample longer than a row stops here
             self.valid = self.valid_rows.dataset
 
     def _ensure_pack_index(self) -> None:
         """The pack index covers every row the rest of the run reads (from the resumed position), plus what the
         loader prefetches past the end. Built here by one process under a lock, or ahead by
-        tools/build_pack_index.py; never inside a DataLoader worker."""
+        tools/build_pack_index.py; never inside a DataLoader worker. A sample longer than data.seq_length fails
+        the build, naming the field."""
         t, d = self.cfg.train, self.cfg.data
         prefetched = t.global_batch_size * (d.prefetch_factor * max(1, d.num_workers) + 1)
         needed = self.consumed_samples + (t.train_steps - self.iteration) * t.global_batch_size + prefetched
-        self.train_rows.ensure(rows=needed, **self._index_build)
+        with _config_error("data.seq_length"):
+            self.train_rows.ensure(rows=needed, **self._index_build)
 
     def _build_engine(self) -> None:
         cfg, tp, pp = self.cfg, self.layout.tensor_parallel, self.layout.pipeline_parallel
@@ -123,7 +155,7 @@ class Trainer:
         # random streams (parallel/rng.py): DropPath's stream is identical over TP, different per DP rank;
         # megatron-core's tracker gets the per-TP-rank "model-parallel-rng" stream
         rng.model_parallel_seed(cfg.train.seed, self.dp_rank)
-        self.ds_config = deepspeed_config(cfg, self.layout, self.platform)
+        self.ds_config = deepspeed_config(cfg, self.layout, self.platform, load_universal=self.resume.universal)
         if sp and pp > 1:
             # stages exchange sequence slices that differ per TP rank; DeepSpeed's default splits the activation
             # over the TP group and reassembles it from every rank's part, assuming it is replicated (with SP
@@ -156,28 +188,26 @@ class Trainer:
         }}
 
     def _resume(self) -> str:
-        """Output dir's latest checkpoint, else train.load, else scratch; say which.
+        """Load the checkpoint rank 0 chose (:func:`ckpt.choose_resume`), or start from scratch; say which and
+        why newer checkpoints were passed over.
 
         The checkpoint's layout is checked before DeepSpeed touches it (DeepSpeed fails obscurely, or loads
         wrongly, at another layout); a resharded (universal) checkpoint loads at any layout, a weights-only one
         starts a fresh run (step 0, new optimizer) from its weights."""
-        found = ckpt.find_resume(self.cfg)
-        if found is None:
-            return "started from scratch (no checkpoint in the output directory or train.load)"
-        directory, tag, what = found
-        client = ckpt.read_trainer_state(directory, tag)
-        if not client:
-            raise ConfigError(f"{ckpt.model_states_file(directory, tag)} holds no megatron-genlip trainer state")
+        r = self.resume
+        said = "".join(f"checkpoint note: {n}\n" for n in r.notes)
+        if r.tag is None:
+            return said + "started from scratch (no checkpoint in the output directory or train.load)"
+        directory, tag, what, client = r.directory, r.tag, r.source, r.state
         current = reshard.run_layout(self.layout, self.cfg.parallel.zero_stage)
-        universal = ckpt.is_universal(directory, tag)
-        problem = (reshard.universal_target_problem(current["zero_stage"], current["tensor_parallel"]) if universal
+        problem = (reshard.universal_target_problem(current["zero_stage"], current["tensor_parallel"]) if r.universal
                    else reshard.layout_mismatch(client, current, directory, tag))
         if problem:
             raise ConfigError(problem)
         if client.get("weights_only"):
             ckpt.load_checkpoint(self.engine, directory, tag, weights_only=True, model_cfg=self.cfg.model)
-            return f"initialised from the weights of {directory / tag} ({what}); step 0, fresh optimizer"
-        client = ckpt.load_checkpoint(self.engine, directory, tag).get("genlip")
+            return said + f"initialised from the weights of {directory / tag} ({what}); step 0, fresh optimizer"
+        client = ckpt.load_checkpoint(self.engine, directory, tag, manifest=r.manifest).get("genlip")
         if client.get("data_fingerprint") != self.train_rows.fingerprint():
             raise ConfigError(
                 f"checkpoint {directory / tag} was trained on data {client.get('data_fingerprint')} but "
@@ -185,8 +215,8 @@ class Trainer:
                 "the same data stream (use a new train.output_dir to start a new run)")
         for key in ("iteration", "consumed_samples", "skipped_steps", "samples_seen", "tokens_seen"):
             setattr(self, key, client[key])
-        how = f" (resharded from {reshard.describe(client['resharded']['source_layout'])})" if universal else ""
-        return f"resumed from {directory / tag} ({what}) at step {self.iteration}{how}"
+        how = f" (resharded from {reshard.describe(client['resharded']['source_layout'])})" if r.universal else ""
+        return said + f"resumed from {directory / tag} ({what}) at step {self.iteration}{how}"
 
     # ---------------------------------------------------------------------------------------------
     # the loop
@@ -194,25 +224,31 @@ class Trainer:
     def train(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
         rank0 = self.rank == 0
-        show_bar = t.progress_bar == "always" or (t.progress_bar == "auto" and sys.stderr.isatty())
-        log = RunLogger(self.out, rank0, t.tensorboard, t.train_steps if show_bar else None, self.iteration)
-        log.print(self.platform.describe())
-        log.record("platform", self.iteration, dataclasses.asdict(self.platform))
+        if self.finished:
+            return self._finished_summary()
         if rank0:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=1))
-        self._ensure_pack_index()
-        log.print(f"{self.resumed_from}; layout {dataclasses.asdict(self.layout)}; "
-                  f"packing efficiency (epoch 0) {100 * self.train_rows.efficiency(0):.2f}%")
+        self._ensure_pack_index()  # may build epochs: still start-up, where a stop signal ends the process
+        efficiency = self.train_rows.efficiency(0)
         loader = build_loader(self.train_rows, self.consumed_samples, t.micro_batch_size, self.dp_rank,
                               self.dp_world, cfg.data.num_workers, worker_init_fn=_ignore_stop_signals,
                               prefetch_factor=cfg.data.prefetch_factor, pin_memory=self.platform.pin_memory)
         batches = iter(loader)
+        log = None
         try:
+            install_stop_handlers(self)  # until here a stop signal ends start-up at once (signals.py)
+            show_bar = t.progress_bar == "always" or (t.progress_bar == "auto" and sys.stderr.isatty())
+            log = RunLogger(self.out, rank0, t.tensorboard, t.train_steps if show_bar else None, self.iteration)
+            log.print(self.platform.describe())
+            log.record("platform", self.iteration, dataclasses.asdict(self.platform))
+            log.print(f"{self.resumed_from}; layout {dataclasses.asdict(self.layout)}; "
+                      f"packing efficiency (epoch 0) {100 * efficiency:.2f}%")
             return self._loop(batches, log)
         finally:  # workers ignore SIGTERM (the trainer owns it), so they are stopped here, never signalled
             compat.stop_loader_workers(batches)
-            log.close()
+            if log is not None:
+                log.close()
 
     def _loop(self, batches, log: RunLogger) -> dict:
         t = self.cfg.train
@@ -228,6 +264,7 @@ class Trainer:
             save = stop or last or self.iteration % t.save_interval == 0
             if save or self.iteration % t.log_interval == 0:  # counters are exact in every checkpoint
                 log.print(format_step(self.iteration, t.train_steps, window.summarise(self, log)))
+            self._check_skips()
             if save:
                 self.save(log)
             if stop:
@@ -274,7 +311,9 @@ class Trainer:
         reported = self.engine.get_global_grad_norm()  # None: not computed (train.clip_grad=0 with ZeRO-0 fp32)
         grad_norm = float("nan") if reported is None else float(reported)
         applied = self.engine.was_step_applied()
-        if not applied or step_losses[2] > 0:
+        skipped = not applied or step_losses[2] > 0
+        self.consecutive_skips = self.consecutive_skips + 1 if skipped else 0
+        if skipped:
             if applied:
                 raise NonFiniteError(f"step {self.iteration}: a non-finite loss reached an applied optimizer step")
             self.skipped_steps += 1
@@ -310,9 +349,31 @@ class Trainer:
     # ---------------------------------------------------------------------------------------------
     # checkpoints and evaluation
 
+    def _check_skips(self) -> None:
+        """Stop a run whose last ``train.max_consecutive_skips`` steps were all skipped: it has diverged (or its
+        data is bad) and would otherwise go on skipping, and saving, to the end."""
+        limit = self.cfg.train.max_consecutive_skips
+        if limit <= 0 or self.consecutive_skips < limit:
+            return
+        first = self.iteration - self.consecutive_skips + 1
+        message = (f"steps {first}-{self.iteration} were all skipped (non-finite loss or gradient norm; "
+                   f"train.max_consecutive_skips={limit}): the run has diverged or its data is bad. ")
+        if self.last_good is None:
+            raise TooManySkips(message + "No checkpoint was saved before the skips began: lower train.lr and start "
+                                         "again")
+        newer = [t for t in fmt.list_tags(self.ckpt_dir) if fmt.step_of(t) > fmt.step_of(self.last_good.name)]
+        raise TooManySkips(message + f"The last good checkpoint is {self.last_good}"
+                           + (f"; to resume from it, move the newer {', '.join(newer)} out of {self.ckpt_dir}" if newer
+                              else "") + ", and lower train.lr or check the data it reads next")
+
     def save(self, log: RunLogger) -> None:
+        """Save a checkpoint; the newest one saved while no skipped step is pending stays protected from
+        retention (it is the one to go back to if the run diverges)."""
+        protect = (self.last_good.name,) if self.last_good and self.last_good.parent == self.ckpt_dir else ()
         tag = ckpt.save_checkpoint(self.engine, self.ckpt_dir, self.iteration, self._client_state(),
-                                   self.cfg.train.keep_last)
+                                   self.cfg.train.keep_last, protect=protect)
+        if self.consecutive_skips == 0:
+            self.last_good = self.ckpt_dir / tag
         log.print(f"saved checkpoint {self.ckpt_dir / tag}")
         log.record("checkpoint", self.iteration, {"tag": tag})
 
@@ -368,7 +429,7 @@ class Trainer:
             "samples_seen": self.samples_seen,
             "tokens_seen": self.tokens_seen,
             "output_dir": str(self.out),
-            "checkpoint": str(self.ckpt_dir / (ckpt.latest_tag(self.ckpt_dir) or "-")),
+            "checkpoint": str(self.ckpt_dir / (fmt.read_latest(self.ckpt_dir).tag or "-")),
             "train_log": str(self.out / "logs" / "train.jsonl"),
             "tensorboard": str(self.out / "tensorboard"),
             "resumed_from": self.resumed_from,
@@ -377,6 +438,16 @@ class Trainer:
         if self.rank == 0:
             (self.out / "summary.json").write_text(json.dumps(s, indent=1))
         return s
+
+
+    def _finished_summary(self) -> dict:
+        """A restart of a finished run: its summary.json (kept as it is) and a flag saying so."""
+        path = self.out / "summary.json"
+        try:
+            summary = json.loads(path.read_text())
+        except (OSError, ValueError):
+            summary = {"steps": self.resume.state.get("iteration"), "output_dir": str(self.out)}
+        return dict(summary, already_finished=True, checkpoint=str(self.resume.tag_dir), summary_file=str(path))
 
 
 class _Window:

@@ -1,0 +1,53 @@
+"""Bodies of the checkpoint-saving tests on real DeepSpeed engines; they run on every rank (dist_harness)."""
+
+from __future__ import annotations
+
+import errno
+
+import torch
+import torch.distributed as dist
+
+from conftest import small_model_config
+from megatron_genlip.model.genlip import build_model
+from megatron_genlip.parallel import state
+from megatron_genlip.training import checkpoint as ckpt
+from megatron_genlip.training.distributed import disable_shm_comm_op
+from megatron_genlip.training.errors import CheckpointSaveError
+
+
+def save_fails_on_one_rank(rank: int, world: int, ckpt_dir: str, result_file: str) -> None:
+    """DP=2 ZeRO-1: the second save fails on rank 1 only (its optimizer partition hits a full disk) while rank 0
+    writes all of its files. Both ranks must raise the same error (none may hang in a collective the other
+    skipped), the partial tag must go and ``latest`` keep naming the first save."""
+    import deepspeed
+
+    disable_shm_comm_op()
+    state.reinitialize(1)
+    cfg = small_model_config(vocab_size=448)
+    model = build_model(cfg, 1, seed=0)
+    ds = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "steps_per_print": 10**9,
+          "zero_optimization": {"stage": 1}, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}}
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=ds)
+    client = {"genlip": {"config": {"model": {"num_layers": cfg.num_layers}}, "iteration": 1}}
+    ckpt.save_checkpoint(engine, ckpt_dir, 1, client, keep_last=2)
+    real_save = torch.save
+
+    def full_disk(obj, path, *args, **kwargs):
+        if "optim_states" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_save(obj, path, *args, **kwargs)
+
+    if rank == 1:
+        torch.save = full_disk
+    try:
+        ckpt.save_checkpoint(engine, ckpt_dir, 2, client, keep_last=2)
+        outcome = "saved"
+    except CheckpointSaveError as e:
+        outcome = str(e)
+    finally:
+        torch.save = real_save
+    outcomes: list = [None] * world
+    dist.all_gather_object(outcomes, outcome)
+    if rank == 0:
+        torch.save(outcomes, result_file)
+    dist.barrier()

@@ -1,0 +1,103 @@
+"""Every config field is checked at start-up: errors name the field and come without a traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+from megatron_genlip.config import TOKENIZER_KINDS, ConfigError, load_config
+from megatron_genlip.training.entry import main as entry_main
+from trainer_harness import ENTRY, ROOT, TINY, build_test_dataset, env
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("train.global_batch_size=0", "train.global_batch_size must be >= 1, got 0"),
+    ("train.global_batch_size=-4", "train.global_batch_size must be >= 1, got -4"),
+    ("train.micro_batch_size=0", "train.micro_batch_size must be >= 1"),
+    ("train.save_interval=0", "train.save_interval must be >= 1"),
+    ("train.log_interval=0", "train.log_interval must be >= 1"),
+    ("train.eval_interval=0", "train.eval_interval must be >= 1"),
+    ("train.train_steps=0", "train.train_steps must be >= 1"),
+    ("model.num_attention_heads=0", "model.num_attention_heads must be >= 1"),
+    ("model.hidden_size=0", "model.hidden_size must be >= 1"),
+    ("model.num_layers=-1", "model.num_layers must be >= 1"),
+    ("data.seed=-1", "data.seed must be >= 0"),
+    ("train.seed=-2", "train.seed must be >= 0"),
+    ("train.warmup_steps=-3", "train.warmup_steps must be >= 0"),
+    ("train.clip_grad=-1", "train.clip_grad must be >= 0"),
+    ("train.lr=inf", "train.lr must be a finite number, got inf"),
+    ("train.lr=.nan", "train.lr must be a finite number, got nan"),
+    ("train.min_lr=-1e-5", "train.min_lr must be within [0, train.lr"),
+    ("train.adam_beta2=1.5", "train.adam_beta2 must be in [0, 1)"),
+    ("data.pack_buffer_size=0", "data.pack_buffer_size must be >= 1"),
+    ("data.num_workers=-1", "data.num_workers must be >= 0"),
+    ("data.seq_length=8", "data.seq_length must be > 9"),
+    ("data.stage=3", "data.stage must be 1 or 2"),
+    ("data.image_size=50", "data.image_size must be a positive multiple of model.patch_size (16)"),
+    ("tokenizer.kind=sentencepiece", "tokenizer.kind must be one of qwen, bpe"),
+    ("tokenizer.path=null", "tokenizer.path must be set for tokenizer.kind=bpe"),
+    ("train.keep_last=-1", "train.keep_last must be >= 0"),
+    ("train.max_consecutive_skips=-1", "train.max_consecutive_skips must be >= 0"),
+])
+def test_each_bad_value_names_its_field(override, needle):
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY, [override])
+    assert needle in str(err.value), str(err.value)
+
+
+def test_all_problems_are_reported_at_once():
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY, ["train.global_batch_size=0", "data.seed=-1", "train.lr=inf"])
+    text = str(err.value)
+    assert all(f in text for f in ("train.global_batch_size", "data.seed", "train.lr")), text
+
+
+def test_tokenizer_kinds_match_the_tokenizer_module():
+    from megatron_genlip.data.tokenizer import TOKENIZER_KINDS as loader_kinds
+
+    assert tuple(TOKENIZER_KINDS) == tuple(loader_kinds)
+
+
+def test_entry_point_prints_the_field_without_traceback(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        entry_main(["--config", str(TINY), "--set", "train.eval_interval=0"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "configuration error" in err and "train.eval_interval must be >= 1" in err and "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return build_test_dataset(tmp_path_factory.mktemp("validation-data"), 24, 4)
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("data.train_data=/nonexistent/train", "data.train_data: /nonexistent/train.json not found"),
+    ("data.image_size=64", "data.train_data: dataset"),
+    ("data.stage=2", "data.stage: dataset 1 vs config 2"),
+    ("data.seq_length=20", "data.seq_length (20) is shorter than the longest sample of data.train_data"),
+    ("tokenizer.path=missing.tiktoken", "tokenizer.path: "),
+])
+def test_trainer_data_checks_name_the_field(data, override, needle):
+    """The trainer's start-up checks of the files the config names (datasets, tokenizer), without processes."""
+    from megatron_genlip.training.trainer import Trainer
+
+    cfg = load_config(TINY, [f"data.train_data={data['train']}", f"data.valid_data={data['val']}", override])
+    with pytest.raises(ConfigError) as err:
+        Trainer._build_data(SimpleNamespace(cfg=cfg))
+    assert needle in str(err.value), str(err.value)
+    if override.startswith("data.image_size"):
+        assert "data.image_size: dataset 48 vs config 64" in str(err.value)
+
+
+def test_missing_data_fails_at_start_up_without_traceback(tmp_path):
+    """Through the real entry point (one process, no launcher): exit status 2, the field, no traceback."""
+    proc = subprocess.run([sys.executable, str(ENTRY), "--config", str(TINY), "--set", "data.train_data=/nonexistent/x",
+                           "--set", f"train.output_dir={tmp_path}"], env=env(), cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "configuration error: data.train_data: /nonexistent/x.json not found" in proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
