@@ -11,7 +11,6 @@ from conftest import small_model_config
 from megatron_genlip.model.genlip import build_model
 from megatron_genlip.parallel import state
 from megatron_genlip.training import checkpoint as ckpt
-from megatron_genlip.training.distributed import disable_shm_comm_op
 from megatron_genlip.training.errors import CheckpointSaveError
 
 
@@ -21,7 +20,6 @@ def save_fails_on_one_rank(rank: int, world: int, ckpt_dir: str, result_file: st
     skipped), the partial tag must go and ``latest`` keep naming the first save."""
     import deepspeed
 
-    disable_shm_comm_op()
     state.reinitialize(1)
     cfg = small_model_config(vocab_size=448)
     model = build_model(cfg, 1, seed=0)

@@ -78,7 +78,7 @@ def data(tmp_path_factory):
     ("data.train_data=/nonexistent/train", "data.train_data: /nonexistent/train.json not found"),
     ("data.image_size=64", "data.train_data: dataset"),
     ("data.stage=2", "data.stage: dataset 1 vs config 2"),
-    ("data.seq_length=20", "data.seq_length (20) is shorter than the longest sample of data.train_data"),
+    ("data.seq_length=20", "is longer than data.seq_length (20): raise data.seq_length to at least"),
     ("tokenizer.path=missing.tiktoken", "tokenizer.path: "),
 ])
 def test_trainer_data_checks_name_the_field(data, override, needle):
@@ -87,7 +87,7 @@ def test_trainer_data_checks_name_the_field(data, override, needle):
 
     cfg = load_config(TINY, [f"data.train_data={data['train']}", f"data.valid_data={data['val']}", override])
     with pytest.raises(ConfigError) as err:
-        Trainer._build_data(SimpleNamespace(cfg=cfg))
+        Trainer._build_data(SimpleNamespace(cfg=cfg, rank=0))
     assert needle in str(err.value), str(err.value)
     if override.startswith("data.image_size"):
         assert "data.image_size: dataset 48 vs config 64" in str(err.value)

@@ -107,8 +107,9 @@ def pack_arrivals(lengths: np.ndarray, seq_length: int, buffer_size: int) -> tup
     lengths = np.asarray(lengths, dtype=np.int64)
     n = len(lengths)
     if n and int(lengths.max()) > seq_length:
-        i = int(lengths.argmax())
-        raise ValueError(f"sample at arrival {i} has {lengths[i]} tokens, more than seq_length={seq_length}")
+        raise ValueError(f"a sample of {int(lengths.max())} tokens is longer than data.seq_length ({seq_length}): "
+                         f"raise data.seq_length to at least {int(lengths.max())}, or rebuild the dataset with a "
+                         "smaller data.max_sample_length")
     order = np.empty(n, dtype=np.int64)
     row_sizes: list[int] = []
     alive = np.ones(n, dtype=bool)  # not packed yet
