@@ -39,6 +39,7 @@ PACK_VERSION = 2
 CHUNK_SIZE = 1 << 20  # arrivals packed independently; part of the key (changing it changes the rows)
 FEISTEL_ROUNDS = 6
 OPEN_EPOCHS = 4  # epochs kept open (memory-mapped) per process
+LOG_SLOW_EPOCH_S = 10.0  # an epoch build taking this long gets its own log line
 BUILD_COMMAND = "python tools/build_pack_index.py --config CONFIG --epochs N"
 
 
@@ -402,22 +403,23 @@ class PackIndex:
 
 
 def ensure_epoch(directory: Path, settings: PackSettings, source: LengthSource, epoch: int, *, build: bool = True,
-                 workers: int = 1, log=print) -> None:
+                 workers: int = 1, log=print) -> dict | None:
     """Epoch ``epoch`` built and verified, under that epoch's lock (other epochs can be built at the same time,
     e.g. by several machines). Whoever takes the lock first removes what killed builders of this host left,
     builds the epoch if it is missing, or checks its checksums once if nobody has since its files last changed
-    (a damaged epoch is rebuilt, or is an error with ``build=False``); the others then find it done."""
+    (a damaged epoch is rebuilt, or is an error with ``build=False``); the others then find it done.
+    Returns the metadata of an epoch this call built, else None; logs builds that take a while."""
     directory.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(directory / f"epoch{epoch:04d}.lock"):
         remove_dead_temporaries(str(directory / f"epoch{epoch:04d}.*{TEMP_MARK}*"))
         index = PackIndex(directory, settings)
         if index.built(epoch):
             if _stamp_valid(directory, epoch):
-                return
+                return None
             problems = index.verify(epoch)
             if not problems:
                 _stamp_verified(directory, epoch)
-                return
+                return None
             if not build:
                 raise MissingEpochError(f"pack index epoch {epoch} in {directory} is damaged ({'; '.join(problems)}): "
                                         f"rebuild it with `{BUILD_COMMAND}`")
@@ -428,11 +430,15 @@ def ensure_epoch(directory: Path, settings: PackSettings, source: LengthSource, 
             raise MissingEpochError(f"the pack index in {directory} lacks epoch {epoch}: build it ahead with "
                                     f"`{BUILD_COMMAND}` (N > {epoch}) or let the trainer build it "
                                     "(data.build_missing_pack_index=true)")
-        start = time.perf_counter()
         meta = build_epoch(directory, settings, source, epoch, workers)
-        log(f"built pack index epoch {epoch}: {meta['rows']:,} rows of {settings.seq_length} tokens from "
-            f"{meta['samples']:,} samples, efficiency {100 * meta['tokens'] / (meta['rows'] * settings.seq_length):.2f}% "
-            f"({time.perf_counter() - start:.1f} s) in {directory}")
+        if meta["seconds"] >= LOG_SLOW_EPOCH_S:
+            log(f"built pack index epoch {epoch}: {meta['rows']:,} rows of {settings.seq_length} tokens from "
+                f"{meta['samples']:,} samples, efficiency {_efficiency(meta, settings):.2f}% ({meta['seconds']:.1f} s)")
+        return meta
+
+
+def _efficiency(meta: dict, settings: PackSettings) -> float:
+    return 100 * meta["tokens"] / (meta["rows"] * settings.seq_length)
 
 
 def ensure_epochs(directory: str | Path, settings: PackSettings, source: LengthSource, *, epochs: int = 0,
@@ -441,9 +447,17 @@ def ensure_epochs(directory: str | Path, settings: PackSettings, source: LengthS
     (:func:`ensure_epoch`); safe to call from every rank at once."""
     directory = Path(directory)
     index = PackIndex(directory, settings)
+    built = []
     e = 0
     while e < epochs or index.row_starts[e] < rows:  # epoch e is read iff rows before it < rows
-        ensure_epoch(directory, settings, source, e, build=build, workers=workers, log=log)
+        meta = ensure_epoch(directory, settings, source, e, build=build, workers=workers, log=log)
+        if meta is not None:
+            built.append(meta)
         index.refresh()  # epochs 0..e are built now, so row_starts[e + 1] exists
         e += 1
+    if built:
+        eff = [_efficiency(m, settings) for m in built]
+        log(f"built pack index epochs {built[0]['epoch']}..{built[-1]['epoch']} ({len(built)} epochs, "
+            f"{sum(m['seconds'] for m in built):.1f} s): ~{built[0]['rows']:,} rows of {settings.seq_length} tokens "
+            f"each, efficiency {min(eff):.2f}-{max(eff):.2f}%, in {directory}")
     return index
