@@ -23,20 +23,13 @@ from __future__ import annotations
 import torch
 from deepspeed.pipe import LayerSpec, PipelineModule
 
+from megatron_genlip.batch import PIPELINE_INPUTS
 from megatron_genlip.config import ModelConfig
 from megatron_genlip.model.genlip import EmbeddingMixin, HeadMixin, component_rng
 from megatron_genlip.model.layers import TransformerBlock
 from megatron_genlip.model.rope import MultimodalRotaryEmbedding
 from megatron_genlip.model.spec import get_layer_spec, parallel_config
 from megatron_genlip.parallel import rng, sequence, state
-
-INPUT_KEYS = ("input_ids", "positions", "sample_ids", "token_kinds", "labels", "patches")
-
-
-def pipeline_inputs(batch: dict[str, torch.Tensor]) -> tuple:
-    """A collated micro-batch -> (inputs for the first stage, labels for the last) as DeepSpeed expects."""
-    return tuple(batch[k] for k in INPUT_KEYS), batch["labels"]
-
 
 def _common(cfg: ModelConfig, tp_group, sequence_parallel: bool = False):
     tensor_parallel = state.group_size(tp_group)
@@ -53,11 +46,11 @@ class EmbedStage(EmbeddingMixin, torch.nn.Module):
         self.to(getattr(torch, cfg.params_dtype))
 
     def forward(self, inputs: tuple) -> tuple:
-        input_ids, positions, sample_ids, token_kinds, labels, patches = inputs
-        x = self.embed(input_ids, token_kinds, patches)  # full length: image patches scattered into their slots
+        batch = dict(zip(PIPELINE_INPUTS, inputs))
+        x = self.embed(batch["input_ids"], batch["token_kinds"], batch["patches"])  # full length: patches in place
         if self.sequence_parallel:
             x = sequence.scatter(x)
-        return x, positions, sample_ids, token_kinds, labels
+        return x, batch["positions"], batch["sample_ids"], batch["token_kinds"], batch["labels"]
 
 
 class _MicroBatchTables:
