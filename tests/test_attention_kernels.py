@@ -19,8 +19,8 @@ from megatron_genlip.model.attention import BLOCK_SIZE, FlexAttention, SdpaAtten
 from megatron_genlip.model.genlip import build_model
 from megatron_genlip.model.masks import sdpa_mask
 from megatron_genlip.model.spec import get_layer_spec
+from megatron_genlip.model.stages import BlockStage
 from megatron_genlip.parallel import state
-from megatron_genlip.parallel.pipeline import BlockStage
 
 TOL = 1e-5  # relative (max abs error / max abs reference), fp32
 

@@ -1,7 +1,15 @@
 """GenLIP: one transformer reads [image patches][prompt][caption] and predicts the caption (GENLIP_SPEC.md §2).
 
 The input is a packed micro-batch as ``megatron_genlip.batch`` defines it (token ids, labels, 3-axis positions,
-sample ids, token kinds per slot; uint8 image patches); the model imports no data code.
+sample ids, token kinds per slot; uint8 image patches). The model is written for one device: tensor parallelism
+enters through the classes of the layer spec (``model/spec.py``), sequence parallelism through the one wrapper
+``parallel.sequence.SequenceParallel`` around the blocks, pipeline parallelism through the stages of
+``model/stages.py``, which reuse the embedding and head mixins below.
+
+Import direction: the model builds on the parallel primitives (``megatron_genlip.parallel``: process groups, RNG
+streams, sequence parallelism), as megatron-core's transformer builds on its ``tensor_parallel``; nothing in
+``megatron_genlip.parallel`` imports the model, and the model imports no data code (the batch format is shared
+through ``megatron_genlip.batch``).
 
 Module names follow the Hugging Face keys of GENLIP_SPEC.md §6 where they can (``vision_embeddings``,
 ``layers``, ``ln_post``, ``embeddings``, ``in_proj``, ``proj``, ``lm_head``); q_proj is held as ``q`` + ``gate``.
@@ -22,7 +30,8 @@ from megatron_genlip.config import ModelConfig
 from megatron_genlip.model.layers import KVCache, TransformerBlock, normal_init
 from megatron_genlip.model.rope import MultimodalRotaryEmbedding
 from megatron_genlip.model.spec import get_layer_spec, parallel_config
-from megatron_genlip.parallel import rng, sequence, state
+from megatron_genlip.parallel import rng, state
+from megatron_genlip.parallel.sequence import SequenceParallel
 
 
 @dataclass
@@ -172,9 +181,8 @@ class GenLIPModel(EmbeddingMixin, HeadMixin, torch.nn.Module):
     def __init__(self, cfg: ModelConfig, tp_group=None, seed: int = 0, sequence_parallel: bool = False):
         super().__init__()
         tensor_parallel = state.group_size(tp_group)
-        sequence.check_supported(tensor_parallel, sequence_parallel)
         self.cfg = cfg
-        self.sequence_parallel = sequence_parallel  # blocks run on sequence slices (parallel/sequence.py)
+        self.sp = SequenceParallel(tp_group, sequence_parallel)  # blocks run on sequence slices when enabled
         self.activation_checkpointing = False  # per-block recomputation in backward (set by the trainer)
         spec = get_layer_spec(cfg)
         pconfig = parallel_config(cfg, tensor_parallel, sequence_parallel)
@@ -197,16 +205,14 @@ class GenLIPModel(EmbeddingMixin, HeadMixin, torch.nn.Module):
         length: attention sees the whole sequence) and the output is gathered before ln_post."""
         cos, sin = self.rotary(positions, x.dtype)
         recompute = self.activation_checkpointing and self.training and cache is None
-        with sequence.parallel_region(self, x.shape[0], cache is not None) as split:
-            if split:
-                x = sequence.scatter(x)
+        with self.sp.region(self, x.shape[0], cache is not None) as sp:
+            x = sp.scatter(x)
             for layer in self.layers:
                 if recompute:  # non-reentrant; the RNG streams are replayed, so DropPath drops the same rows
                     x = rng.checkpoint(layer, x, cos, sin, mask, None)
                 else:
                     x = layer(x, cos, sin, mask, cache)
-            if split:
-                x = sequence.gather(x)
+            x = sp.gather(x)
         return self.ln_post(x)
 
     # ----------------------------------------------------------------------------------------------

@@ -29,8 +29,8 @@ from megatron_genlip.data.builder import tokenizer_fingerprint
 from megatron_genlip.data.packed_dataset import build_loader, check_rows_match, open_rows, open_train_rows
 from megatron_genlip.data.tokenizer import load_tokenizer
 from megatron_genlip.model.genlip import build_model
+from megatron_genlip.model.stages import build_pipeline
 from megatron_genlip.parallel import rng, state
-from megatron_genlip.parallel.pipeline import build_pipeline
 from megatron_genlip.training import checkpoint as ckpt
 from megatron_genlip.training import reshard
 from megatron_genlip.training.distributed import device, init_distributed
