@@ -132,8 +132,8 @@ class HeadMixin:
         d, e = cfg.hidden_size, cfg.text_embed_dim
         self.ln_post = spec.layer_norm(d, eps=cfg.layernorm_eps)
         self.proj = torch.nn.Linear(d, e) if e != d else None
-        self.lm_head = spec.column_linear(e, cfg.vocab_size, bias=False, init_method=normal_init(cfg.init_std),
-                                          config=pconfig, tp_group=tp_group)
+        self.lm_head = spec.lm_head(e, cfg.vocab_size, bias=False, init_method=normal_init(cfg.init_std),
+                                    config=pconfig, tp_group=tp_group)
         self.loss_chunk_size = cfg.loss_chunk_size  # labelled positions per LM-head chunk (0: all at once)
         if self.proj is not None:
             with torch.no_grad():
