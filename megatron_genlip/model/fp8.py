@@ -21,6 +21,7 @@ from dataclasses import replace
 
 import torch
 
+from megatron_genlip import platform
 from megatron_genlip.config import FP8_TE_RECIPES, ConfigError, ModelConfig
 
 MIN_FP8_CAPABILITY = (8, 9)
@@ -37,7 +38,7 @@ def _torchao_float8():
 
 def require_fp8_hardware(cfg: ModelConfig) -> None:
     """Refuse FP8 without a CUDA device of compute capability >= 8.9 (or, for torchao recipes, without torchao)."""
-    if not torch.cuda.is_available():
+    if not platform.current().cuda:
         raise ConfigError(f"model.fp8={cfg.fp8} needs a CUDA GPU with FP8 tensor cores (compute capability >= 8.9, "
                           "e.g. H100/H200); this machine has no CUDA device. Use model.fp8=none.")
     cap = torch.cuda.get_device_capability()

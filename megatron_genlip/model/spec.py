@@ -25,6 +25,7 @@ import torch
 from megatron.core.model_parallel_config import ModelParallelConfig
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 
+from megatron_genlip import platform
 from megatron_genlip.config import FP8_TORCHAO_RECIPES, ConfigError, ModelConfig
 from megatron_genlip.model.attention import SdpaAttention, get_attention
 
@@ -88,7 +89,7 @@ LOCAL_SPEC = BackendSpec(
 def get_layer_spec(cfg: ModelConfig) -> BackendSpec:
     """The spec for ``model.backend`` / ``model.attention`` / ``model.fp8``."""
     if cfg.backend == "te":
-        if not torch.cuda.is_available():
+        if not platform.current().cuda:
             raise ConfigError(
                 "model.backend='te' needs a CUDA GPU and Transformer Engine; this machine has no CUDA device. "
                 "Use model.backend=local on CPU."

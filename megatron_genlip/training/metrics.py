@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from megatron_genlip import platform
 from megatron_genlip.config import ModelConfig
 from megatron_genlip.model.accounting import batch_flops
 
@@ -28,7 +29,7 @@ def batch_stats(batch: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, f
 
 
 def memory_gb() -> float:
-    if torch.cuda.is_available():
+    if platform.current().cuda:
         return torch.cuda.max_memory_allocated() / 2**30
     import psutil
 
