@@ -63,7 +63,6 @@ class LayerScale(torch.nn.Module):
 
     def __init__(self, dim: int, init: float):
         super().__init__()
-        self.init_value = init
         self.lambda1 = torch.nn.Parameter(torch.full((dim,), init))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
