@@ -34,13 +34,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from megatron_genlip import platform  # noqa: E402
+from megatron_genlip.batch import IGNORE_INDEX, KIND_IMAGE, KIND_TEXT  # noqa: E402
 from megatron_genlip.config import ConfigError, load_config  # noqa: E402
 from megatron_genlip.data.packing import collate_batch  # noqa: E402
 from megatron_genlip.data.sample import assemble_sample  # noqa: E402
-from megatron_genlip.model.accounting import flops_per_sample  # noqa: E402
+from megatron_genlip.model.accounting import batch_flops  # noqa: E402
 from megatron_genlip.model.attention import FlexAttention, SdpaAttention  # noqa: E402
-from megatron_genlip.model.genlip import IGNORE_INDEX, build_model  # noqa: E402
-from megatron_genlip.model.masks import KIND_IMAGE, KIND_TEXT, sdpa_mask  # noqa: E402
+from megatron_genlip.model.genlip import build_model  # noqa: E402
+from megatron_genlip.model.masks import sdpa_mask  # noqa: E402
 
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16 per GPU (PERFORMANCE.md §1.1)
 DRY_RUN_SHAPES = {"So16": ["model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=128",
@@ -120,20 +121,6 @@ def packed_rows(vocab_size: int, seq_length: int, rows: int, seed: int, device) 
         all_rows.append(samples)
     batch = collate_batch(all_rows, seq_length)
     return {k: v.to(device) for k, v in batch.items()}
-
-
-def batch_flops_and_samples(cfg, batch: dict) -> tuple[float, int]:
-    """Ideal training FLOPs of the batch (LM head on labelled positions) and its number of samples."""
-    total, samples = 0.0, 0
-    for s, k, lab in zip(batch["sample_ids"].cpu(), batch["token_kinds"].cpu(), batch["labels"].cpu()):
-        labelled = torch.zeros_like(s, dtype=torch.bool)
-        labelled[:-1] = lab[1:] != IGNORE_INDEX
-        for i in range(int(s.max()) + 1):
-            m = s == i
-            total += flops_per_sample(cfg, int((k[m] == KIND_IMAGE).sum()), int((k[m] == KIND_TEXT).sum()),
-                                      int(labelled[m].sum()))
-            samples += 1
-    return total, samples
 
 
 # --------------------------------------------------------------------------------------------------
@@ -294,7 +281,7 @@ def run_variant(args, cfg, batch, device, all_positions: bool, deadline: float, 
         times.append(time.perf_counter() - t)
         if time.monotonic() > deadline:
             break
-    flops, samples = batch_flops_and_samples(cfg.model, batch)
+    flops, samples = batch_flops(cfg.model, batch)
     row["flops"] = flops
     if device.type == "cuda":
         t = statistics.median(times)

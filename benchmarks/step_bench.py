@@ -20,7 +20,7 @@ from megatron_genlip.config import ModelConfig
 from megatron_genlip.data.packing import collate_batch
 from megatron_genlip.data.sample import assemble_sample
 from megatron_genlip.hf.keys import to_hf
-from megatron_genlip.model.accounting import flops_per_sample
+from megatron_genlip.model.accounting import batch_flops
 
 
 def make_batch(cfg: ModelConfig, tokens: int, seed: int = 0) -> dict:
@@ -45,17 +45,6 @@ def gemm_rate(h: int, rows: int = 2048, reps: int = 5) -> float:
     for _ in range(reps):
         a @ b
     return 2 * rows * h * 4 * h * reps / (time.process_time() - t)
-
-
-def batch_flops(cfg: ModelConfig, batch: dict) -> float:
-    s, k = batch["sample_ids"][0], batch["token_kinds"][0]
-    lab = torch.zeros_like(s, dtype=torch.bool)
-    lab[:-1] = batch["labels"][0, 1:] != -100
-    total = 0.0
-    for i in range(int(s.max()) + 1):
-        m = s == i
-        total += flops_per_sample(cfg, int((k[m] == 1).sum()), int((k[m] == 0).sum()), int(lab[m].sum()))
-    return total
 
 
 def main() -> None:
@@ -123,10 +112,10 @@ def main() -> None:
         t_plain.append(b)
         ratios.append(a / b)
     q1, med, q3 = statistics.quantiles(ratios, n=4)[0], statistics.median(ratios), statistics.quantiles(ratios, n=4)[2]
-    flops = batch_flops(cfg, batch)
+    flops, samples = batch_flops(cfg, batch)
     rate = gemm_rate(args.hidden)
     print(f"model: L={args.layers} h={args.hidden} V={args.vocab}; batch {args.tokens} tokens, "
-          f"{int(batch['sample_ids'].max()) + 1} samples; {flops / 1e9:.2f} model-GFLOP per step")
+          f"{samples} samples; {flops / 1e9:.2f} model-GFLOP per step")
     print(f"GEMM rate in this process (2048 x {args.hidden} x {4 * args.hidden}, 1 thread): {rate / 1e9:.1f} GFLOP/s")
     for name, ts in (("ours (DeepSpeed engine)", t_ours), ("plain PyTorch (R0)", t_plain)):
         m = statistics.median(ts)

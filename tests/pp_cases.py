@@ -7,9 +7,10 @@ import torch
 import torch.distributed as dist
 
 from conftest import small_model_config
+from megatron_genlip.batch import pipeline_inputs
 from megatron_genlip.model.genlip import build_model
+from megatron_genlip.model.stages import build_pipeline
 from megatron_genlip.parallel import state
-from megatron_genlip.parallel.pipeline import build_pipeline, pipeline_inputs
 from tp_cases import packed_batch
 
 

@@ -11,15 +11,16 @@ import torch
 from torch.nn.attention.flex_attention import create_block_mask
 
 from conftest import random_image, small_model_config
+from megatron_genlip.batch import KIND_IMAGE, KIND_PAD, KIND_TEXT
 from megatron_genlip.data.packing import collate_batch
 from megatron_genlip.data.sample import build_sample
 from megatron_genlip.inference.generate import generate_caption, image_features
 from megatron_genlip.model.attention import BLOCK_SIZE, FlexAttention, SdpaAttention, flex_block_mask
 from megatron_genlip.model.genlip import build_model
-from megatron_genlip.model.masks import KIND_IMAGE, KIND_PAD, KIND_TEXT, sdpa_mask
+from megatron_genlip.model.masks import sdpa_mask
 from megatron_genlip.model.spec import get_layer_spec
+from megatron_genlip.model.stages import BlockStage
 from megatron_genlip.parallel import state
-from megatron_genlip.parallel.pipeline import BlockStage
 
 TOL = 1e-5  # relative (max abs error / max abs reference), fp32
 

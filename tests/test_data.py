@@ -76,7 +76,8 @@ def test_build_is_identical_for_1_and_4_workers(tmp_path, shards):
 
 def test_stored_sample_equals_direct_processing(tmp_path, shards):
     """A sample read back from the .bin equals the sample built straight from the shard."""
-    from megatron_genlip.data.image_processing import normalize_pixels, process_image
+    from megatron_genlip.batch import normalize_pixels
+    from megatron_genlip.data.image_processing import process_image
     from megatron_genlip.data.sample import build_sample
     from megatron_genlip.data.tokenizer import load_tokenizer
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from megatron_genlip.batch import PackedBatch
 from megatron_genlip.config import load_config
 from megatron_genlip.data.builder import build_indexed_dataset, finalize_dataset
 from megatron_genlip.data.indexed import DatasetError, DatasetMismatch, GenLIPIndexedDataset
@@ -74,6 +75,7 @@ def test_in_place_batch_equals_per_sample_reference(built):
     reference = stack_rows([collate_row([rows.dataset[int(i)] for i in rows.row_samples(g)], rows.seq_length)
                             for g in ids])
     assert fast["patches"].dtype == torch.uint8
+    PackedBatch(seq_length=rows.seq_length, patch_size=rows.dataset.patch_size).validate(fast)
     for k in reference:
         assert fast[k].dtype == reference[k].dtype and torch.equal(fast[k], reference[k]), k
     assert fast["row_index"].tolist() == ids

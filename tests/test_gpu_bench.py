@@ -130,6 +130,6 @@ def test_torchao_spec_converts_only_the_block_projections():
     for name, tensor in ref.items():
         if not name.endswith("_extra_state"):
             assert torch.equal(ours[name], tensor), f"{name}: torchao spec init differs from megatron-core's"
-    head = spec.column_linear(cfg.text_embed_dim, cfg.vocab_size, bias=False, init_method=lambda w: None,
-                              config=pconfig, tp_group=group)
+    head = spec.lm_head(cfg.text_embed_dim, cfg.vocab_size, bias=False, init_method=lambda w: None,
+                        config=pconfig, tp_group=group)
     assert type(head) is TorchLinear

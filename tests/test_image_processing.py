@@ -7,8 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
+from megatron_genlip.batch import normalize_pixels
 from megatron_genlip.data.image_processing import (
-    ImageError, image_to_patches, normalize_pixels, patchify_into, process_image, smart_resize,
+    ImageError, image_to_patches, patchify_into, process_image, smart_resize,
 )
 
 

@@ -46,8 +46,8 @@ def test_stage_builds_rotary_tables_and_mask_once_per_micro_batch():
     (DeepSpeed reuses its receive buffers) gets a freshly built mask, equal to a direct build."""
     from conftest import small_model_config
     from megatron_genlip.model.masks import sdpa_mask
+    from megatron_genlip.model.stages import _TABLES, BlockStage
     from megatron_genlip.parallel import state
-    from megatron_genlip.parallel.pipeline import _TABLES, BlockStage
 
     state.reinitialize(1)
     cfg = small_model_config()

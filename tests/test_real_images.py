@@ -12,9 +12,10 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from megatron_genlip.batch import normalize_pixels
 from megatron_genlip.config import load_config
 from megatron_genlip.data.builder import build_indexed_dataset
-from megatron_genlip.data.image_processing import normalize_pixels, process_image
+from megatron_genlip.data.image_processing import process_image
 from megatron_genlip.data.indexed import GenLIPIndexedDataset
 from megatron_genlip.data.packed_dataset import PackedRows
 

@@ -6,8 +6,8 @@ row-major (h, then w) order.
 
 The data path keeps patches as **uint8** (:func:`image_to_patches`): a quarter of the bytes of float32
 through the DataLoader's shared memory and the host-to-device copy. The model normalises them on the device
-with :func:`normalize_pixels` (scale 1/255, mean = std = 0.5 -> [-1, 1]), the same float32 operations the
-reference :func:`process_image` applies on the host, so both give bit-identical values.
+with ``megatron_genlip.batch.normalize_pixels`` (scale 1/255, mean = std = 0.5 -> [-1, 1]), which the host-side
+reference :func:`process_image` calls too, so both give bit-identical values.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-MEAN = 0.5
-STD = 0.5
+from megatron_genlip.batch import normalize_pixels
+
 MAX_ASPECT_RATIO = 200
 
 
@@ -95,11 +95,6 @@ def smart_resize(height: int, width: int, factor: int = 16, min_pixels: int = 40
         h = math.ceil(height * beta / factor) * factor
         w = math.ceil(width * beta / factor) * factor
     return h, w
-
-
-def normalize_pixels(pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels (any shape) -> float32 in [-1, 1]: scale 1/255, then (x - mean) / std."""
-    return (pixels.to(torch.float32) / 255.0 - MEAN) / STD
 
 
 def patchify_into(rgb: np.ndarray, patch: int, out: np.ndarray | None = None) -> np.ndarray:

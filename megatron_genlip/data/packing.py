@@ -1,7 +1,6 @@
 """Packed rows: several whole samples per fixed-length row, padding only at the end (GENLIP_SPEC.md §4.3).
 
-Padding values: input_ids 0, labels -100, positions -1, sample_ids -1, token_kinds -1. Patches are uint8
-``[N, 3, p, p]``, all images of the micro-batch in row-major token order (normalised on the device).
+The batch format (keys, dtypes, padding values, token kinds) is ``megatron_genlip.batch``; this module fills it.
 
 Two ways to build a micro-batch:
 
@@ -20,8 +19,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from megatron_genlip.data.sample import IGNORE_INDEX, Sample
-from megatron_genlip.model.masks import KIND_IMAGE, KIND_PAD, KIND_TEXT
+from megatron_genlip.batch import IGNORE_INDEX, KIND_IMAGE, KIND_TEXT, PATCHES, SLOT_FIELDS
+from megatron_genlip.data.sample import Sample
 
 
 def fill_row(buffer_lengths: np.ndarray, seq_length: int) -> list[int]:
@@ -70,14 +69,10 @@ def assemble_batch(rows: Sequence[tuple[object, np.ndarray]], seq_length: int, p
     b = len(rows)
     meta = [[ds.grid_and_text(int(i)) for i in ids] for ds, ids in rows]
     num_patches = sum(gh * gw for row in meta for gh, gw, _ in row)
-    input_ids = _empty((b, seq_length), torch.int64, 0)
-    labels = _empty((b, seq_length), torch.int64, IGNORE_INDEX)
-    positions = _empty((b, 3, seq_length), torch.int64, -1)
-    sample_ids = _empty((b, seq_length), torch.int64, -1)
-    kinds = _empty((b, seq_length), torch.int64, KIND_PAD)
-    patches = _empty((num_patches, 3, patch_size, patch_size), torch.uint8)
-    np_ids, np_labels, np_pos = input_ids.numpy(), labels.numpy(), positions.numpy()
-    np_sid, np_kinds, np_patches = sample_ids.numpy(), kinds.numpy(), patches.numpy()
+    batch = {f.key: _empty(f.shape(B=b, L=seq_length), f.dtype, f.pad) for f in SLOT_FIELDS}  # all padding
+    batch["patches"] = _empty(PATCHES.shape(N=num_patches, p=patch_size), PATCHES.dtype)
+    np_ids, np_labels, np_pos, np_sid, np_kinds, np_patches = (batch[k].numpy() for k in (
+        "input_ids", "labels", "positions", "sample_ids", "token_kinds", "patches"))
     next_patch = 0
     for r, ((ds, ids), row_meta) in enumerate(zip(rows, meta)):
         at = 0
@@ -100,8 +95,7 @@ def assemble_batch(rows: Sequence[tuple[object, np.ndarray]], seq_length: int, p
             np_kinds[r, txt] = KIND_TEXT
             np_sid[r, at:at + n_img + n_txt] = s
             at += n_img + n_txt
-    return {"input_ids": input_ids, "labels": labels, "positions": positions, "sample_ids": sample_ids,
-            "token_kinds": kinds, "patches": patches}
+    return batch
 
 
 # -------------------------------------------------------------------------------------------------
@@ -113,20 +107,13 @@ def collate_row(samples: Sequence[Sample], seq_length: int) -> dict[str, torch.T
     used = sum(len(s) for s in samples)
     if used > seq_length:
         raise ValueError(f"samples of {used} tokens do not fit a row of {seq_length}")
-    pad = seq_length - used
-
-    def cat(parts: list[torch.Tensor], fill: int) -> torch.Tensor:
-        filler = torch.full((pad,), fill, dtype=torch.long)
-        return torch.cat(parts + [filler])
-
-    return {
-        "input_ids": cat([s.input_ids for s in samples], 0),
-        "labels": cat([s.labels for s in samples], IGNORE_INDEX),
-        "positions": torch.cat([s.positions for s in samples] + [torch.full((3, pad), -1, dtype=torch.long)], dim=1),
-        "sample_ids": cat([torch.full((len(s),), i, dtype=torch.long) for i, s in enumerate(samples)], -1),
-        "token_kinds": cat([s.token_kinds for s in samples], KIND_PAD),
-        "patches": torch.cat([s.patches for s in samples]) if samples else torch.empty(0, dtype=torch.uint8),
-    }
+    parts = {"input_ids": [s.input_ids for s in samples], "labels": [s.labels for s in samples],
+             "positions": [s.positions for s in samples], "token_kinds": [s.token_kinds for s in samples],
+             "sample_ids": [torch.full((len(s),), i, dtype=torch.long) for i, s in enumerate(samples)]}
+    padding = {f.key: torch.full(f.shape(B=1, L=seq_length - used), f.pad, dtype=f.dtype)[0] for f in SLOT_FIELDS}
+    row = {key: torch.cat(parts[key] + [fill], dim=-1) for key, fill in padding.items()}
+    row["patches"] = torch.cat([s.patches for s in samples]) if samples else torch.empty(0, dtype=torch.uint8)
+    return row
 
 
 def stack_rows(collated: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

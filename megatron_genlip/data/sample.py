@@ -12,9 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_genlip.model.masks import KIND_IMAGE, KIND_TEXT
-
-IGNORE_INDEX = -100
+from megatron_genlip.batch import IGNORE_INDEX, KIND_IMAGE, KIND_TEXT
 
 
 class SampleError(ValueError):

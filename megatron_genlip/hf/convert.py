@@ -473,7 +473,7 @@ def load_weights_only(engine, tag_dir: str | Path, model_cfg: ModelConfig) -> No
     differences = model_differences(ModelConfig(**imported), model_cfg)
     if differences:  # same shapes can still be another model (e.g. 24 heads instead of 16)
         raise ConfigError(f"the run's model config describes another model than the weights of {tag_dir} "
-                          f"(from {ckpt.WEIGHTS_ONLY_MARKER}, i.e. the imported config.json): "
+                          f"(from {ckpt_format.WEIGHTS_ONLY_MARKER}, i.e. the imported config.json): "
                           f"{'; '.join(differences)}")
     state = _load_safetensors(tag_dir / WEIGHTS_ONLY_FILE)
     check_against_model(state, model_cfg, str(tag_dir / WEIGHTS_ONLY_FILE))

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import torch
 
-from megatron_genlip.parallel.state import gather_last_dim
+from megatron_genlip.batch import KIND_IMAGE, KIND_TEXT
 from megatron_genlip.data.sample import image_positions, text_positions
 from megatron_genlip.model.layers import KVCache
-from megatron_genlip.model.masks import KIND_IMAGE, KIND_TEXT, image_only_mask, sdpa_mask
+from megatron_genlip.model.masks import image_only_mask, sdpa_mask
+from megatron_genlip.parallel.state import gather_last_dim
 
 
 def _prefix(tokenizer, grid: tuple[int, int], prompt: str) -> dict[str, torch.Tensor]:

@@ -3,14 +3,17 @@
 Parameters are counted on a real model instance built on the meta device (no memory, no init cost), so
 the numbers are those of the code, not of a formula. FLOPs use the ideal GenLIP count: the LM head and
 ``proj`` run only on labelled positions, attention is counted dense-equivalent within the sample.
+:func:`batch_flops` is the one count of a packed micro-batch (the trainer's metrics and both benchmarks use it).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from megatron_genlip.batch import KIND_IMAGE, KIND_TEXT, predicts_label
 from megatron_genlip.config import ModelConfig
 
 
@@ -61,6 +64,23 @@ def flops_per_sample(cfg: ModelConfig, num_image: int, num_text: int, num_labels
         flops += 6 * h * e * (num_labels + num_text)  # proj on labelled, in_proj on text positions
     flops += 6 * cfg.num_channels * cfg.patch_size**2 * h * num_image  # patch embedding
     return float(flops)
+
+
+def batch_flops(cfg: ModelConfig, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
+    """Training FLOPs of a packed micro-batch (:func:`flops_per_sample` of each of its samples) and its number
+    of samples. A slot counts as labelled for the sample it belongs to when it predicts a label."""
+    sids = batch["sample_ids"].cpu().numpy()
+    kinds = batch["token_kinds"].cpu().numpy()
+    labelled = np.zeros_like(sids, dtype=bool)
+    labelled[:, :-1] = predicts_label(batch["labels"]).cpu().numpy()
+    flops, samples = 0.0, 0
+    for s, k, lab in zip(sids, kinds, labelled):
+        real = s >= 0
+        n = int(s[real].max()) + 1 if real.any() else 0
+        counts = (np.bincount(s[real], weights=w[real], minlength=n) for w in (k == KIND_IMAGE, k == KIND_TEXT, lab))
+        flops += sum(flops_per_sample(cfg, int(a), int(b), int(c)) for a, b, c in zip(*counts))
+        samples += n
+    return flops, samples
 
 
 def stage1_flops_per_sample(cfg: ModelConfig, caption_tokens: int = 72, lm_head_everywhere: bool = False) -> float:

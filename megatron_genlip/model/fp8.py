@@ -6,9 +6,9 @@ projections as plain ``nn.Linear`` (:class:`TorchLinear`, same initialisation as
 TP=1, so weights are identical) and is valid only with ``parallel.tensor_parallel=1`` (checked in
 ``config.validate_model`` and again when a layer is built). Under tensor parallelism use ``model.backend=te``.
 
-What runs in FP8: q, gate, k, v, o and the SwiGLU fc1/gate_fc/fc2 of every block. The patch and text
-embeddings and the LM head (the projection to ``model.vocab_size``) stay in the activation dtype (bf16).
-Attention, norms and the loss are not affected.
+What runs in FP8: q, gate, k, v, o and the SwiGLU fc1/gate_fc/fc2 of every block (the spec's ``column_linear``
+and ``row_linear``). The patch and text embeddings and the LM head (the spec's ``lm_head``: a plain
+:class:`TorchLinear`) stay in the activation dtype (bf16). Attention, norms and the loss are not affected.
 
 FP8 GEMMs need a CUDA GPU with FP8 tensor cores (compute capability >= 8.9: Ada, Hopper, Blackwell);
 :func:`require_fp8_hardware` refuses anything else with a ConfigError. The module conversion itself
@@ -17,8 +17,11 @@ FP8 GEMMs need a CUDA GPU with FP8 tensor cores (compute capability >= 8.9: Ada,
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
+from megatron_genlip import platform
 from megatron_genlip.config import FP8_TE_RECIPES, ConfigError, ModelConfig
 
 MIN_FP8_CAPABILITY = (8, 9)
@@ -35,7 +38,7 @@ def _torchao_float8():
 
 def require_fp8_hardware(cfg: ModelConfig) -> None:
     """Refuse FP8 without a CUDA device of compute capability >= 8.9 (or, for torchao recipes, without torchao)."""
-    if not torch.cuda.is_available():
+    if not platform.current().cuda:
         raise ConfigError(f"model.fp8={cfg.fp8} needs a CUDA GPU with FP8 tensor cores (compute capability >= 8.9, "
                           "e.g. H100/H200); this machine has no CUDA device. Use model.fp8=none.")
     cap = torch.cuda.get_device_capability()
@@ -72,21 +75,11 @@ def float8_config(cfg: ModelConfig):
 
 
 def torchao_layer_spec(cfg: ModelConfig, base):
-    """``base`` (a LayerSpec) with torchao Float8Linear block projections and a plain bf16 LM head."""
-    from dataclasses import replace
-
+    """``base`` (a ``BackendSpec``) with torchao Float8Linear block projections and a plain bf16 LM head."""
     float8 = _torchao_float8()
     config = float8_config(cfg)
 
-    def to_float8(linear: torch.nn.Linear) -> torch.nn.Module:
-        return float8.convert_to_float8_training(linear, config=config)
+    def float8_linear(in_features, out_features, **kw) -> torch.nn.Module:
+        return float8.convert_to_float8_training(TorchLinear(in_features, out_features, **kw), config=config)
 
-    def column_linear(in_features, out_features, **kw):
-        linear = TorchLinear(in_features, out_features, **kw)
-        # the only column projection to the vocabulary is the LM head (HeadMixin), which stays in bf16
-        return linear if out_features == cfg.vocab_size else to_float8(linear)
-
-    def row_linear(in_features, out_features, **kw):
-        return to_float8(TorchLinear(in_features, out_features, **kw))
-
-    return replace(base, column_linear=column_linear, row_linear=row_linear)
+    return replace(base, column_linear=float8_linear, row_linear=float8_linear, lm_head=TorchLinear)

@@ -1,12 +1,15 @@
 """GenLIP: one transformer reads [image patches][prompt][caption] and predicts the caption (GENLIP_SPEC.md §2).
 
-A packed batch (see ``megatron_genlip.data.packing``) is a dict of
-  input_ids   [B, L]  token ids; 0 at image and padding slots
-  labels      [B, L]  target id at caption / <|im_end|> / "\\n" slots, -100 elsewhere
-  positions   [B, 3, L] 3-axis M-RoPE positions (image (0,r,c); text from max(gh,gw); padding -1)
-  sample_ids  [B, L]  packed-sample index per token, -1 on padding
-  token_kinds [B, L]  1 image, 0 text, -1 padding
-  patches     [N, 3, p, p]  all image patches of the batch, in row-major token order (uint8 pixels or normalised)
+The input is a packed micro-batch as ``megatron_genlip.batch`` defines it (token ids, labels, 3-axis positions,
+sample ids, token kinds per slot; uint8 image patches). The model is written for one device: tensor parallelism
+enters through the classes of the layer spec (``model/spec.py``), sequence parallelism through the one wrapper
+``parallel.sequence.SequenceParallel`` around the blocks, pipeline parallelism through the stages of
+``model/stages.py``, which reuse the embedding and head mixins below.
+
+Import direction: the model builds on the parallel primitives (``megatron_genlip.parallel``: process groups, RNG
+streams, sequence parallelism), as megatron-core's transformer builds on its ``tensor_parallel``; nothing in
+``megatron_genlip.parallel`` imports the model, and the model imports no data code (the batch format is shared
+through ``megatron_genlip.batch``).
 
 Module names follow the Hugging Face keys of GENLIP_SPEC.md §6 where they can (``vision_embeddings``,
 ``layers``, ``ln_post``, ``embeddings``, ``in_proj``, ``proj``, ``lm_head``); q_proj is held as ``q`` + ``gate``.
@@ -22,15 +25,13 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
+from megatron_genlip.batch import KIND_IMAGE, normalize_pixels, predicts_label
 from megatron_genlip.config import ModelConfig
-from megatron_genlip.data.image_processing import normalize_pixels
 from megatron_genlip.model.layers import KVCache, TransformerBlock, normal_init
-from megatron_genlip.model.masks import KIND_IMAGE
 from megatron_genlip.model.rope import MultimodalRotaryEmbedding
 from megatron_genlip.model.spec import get_layer_spec, parallel_config
-from megatron_genlip.parallel import rng, sequence, state
-
-IGNORE_INDEX = -100
+from megatron_genlip.parallel import rng, state
+from megatron_genlip.parallel.sequence import SequenceParallel
 
 
 @dataclass
@@ -117,6 +118,13 @@ class EmbeddingMixin:
         return x.transpose(0, 1).contiguous()
 
 
+def select_labelled(h: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The slots whose next slot carries a label (``batch.predicts_label``; no pair crosses samples): their
+    hidden states [N_lab, d], their targets [N_lab] and the selection bool [B, L-1]. h is [B, L, d]."""
+    selected = predicts_label(labels)
+    return h[:, :-1][selected], labels[:, 1:][selected], selected
+
+
 class HeadMixin:
     """ln_post, proj, the LM head and the loss; shared by the model and the last pipeline stage."""
 
@@ -124,8 +132,8 @@ class HeadMixin:
         d, e = cfg.hidden_size, cfg.text_embed_dim
         self.ln_post = spec.layer_norm(d, eps=cfg.layernorm_eps)
         self.proj = torch.nn.Linear(d, e) if e != d else None
-        self.lm_head = spec.column_linear(e, cfg.vocab_size, bias=False, init_method=normal_init(cfg.init_std),
-                                          config=pconfig, tp_group=tp_group)
+        self.lm_head = spec.lm_head(e, cfg.vocab_size, bias=False, init_method=normal_init(cfg.init_std),
+                                    config=pconfig, tp_group=tp_group)
         self.loss_chunk_size = cfg.loss_chunk_size  # labelled positions per LM-head chunk (0: all at once)
         if self.proj is not None:
             with torch.no_grad():
@@ -150,9 +158,7 @@ class HeadMixin:
         cross-entropy C at a time, each chunk recomputed in backward (non-reentrant checkpoint), so at most one
         chunk's [C, V/TP] logits (and their gradient) exist at any moment instead of [N_lab, V/TP].
         """
-        targets = labels[:, 1:]
-        selected = targets != IGNORE_INDEX  # position i predicts label i+1; cross-sample pairs are -100
-        hidden, target = h[:, :-1][selected], targets[selected]  # [N_lab, d], [N_lab]
+        hidden, target, selected = select_labelled(h, labels)
         chunk = self.loss_chunk_size
         if chunk <= 0 or hidden.shape[0] <= chunk:
             token_losses = self._token_losses(hidden, target)
@@ -162,7 +168,7 @@ class HeadMixin:
                                                   use_reentrant=False)
                 for i in range(0, hidden.shape[0], chunk)
             ])
-        rows = torch.arange(h.shape[0], device=h.device)[:, None].expand_as(targets)[selected]
+        rows = torch.arange(h.shape[0], device=h.device)[:, None].expand_as(selected)[selected]
         loss = token_losses.mean() if token_losses.numel() else h.sum() * 0.0
         return LossOutput(loss, token_losses, rows, sample_ids[:, 1:][selected])
 
@@ -175,9 +181,8 @@ class GenLIPModel(EmbeddingMixin, HeadMixin, torch.nn.Module):
     def __init__(self, cfg: ModelConfig, tp_group=None, seed: int = 0, sequence_parallel: bool = False):
         super().__init__()
         tensor_parallel = state.group_size(tp_group)
-        sequence.check_supported(tensor_parallel, sequence_parallel)
         self.cfg = cfg
-        self.sequence_parallel = sequence_parallel  # blocks run on sequence slices (parallel/sequence.py)
+        self.sp = SequenceParallel(tp_group, sequence_parallel)  # blocks run on sequence slices when enabled
         self.activation_checkpointing = False  # per-block recomputation in backward (set by the trainer)
         spec = get_layer_spec(cfg)
         pconfig = parallel_config(cfg, tensor_parallel, sequence_parallel)
@@ -200,16 +205,14 @@ class GenLIPModel(EmbeddingMixin, HeadMixin, torch.nn.Module):
         length: attention sees the whole sequence) and the output is gathered before ln_post."""
         cos, sin = self.rotary(positions, x.dtype)
         recompute = self.activation_checkpointing and self.training and cache is None
-        with sequence.parallel_region(self, x.shape[0], cache is not None) as split:
-            if split:
-                x = sequence.scatter(x)
+        with self.sp.region(self, x.shape[0], cache is not None) as sp:
+            x = sp.scatter(x)
             for layer in self.layers:
                 if recompute:  # non-reentrant; the RNG streams are replayed, so DropPath drops the same rows
                     x = rng.checkpoint(layer, x, cos, sin, mask, None)
                 else:
                     x = layer(x, cos, sin, mask, cache)
-            if split:
-                x = sequence.gather(x)
+            x = sp.gather(x)
         return self.ln_post(x)
 
     # ----------------------------------------------------------------------------------------------

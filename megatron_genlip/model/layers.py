@@ -17,7 +17,7 @@ from megatron.core.model_parallel_config import ModelParallelConfig
 
 from megatron_genlip.config import ModelConfig
 from megatron_genlip.model.rope import apply_rotary
-from megatron_genlip.model.spec import LayerSpec
+from megatron_genlip.model.spec import BackendSpec
 from megatron_genlip.parallel import rng, sequence
 
 
@@ -63,7 +63,6 @@ class LayerScale(torch.nn.Module):
 
     def __init__(self, dim: int, init: float):
         super().__init__()
-        self.init_value = init
         self.lambda1 = torch.nn.Parameter(torch.full((dim,), init))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -94,7 +93,7 @@ class GatedSelfAttention(torch.nn.Module):
     projections, ``q`` (first contiguous half) and ``gate`` (second half), so TP splits both by heads
     consistently; export concatenates them back into q_proj."""
 
-    def __init__(self, cfg: ModelConfig, spec: LayerSpec, pconfig: ModelParallelConfig, tp_group, layer_idx: int):
+    def __init__(self, cfg: ModelConfig, spec: BackendSpec, pconfig: ModelParallelConfig, tp_group, layer_idx: int):
         super().__init__()
         d, tp = cfg.hidden_size, pconfig.tensor_model_parallel_size
         self.layer_idx = layer_idx
@@ -131,7 +130,7 @@ class GatedSelfAttention(torch.nn.Module):
 class SwiGLU(torch.nn.Module):
     """W2( SiLU(W_gate u) * (W1 u) ), fc1 and gate_fc column-parallel, fc2 row-parallel."""
 
-    def __init__(self, cfg: ModelConfig, spec: LayerSpec, pconfig: ModelParallelConfig, tp_group):
+    def __init__(self, cfg: ModelConfig, spec: BackendSpec, pconfig: ModelParallelConfig, tp_group):
         super().__init__()
         d, f = cfg.hidden_size, cfg.ffn_hidden_size
         common = dict(bias=True, init_method=normal_init(cfg.init_std), config=pconfig, tp_group=tp_group)
@@ -144,7 +143,7 @@ class SwiGLU(torch.nn.Module):
 
 
 class TransformerBlock(torch.nn.Module):
-    def __init__(self, cfg: ModelConfig, spec: LayerSpec, pconfig: ModelParallelConfig, tp_group, layer_idx: int):
+    def __init__(self, cfg: ModelConfig, spec: BackendSpec, pconfig: ModelParallelConfig, tp_group, layer_idx: int):
         super().__init__()
         d = cfg.hidden_size
         self.layer_norm1 = spec.layer_norm(d, eps=cfg.layernorm_eps)

@@ -1,7 +1,7 @@
 """The prefix-LM attention rule for packed rows (GENLIP_SPEC.md §2.7) as a dense boolean mask.
 
 Each row carries per-token ``sample_ids`` (0, 1, ... per packed sample; -1 = padding) and ``token_kinds``
-(1 = image patch, 0 = text, -1 = padding). Query q may attend key k iff
+(``megatron_genlip.batch``: 1 = image patch, 0 = text, -1 = padding). Query q may attend key k iff
 
     (q >= k  and  sample[q] == sample[k]  and  sample[q] >= 0)                 # causal inside the sample
  or (kind[q] > 0  and  kind[q] == kind[k]  and  sample[q] == sample[k])          # image<->image, bidirectional
@@ -15,10 +15,6 @@ reference every attention kernel is tested against.
 from __future__ import annotations
 
 import torch
-
-KIND_TEXT = 0
-KIND_IMAGE = 1
-KIND_PAD = -1
 
 
 def may_attend(q_idx, k_idx, s_q, s_k, kind_q, kind_k, pad_self: bool = False):

@@ -1,13 +1,16 @@
-"""Layer specs: which classes implement the model's projections, norms and attention kernel.
+"""Layer specs: which classes implement the model's projections, norms, attention kernel and LM head.
 
-The model code is written once, for one device, and asks the spec for its building blocks (the idea of
-megatron-core's ModuleSpec). Tensor parallelism and the Transformer Engine backend are therefore config
-changes, never if-branches inside ``forward``.
+The model code is written once, for one device, and asks the spec (a :class:`BackendSpec`) for its building
+blocks (the idea of megatron-core's ModuleSpec). Tensor parallelism, the Transformer Engine backend and FP8 are
+therefore config changes, never if-branches inside ``forward``. (The class is not called ``LayerSpec``: that is
+DeepSpeed's pipeline-stage description, used beside it in ``model/stages.py``.)
 
 Uniform signatures of the spec's classes:
   column_linear(in, out, *, bias, init_method, config, tp_group)  -> y[..., out/TP]   (input replicated)
   row_linear(in, out, *, bias, init_method, config, tp_group)     -> y[..., out]      (input sharded, sums over TP)
   vocab_embedding(vocab, dim, *, init_method, config, tp_group)   -> [..., dim]
+  lm_head(dim, vocab, *, bias, init_method, config, tp_group)     -> logits[..., vocab/TP] (column-parallel; never
+                                                                     FP8: it stays in the activation dtype)
   layer_norm(dim, eps)
   attention(q, k, v, mask) -> [B, heads, L, head_dim]             (mask: what attention.build_mask returns)
   attention.build_mask(sample_ids, token_kinds) -> mask           (built once per forward, shared by all layers)
@@ -22,6 +25,7 @@ import torch
 from megatron.core.model_parallel_config import ModelParallelConfig
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 
+from megatron_genlip import platform
 from megatron_genlip.config import FP8_TORCHAO_RECIPES, ConfigError, ModelConfig
 from megatron_genlip.model.attention import SdpaAttention, get_attention
 
@@ -60,27 +64,32 @@ class VocabEmbedding(VocabParallelEmbedding):
 
 
 @dataclass(frozen=True)
-class LayerSpec:
-    column_linear: type
-    row_linear: type
-    vocab_embedding: type
+class BackendSpec:
+    """The classes (or factories) of the module docstring; ``lm_head`` is the projection to the vocabulary,
+    kept apart from ``column_linear`` so that an FP8 spec converts the block projections and never the head."""
+
+    column_linear: Callable[..., torch.nn.Module]
+    row_linear: Callable[..., torch.nn.Module]
+    vocab_embedding: Callable[..., torch.nn.Module]
+    lm_head: Callable[..., torch.nn.Module]
     layer_norm: Callable[..., torch.nn.Module]
     attention: Callable[..., torch.Tensor]  # a kernel of megatron_genlip.model.attention (has build_mask)
 
 
-LOCAL_SPEC = LayerSpec(
+LOCAL_SPEC = BackendSpec(
     column_linear=ColumnLinear,
     row_linear=RowLinear,
     vocab_embedding=VocabEmbedding,
+    lm_head=ColumnLinear,
     layer_norm=torch.nn.LayerNorm,
     attention=SdpaAttention(),
 )
 
 
-def get_layer_spec(cfg: ModelConfig) -> LayerSpec:
+def get_layer_spec(cfg: ModelConfig) -> BackendSpec:
     """The spec for ``model.backend`` / ``model.attention`` / ``model.fp8``."""
     if cfg.backend == "te":
-        if not torch.cuda.is_available():
+        if not platform.current().cuda:
             raise ConfigError(
                 "model.backend='te' needs a CUDA GPU and Transformer Engine; this machine has no CUDA device. "
                 "Use model.backend=local on CPU."

@@ -9,7 +9,8 @@ NOT TESTED ON A GPU YET (written against the TE 2.x API; see the notes below and
   (fp32 master weight from ``init_method``, the rank's slice copied in), so a te model starts from the same
   weights as the local backend with the same seed.
 * Norms: ``te.pytorch.LayerNorm``. Text embedding: megatron-core ``VocabParallelEmbedding`` (TE has none).
-* LM head: megatron-core ``ColumnParallelLinear`` in bf16 (the vocab-parallel cross-entropy consumes its shard).
+* LM head (the spec's ``lm_head``): megatron-core ``ColumnParallelLinear`` in bf16, as in the local spec (the
+  vocab-parallel cross-entropy consumes its shard).
 * Attention: the ``model.attention`` kernel (FlexAttention with the prefix-LM BlockMask, or dense SDPA).
 * FP8: each TE block projection runs its forward inside ``te.autocast`` (TE >= 2.x; ``te.fp8_autocast`` on older
   versions) with the recipe of ``model.fp8`` unless an FP8 autocast is already active, the way megatron-core
@@ -22,6 +23,7 @@ NOT TESTED ON A GPU YET (written against the TE 2.x API; see the notes below and
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import replace
 
 import torch
@@ -113,25 +115,18 @@ class TERowLinear(_TELinear):
 
 
 def te_layer_spec(cfg: ModelConfig):
-    """The LayerSpec of ``model.backend=te``."""
+    """The ``BackendSpec`` of ``model.backend=te``: TE block projections and norms, the local spec's LM head."""
     from megatron_genlip.model.fp8 import require_fp8_hardware
-    from megatron_genlip.model.spec import LOCAL_SPEC, ColumnLinear
+    from megatron_genlip.model.spec import LOCAL_SPEC
 
     fp8_context = None
     if cfg.fp8 != "none":
         require_fp8_hardware(cfg)
         fp8_context = fp8_autocast_factory(cfg)
 
-    def column_linear(in_features, out_features, **kw):
-        if out_features == cfg.vocab_size:  # the LM head (HeadMixin): bf16, megatron-core vocab-parallel
-            return ColumnLinear(in_features, out_features, **kw)
-        return TEColumnLinear(in_features, out_features, fp8_context=fp8_context, **kw)
-
-    def row_linear(in_features, out_features, **kw):
-        return TERowLinear(in_features, out_features, fp8_context=fp8_context, **kw)
-
     def layer_norm(dim, eps):
         return te.LayerNorm(dim, eps=eps, params_dtype=torch.float32, device="cpu")
 
-    return replace(LOCAL_SPEC, column_linear=column_linear, row_linear=row_linear, layer_norm=layer_norm,
+    return replace(LOCAL_SPEC, column_linear=functools.partial(TEColumnLinear, fp8_context=fp8_context),
+                   row_linear=functools.partial(TERowLinear, fp8_context=fp8_context), layer_norm=layer_norm,
                    attention=get_attention(cfg.attention))

@@ -1,140 +1,33 @@
-"""Pipeline parallelism: the GenLIP model as a DeepSpeed ``PipelineModule`` of ``LayerSpec``s.
+"""Pipeline parallelism: a DeepSpeed ``PipelineModule`` on megatron-core's process groups, for any stage list.
 
-Stages: the embeddings (patch + text + in_proj) on the first stage, the transformer blocks split evenly
-by count (``partition_method="type:BlockStage"``), ln_post / proj / LM head / loss on the last. Between
-stages flows a fixed-shape tuple (rows are fixed length):
+What is split into stages is the model's business (``model/stages.py`` cuts GenLIP into embedding, block and head
+stages); this module only puts the stages on DeepSpeed's pipeline with a topology whose rank order equals
+megatron-core's (``state.deepspeed_topology``). The rules the stages follow for DeepSpeed:
 
-    (hidden [L, B, d], positions [B, 3, L], sample_ids [B, L], token_kinds [B, L], labels [B, L])
+* every tensor passed between stages has a constant shape (rows are fixed length), and labels reach the last
+  stage inside that tuple; every stage sees the same micro-batch stream;
+* under sequence parallelism each TP rank sends its own sequence slice to the same TP rank of the next stage, so
+  DeepSpeed's activation partitioning over the TP group (``pipeline.pipe_partitioned``, which assumes replicated
+  activations) must be off (the trainer does so).
 
-so every stage rebuilds its rotary tables and prefix-LM mask from the positions and ids, and the labels
-reach the last stage with the activations. Under sequence parallelism the hidden state passed between stages
-is this rank's sequence slice [L/TP, B, d] (scattered after the embeddings, gathered before ln_post); each TP
-rank sends its slice to the same TP rank of the next stage, so DeepSpeed's activation partitioning over the TP
-group (``pipeline.pipe_partitioned``, which assumes replicated activations) must be off (the trainer does so).
-
-Stage constructors take the tensor-parallel group as an argument (the ``LayerSpec`` carries it) and create no
-process group; :func:`build_pipeline` passes megatron-core's. Parameter names inside each stage equal the single-device model's (``vision_embeddings.*``, ``layer_norm1.*``
-of block i, ``ln_post.*``, ...), and every component is initialised from its own RNG stream
-(``component_rng``), so a pipeline holds exactly the weights of the one-device model built with the same seed.
+Like every module of ``megatron_genlip.parallel``, this one imports nothing from ``megatron_genlip.model``.
 """
 
 from __future__ import annotations
 
-import torch
-from deepspeed.pipe import LayerSpec, PipelineModule
+from deepspeed.pipe import PipelineModule
 
-from megatron_genlip.config import ModelConfig
-from megatron_genlip.model.genlip import EmbeddingMixin, HeadMixin, component_rng
-from megatron_genlip.model.layers import TransformerBlock
-from megatron_genlip.model.rope import MultimodalRotaryEmbedding
-from megatron_genlip.model.spec import get_layer_spec, parallel_config
-from megatron_genlip.parallel import rng, sequence, state
-
-INPUT_KEYS = ("input_ids", "positions", "sample_ids", "token_kinds", "labels", "patches")
+from megatron_genlip.parallel import state
 
 
-def pipeline_inputs(batch: dict[str, torch.Tensor]) -> tuple:
-    """A collated micro-batch -> (inputs for the first stage, labels for the last) as DeepSpeed expects."""
-    return tuple(batch[k] for k in INPUT_KEYS), batch["labels"]
-
-
-def _common(cfg: ModelConfig, tp_group, sequence_parallel: bool = False):
-    tensor_parallel = state.group_size(tp_group)
-    sequence.check_supported(tensor_parallel, sequence_parallel)
-    return get_layer_spec(cfg), parallel_config(cfg, tensor_parallel, sequence_parallel), tp_group
-
-
-class EmbedStage(EmbeddingMixin, torch.nn.Module):
-    def __init__(self, cfg: ModelConfig, tp_group, seed: int, sequence_parallel: bool = False):
-        super().__init__()
-        self.sequence_parallel = sequence_parallel
-        with component_rng(seed, 0):
-            self._build_embedding(cfg, *_common(cfg, tp_group))
-        self.to(getattr(torch, cfg.params_dtype))
-
-    def forward(self, inputs: tuple) -> tuple:
-        input_ids, positions, sample_ids, token_kinds, labels, patches = inputs
-        x = self.embed(input_ids, token_kinds, patches)  # full length: image patches scattered into their slots
-        if self.sequence_parallel:
-            x = sequence.scatter(x)
-        return x, positions, sample_ids, token_kinds, labels
-
-
-class _MicroBatchTables:
-    """Rotary tables and attention mask of the current micro-batch, built once per stage instead of once per
-    block: consecutive blocks of a stage receive equal positions/ids/kinds. The key is compared by content
-    (O(L)), not identity, because DeepSpeed may receive every micro-batch into the same reused buffers."""
-
-    def __init__(self):
-        self.key: tuple | None = None
-        self.value: tuple | None = None
-
-    def get(self, block: "BlockStage", positions, sample_ids, token_kinds, dtype) -> tuple:
-        key = (positions, sample_ids, token_kinds)
-        if self.key is None or self.value[2] is not dtype or not all(
-                a.shape == b.shape and torch.equal(a, b) for a, b in zip(self.key, key)):
-            cos, sin = block.rotary(positions, dtype)
-            mask = block.self_attn.kernel.build_mask(sample_ids, token_kinds)  # dense bool (sdpa) or BlockMask (flex)
-            self.key, self.value = tuple(t.clone() for t in key), (cos, sin, dtype, mask)
-        cos, sin, _, mask = self.value
-        return cos, sin, mask
-
-
-_TABLES = _MicroBatchTables()
-
-
-class BlockStage(TransformerBlock):
-    """One transformer block; its rotary tables and mask come from the tuple it receives (built once per
-    micro-batch for all blocks of the stage)."""
-
-    def __init__(self, cfg: ModelConfig, tp_group, seed: int, index: int,
-                 activation_checkpointing: bool = False, sequence_parallel: bool = False):
-        with component_rng(seed, 1 + index):
-            super().__init__(cfg, *_common(cfg, tp_group, sequence_parallel), index)
-        self.rotary = MultimodalRotaryEmbedding(cfg.head_dim, cfg.mrope_section, cfg.rope_theta)
-        self.activation_checkpointing = activation_checkpointing
-        self.to(getattr(torch, cfg.params_dtype))
-
-    def forward(self, inputs: tuple) -> tuple:
-        x, positions, sample_ids, token_kinds, labels = inputs
-        cos, sin, mask = _TABLES.get(self, positions, sample_ids, token_kinds, x.dtype)
-        if self.activation_checkpointing and self.training:  # RNG replayed: DropPath drops the same rows
-            x = rng.checkpoint(super().forward, x, cos, sin, mask, None)
-        else:
-            x = super().forward(x, cos, sin, mask)
-        return x, positions, sample_ids, token_kinds, labels
-
-
-class HeadStage(HeadMixin, torch.nn.Module):
-    """ln_post, proj, LM head on labelled positions and the token-mean loss: the pipeline's output."""
-
-    def __init__(self, cfg: ModelConfig, tp_group, seed: int, sequence_parallel: bool = False):
-        super().__init__()
-        self.sequence_parallel = sequence_parallel
-        with component_rng(seed, cfg.num_layers + 1):
-            self._build_head(cfg, *_common(cfg, tp_group))  # runs on full length, never split
-        self.to(getattr(torch, cfg.params_dtype))
-
-    def forward(self, inputs: tuple) -> torch.Tensor:
-        x, _positions, sample_ids, _token_kinds, labels = inputs
-        if self.sequence_parallel:
-            x = sequence.gather(x)
-        h = self.ln_post(x).transpose(0, 1)
-        return self.loss_from_hidden(h, labels, sample_ids).loss
-
-
-def build_pipeline(cfg: ModelConfig, tensor_parallel: int, pipeline_parallel: int, seed: int,
-                   activation_checkpointing: bool = False, sequence_parallel: bool = False) -> PipelineModule:
-    """The pipeline on megatron-core's groups, which must exist (TP x PP as given)."""
-    sequence.check_supported(tensor_parallel, sequence_parallel)
-    sp, group = sequence_parallel, state.tensor_parallel_group()
-    if state.group_size(group) != tensor_parallel:
-        raise RuntimeError(f"megatron-core's tensor-parallel group has {state.group_size(group)} ranks, "
+def pipeline_module(stages: list, tensor_parallel: int, pipeline_parallel: int,
+                    partition_method: str) -> PipelineModule:
+    """``stages`` (DeepSpeed ``LayerSpec``s) over ``pipeline_parallel`` stages; megatron-core's groups must exist
+    with ``tensor_parallel`` ranks per tensor-parallel group."""
+    group_size = state.group_size(state.tensor_parallel_group())
+    if group_size != tensor_parallel:
+        raise RuntimeError(f"megatron-core's tensor-parallel group has {group_size} ranks, "
                            f"not tensor_parallel={tensor_parallel}")
-    layers = [LayerSpec(EmbedStage, cfg, group, seed, sp)]
-    layers += [LayerSpec(BlockStage, cfg, group, seed, i, activation_checkpointing, sp)
-               for i in range(cfg.num_layers)]
-    layers += [LayerSpec(HeadStage, cfg, group, seed, sp)]
-    return PipelineModule(layers=layers, num_stages=pipeline_parallel, loss_fn=None,
+    return PipelineModule(layers=stages, num_stages=pipeline_parallel, loss_fn=None,
                           topology=state.deepspeed_topology(tensor_parallel, pipeline_parallel),
-                          partition_method="type:BlockStage", activation_checkpoint_interval=0)
+                          partition_method=partition_method, activation_checkpoint_interval=0)

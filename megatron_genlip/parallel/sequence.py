@@ -12,9 +12,11 @@ positions per rank::
     gather (full length) -> ln_post -> proj -> LM head / loss (replicated, as without SP)
 
 megatron-core's ColumnParallelLinear/RowParallelLinear do the all-gather / reduce-scatter themselves when
-their ``ModelParallelConfig`` has ``sequence_parallel=True``; :func:`scatter` and :func:`gather` are the two
-transitions at the ends. The embeddings (vocab-parallel all-reduce, image patches scattered into their slots)
-run on full-length tensors before :func:`scatter`.
+their ``ModelParallelConfig`` has ``sequence_parallel=True``; the two transitions at the ends are the one wrapper
+:class:`SequenceParallel` (``scatter`` after the embeddings, ``gather`` before ln_post; the identity when
+sequence parallelism is off). The model holds one and calls both ends around its blocks; the pipeline's first
+stage calls ``scatter`` and its last stage ``gather`` (``model/stages.py``). The embeddings (vocab-parallel
+all-reduce, image patches scattered into their slots) run on full-length tensors before ``scatter``.
 
 Gradients of replicated parameters. A parameter that is not split over TP but is applied to a sequence slice
 (layer norms, LayerScale, the row-parallel biases, which megatron-core adds after the reduce-scatter) only
@@ -28,8 +30,11 @@ an identity/all-reduce function at the point of use) is used because the norms c
 row bias is added inside megatron-core, so their uses are not in our code; the hook keeps parameter names.
 
 Calls that cannot be split (a KV cache, a length not divisible by TP: captioning, feature extraction) run the
-same layers with sequence parallelism switched off (:func:`parallel_region`); that is only allowed without
-autograd, since the gradient hooks assume split activations.
+same layers with sequence parallelism switched off (:meth:`SequenceParallel.region`); that is only allowed
+without autograd, since the gradient hooks assume split activations.
+
+Like every module of ``megatron_genlip.parallel``, this one imports nothing from ``megatron_genlip.model``: the
+model builds on these primitives, never the other way round.
 """
 
 from __future__ import annotations
@@ -53,17 +58,42 @@ def check_supported(tensor_parallel: int, sequence_parallel: bool) -> None:
                          f"parallel.tensor_parallel > 1 (got {tensor_parallel})")
 
 
-def scatter(x: torch.Tensor) -> torch.Tensor:
-    """Full-length [L, B, d] -> this rank's slice [L/TP, B, d] (backward: all-gather)."""
-    platform.current()  # a library user who never initialised: the decision (and CPU patches) now, not mid-step
-    return scatter_to_sequence_parallel_region(x, group=state.tensor_parallel_group())
+class SequenceParallel:
+    """The two ends of sequence parallelism over ``tp_group``, for the model and the pipeline stages alike; both
+    are the identity when ``enabled`` is False, so no caller branches on it."""
+
+    def __init__(self, tp_group, enabled: bool):
+        check_supported(state.group_size(tp_group), enabled)
+        self.group = tp_group
+        self.enabled = enabled
+
+    def scatter(self, x: torch.Tensor) -> torch.Tensor:
+        """Full-length [L, B, d] -> this rank's slice [L/TP, B, d] (backward: all-gather)."""
+        if not self.enabled:
+            return x
+        platform.current()  # a library user who never initialised: the decision (and CPU patches) now, not mid-step
+        return scatter_to_sequence_parallel_region(x, group=self.group)
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """Slice [L/TP, B, d] -> full length [L, B, d]. What follows runs replicated on every TP rank, so the
+        incoming gradient is already complete and identical: backward keeps this rank's slice (no reduce-scatter)."""
+        if not self.enabled:
+            return x
+        return gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False, group=self.group)
+
+    @contextlib.contextmanager
+    def region(self, model: torch.nn.Module, length: int, cached: bool):
+        """The wrapper for one forward of ``model``'s blocks: this one when the call can run split (no KV cache,
+        ``length`` divisible by TP) or sequence parallelism is off; otherwise an inactive one, with the layers
+        of ``model`` switched to unsplit for the ``with`` block (no-grad only)."""
+        if not self.enabled or (not cached and length % state.group_size(self.group) == 0):
+            yield self
+        else:
+            with _switched_off(model, length, cached, state.group_size(self.group)):
+                yield OFF
 
 
-def gather(x: torch.Tensor) -> torch.Tensor:
-    """Slice [L/TP, B, d] -> full length [L, B, d]. What follows runs replicated on every TP rank, so the
-    incoming gradient is already complete and identical: backward keeps this rank's slice (no reduce-scatter)."""
-    return gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False,
-                                                group=state.tensor_parallel_group())
+OFF = SequenceParallel(None, False)
 
 
 def _sum_over_tp(grad: torch.Tensor, group) -> torch.Tensor:
@@ -86,11 +116,11 @@ def reduce_replicated_grads(module: torch.nn.Module, group) -> list[str]:
 
 
 @contextlib.contextmanager
-def _switched_off(model: torch.nn.Module, length: int, cached: bool):
+def _switched_off(model: torch.nn.Module, length: int, cached: bool, tensor_parallel: int):
     if torch.is_grad_enabled():
         raise ValueError(
             f"parallel.sequence_parallel=true: a forward with gradients needs a sequence length divisible by "
-            f"parallel.tensor_parallel ({state.tensor_parallel_world_size()}) and no KV cache (got length {length}"
+            f"parallel.tensor_parallel ({tensor_parallel}) and no KV cache (got length {length}"
             f"{', KV cache' if cached else ''}); run inference under torch.no_grad()")
     layers = [m for m in model.modules() if m is not model and getattr(m, "sequence_parallel", None) is True]
     for m in layers:
@@ -101,15 +131,3 @@ def _switched_off(model: torch.nn.Module, length: int, cached: bool):
         for m in layers:
             m.sequence_parallel = True
 
-
-@contextlib.contextmanager
-def parallel_region(model: torch.nn.Module, length: int, cached: bool):
-    """Yield True when this call runs split (``model.sequence_parallel``, no cache, length divisible by TP);
-    for an SP model that cannot split this call, the layers run unsplit inside the block (no-grad only)."""
-    if not getattr(model, "sequence_parallel", False):
-        yield False
-    elif not cached and length % state.tensor_parallel_world_size() == 0:
-        yield True
-    else:
-        with _switched_off(model, length, cached):
-            yield False

@@ -1,7 +1,7 @@
 """Process groups. megatron-core's ``parallel_state`` owns the TP/PP/DP groups (ARCHITECTURE.md §2).
 
 Model constructors take their tensor-parallel group as an argument and create nothing; the builders
-(``model.genlip.build_model``, ``parallel.pipeline.build_pipeline``) take it from here. A single-process run (a
+(``model.genlip.build_model``, ``model.stages.build_pipeline``) take it from here. A single-process run (a
 demo, a unit test, a conversion tool) needs a world of one: :func:`ensure_initialized` creates it on demand with
 an in-memory store (no ports, no network). The meta-device model of ``--dry-run`` needs no group at all.
 
@@ -50,10 +50,6 @@ def tensor_parallel_group() -> dist.ProcessGroup:
     if not parallel_state.model_parallel_is_initialized():
         ensure_initialized()
     return parallel_state.get_tensor_model_parallel_group()
-
-
-def tensor_parallel_world_size() -> int:
-    return dist.get_world_size(tensor_parallel_group())
 
 
 def gather_last_dim(x):

@@ -17,10 +17,11 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from megatron_genlip.batch import IGNORE_INDEX
 from megatron_genlip.data.indexed import GenLIPIndexedDataset
 from megatron_genlip.data.packed_dataset import PackedRows
 from megatron_genlip.inference.generate import generate_caption
-from megatron_genlip.model.genlip import IGNORE_INDEX
+from megatron_genlip.model.genlip import select_labelled
 from megatron_genlip.parallel.state import gather_last_dim
 
 
@@ -45,12 +46,10 @@ def validation_loss(model, rows: PackedRows, num_rows: int, dp_rank: int, dp_wor
         batch = {k: v.to(device) for k, v in rows.batch([r]).items() if k != "row_index"}
         hidden = model.final_hidden(batch)  # one forward serves the loss and the accuracy
         out = model.loss_from_hidden(hidden, batch["labels"], batch["sample_ids"])
-        targets = batch["labels"][:, 1:]
-        selected = targets != IGNORE_INDEX
-        logits = gather_last_dim(model.head(hidden[:, :-1][selected]).float())
+        labelled, targets, _ = select_labelled(hidden, batch["labels"])  # the slots the loss ran on
+        logits = gather_last_dim(model.head(labelled).float())
         totals += torch.tensor([float(out.token_losses.double().sum()),
-                                float((logits.argmax(-1) == targets[selected]).sum()), out.num_tokens],
-                               dtype=torch.float64)
+                                float((logits.argmax(-1) == targets).sum()), out.num_tokens], dtype=torch.float64)
     dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
     tokens = max(1.0, float(totals[2]))
     return {"val_loss": float(totals[0]) / tokens, "val_token_accuracy": float(totals[1]) / tokens,

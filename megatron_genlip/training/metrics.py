@@ -15,33 +15,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from megatron_genlip import platform
 from megatron_genlip.config import ModelConfig
-from megatron_genlip.model.accounting import flops_per_sample
+from megatron_genlip.model.accounting import batch_flops
 
 
 def batch_stats(batch: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, float]:
     """Samples, real tokens, slots and training FLOPs of one packed micro-batch."""
-    sids = batch["sample_ids"].cpu().numpy()
-    kinds = batch["token_kinds"].cpu().numpy()
-    labelled = np.zeros_like(sids, dtype=bool)
-    labelled[:, :-1] = batch["labels"][:, 1:].cpu().numpy() != -100  # positions that predict a label
-    samples = flops = 0.0
-    for row in range(sids.shape[0]):
-        s = sids[row]
-        n = int(s.max()) + 1 if (s >= 0).any() else 0
-        if n == 0:
-            continue
-        valid = s >= 0
-        n_img = np.bincount(s[valid], weights=(kinds[row][valid] == 1), minlength=n)
-        n_txt = np.bincount(s[valid], weights=(kinds[row][valid] == 0), minlength=n)
-        n_lab = np.bincount(s[valid], weights=labelled[row][valid], minlength=n)
-        flops += sum(flops_per_sample(cfg, int(a), int(b), int(c)) for a, b, c in zip(n_img, n_txt, n_lab))
-        samples += n
-    return {"samples": samples, "tokens": float((sids >= 0).sum()), "slots": float(sids.size), "flops": flops}
+    flops, samples = batch_flops(cfg, batch)
+    sids = batch["sample_ids"]
+    return {"samples": float(samples), "tokens": float((sids >= 0).sum()), "slots": float(sids.numel()),
+            "flops": flops}
 
 
 def memory_gb() -> float:
-    if torch.cuda.is_available():
+    if platform.current().cuda:
         return torch.cuda.max_memory_allocated() / 2**30
     import psutil
 

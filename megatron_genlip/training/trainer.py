@@ -25,13 +25,14 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_genlip import compat, platform
+from megatron_genlip.batch import pipeline_inputs
 from megatron_genlip.config import Config, ConfigError, resolve_layout
 from megatron_genlip.data.builder import tokenizer_fingerprint
 from megatron_genlip.data.packed_dataset import build_loader, check_rows_match, open_rows, open_train_rows
 from megatron_genlip.data.tokenizer import load_tokenizer
 from megatron_genlip.model.genlip import build_model
+from megatron_genlip.model.stages import build_pipeline
 from megatron_genlip.parallel import rng, state
-from megatron_genlip.parallel.pipeline import build_pipeline, pipeline_inputs
 from megatron_genlip.training import checkpoint as ckpt
 from megatron_genlip.training import ckpt_format as fmt
 from megatron_genlip.training import reshard
