@@ -27,7 +27,7 @@ from megatron_genlip.config import ConfigError, ModelConfig
 from megatron_genlip.hf.configuration_genlip import OFFICIAL_DEFAULTS, GenLIPConfig
 from megatron_genlip.hf.convert import hf_config, load_hf_weights
 from megatron_genlip.hf.official_config import from_official
-from megatron_genlip.training.checkpoint import WEIGHTS_ONLY_MARKER
+from megatron_genlip.training.ckpt_format import WEIGHTS_ONLY_MARKER
 
 OLD_EXPORT = Path(__file__).parent / "data" / "export_v1_tiny_config.json"  # written by the previous schema
 ABSENT = object()
