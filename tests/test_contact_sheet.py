@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from megatron_genlip.data.image_processing import image_to_patches, patches_to_rgb, process_image, resized_rgb
 from megatron_genlip.training import contact_sheet as cs
@@ -93,10 +93,7 @@ def test_large_and_non_square_images_are_shrunk_to_fit():
 def test_wrap_keeps_lines_within_the_width_and_marks_cut_text():
     font = cs._font()
     lines = cs.wrap("word " * 200 + "x" * 300, font, 120)
-    measure = Image.new("RGB", (1, 1))
-    from PIL import ImageDraw
-
-    draw = ImageDraw.Draw(measure)
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     assert len(lines) == cs.MAX_LINES and lines[-1].endswith("...")
     assert all(draw.textlength(s, font=font) <= 120 for s in lines)
     assert cs.wrap("short caption", font, 200) == ["short caption"]

@@ -193,7 +193,8 @@ def marked_words(text: str, other: str, css: str) -> str:
 
 STYLE = """body{font-family:sans-serif;margin:1.5em;color:#222}
 table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:6px;vertical-align:top;text-align:left}
-td.caption{max-width:32em;overflow-wrap:anywhere}tr.differs td.num{background:#fbe3e3}tr.exact td.num{background:#e1f5e5}
+td.caption{max-width:32em;overflow-wrap:anywhere}
+tr.differs td.num{background:#fbe3e3}tr.exact td.num{background:#e1f5e5}
 img{image-rendering:pixelated}.missing{text-decoration:underline wavy #b41414}
 .wrong{background:#fbd0d0}.meta{color:#666}"""
 
@@ -213,8 +214,9 @@ def render_html(step: int, records: list[dict], images: list[np.ndarray], totals
     name = f"step_{step:07d}"
     return (f'<!doctype html>\n<html><head><meta charset="utf-8"><title>held-out captions, step {step}</title>'
             f"<style>{STYLE}</style></head><body>\n<h1>Held-out captions at step {step}</h1>\n"
-            f'<p>{html.escape(title(step, totals, len(records)))}</p>\n<p class="meta">Reference words missing from the '
-            'generated caption are underlined, generated words not in the reference are shaded. '
+            f'<p>{html.escape(title(step, totals, len(records)))}</p>\n'
+            '<p class="meta">Reference words missing from the generated caption are underlined, generated words '
+            'not in the reference are shaded. '
             f'<a href="{name}.png">contact sheet (PNG)</a> | <a href="index.html">all steps</a></p>\n'
             "<table><tr><th>#</th><th>image</th><th>reference</th><th>generated</th><th>exact</th>"
             "<th>token accuracy</th></tr>\n" + "\n".join(rows) + "\n</table></body></html>\n")
