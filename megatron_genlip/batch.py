@@ -92,6 +92,14 @@ def normalize_pixels(pixels: torch.Tensor) -> torch.Tensor:
     return (pixels.to(torch.float32) / 255.0 - PIXEL_MEAN) / PIXEL_STD
 
 
+def denormalize_pixels(pixels: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`normalize_pixels` for display: float pixels in [-1, 1] -> uint8 (rounded, clipped);
+    uint8 pixels pass through unchanged."""
+    if pixels.dtype == torch.uint8:
+        return pixels
+    return ((pixels.to(torch.float32) * PIXEL_STD + PIXEL_MEAN) * 255.0).round().clamp(0, 255).to(torch.uint8)
+
+
 class BatchError(ValueError):
     """A micro-batch that breaks the contract; the message lists every rule it breaks."""
 

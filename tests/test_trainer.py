@@ -41,6 +41,11 @@ def test_launcher_end_to_end_loss_falls_and_lr_follows_schedule(tmp_path, data):
     assert all(0.5 < log[s]["packing_efficiency"] <= 1.0 and log[s]["tflops_per_device"] > 0 for s in log)
     evals = train_log(tmp_path, "eval")
     assert list(evals) == [steps] and evals[steps]["caption_images"] == 4
+    assert "caption_records" not in evals[steps]  # per-image captions go to the contact sheet, not the log
+    sheet = tmp_path / "eval" / f"step_{steps:07d}"  # rank 0's contact sheet of the 4 images (both ranks captioned)
+    assert sheet.with_suffix(".png").stat().st_size > 0 and (tmp_path / "eval" / "index.html").is_file()
+    page = sheet.with_suffix(".html").read_text()
+    assert [f'alt="held-out image {i}"' in page for i in range(5)] == [True] * 4 + [False]
     assert (tmp_path / "checkpoints" / "latest").read_text() == f"iter_{steps:07d}"
     assert "==== summary ====" in proc.stdout and "held-out captions" in proc.stdout
 

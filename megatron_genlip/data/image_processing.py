@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from megatron_genlip.batch import normalize_pixels
+from megatron_genlip.batch import denormalize_pixels, normalize_pixels
 
 MAX_ASPECT_RATIO = 200
 
@@ -108,6 +108,17 @@ def patchify_into(rgb: np.ndarray, patch: int, out: np.ndarray | None = None) ->
         return np.ascontiguousarray(view).reshape(gh * gw, c, patch, patch)
     np.copyto(out.reshape(gh, gw, c, patch, patch), view)
     return out
+
+
+def patches_to_rgb(patches: torch.Tensor | np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """The inverse of :func:`patchify_into` (and of the normalisation, for float patches): patches
+    [gh*gw, C, p, p], uint8 or normalised float -> the [gh*p, gw*p, C] uint8 image the model saw."""
+    pixels = denormalize_pixels(torch.as_tensor(patches)).numpy()
+    n, c, p, _ = pixels.shape
+    gh, gw = grid
+    if n != gh * gw:
+        raise ImageError(f"{n} patches do not match grid {tuple(grid)}")
+    return np.ascontiguousarray(pixels.reshape(gh, gw, c, p, p).transpose(0, 3, 1, 4, 2)).reshape(gh * p, gw * p, c)
 
 
 def check_decodable(img: Image.Image) -> None:

@@ -58,23 +58,32 @@ def validation_loss(model, rows: PackedRows, num_rows: int, dp_rank: int, dp_wor
 
 @torch.no_grad()
 def caption_metrics(model, dataset: GenLIPIndexedDataset, tokenizer, prompt: str, num_images: int,
-                    max_new_tokens: int, dp_rank: int, dp_world: int, examples: int = 4) -> dict:
-    """Greedy captions of the first ``num_images`` held-out samples against their references."""
+                    max_new_tokens: int, dp_rank: int, dp_world: int, examples: int = 4, records: int = 0) -> dict:
+    """Greedy captions of the first ``num_images`` held-out samples against their references.
+
+    Besides the totals: ``caption_examples``, the first ``examples`` images' reference and generated captions
+    (for the summary), and ``caption_records``, the first ``records`` images' captions with their own exact
+    match and token accuracy (for the contact sheet), on every rank."""
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64)  # exact, token accuracy sum, images
+    keep = max(examples, records)
     mine = []
     for i in range(dp_rank, min(num_images, len(dataset)), dp_world):
         sample = dataset[i]
         ref = reference_caption(sample)
         gen = generate_caption(model, tokenizer, sample.patches, sample.grid, prompt, max_new_tokens)
-        totals += torch.tensor([float(gen == ref), caption_token_accuracy(gen, ref), 1.0], dtype=torch.float64)
-        if len(mine) < examples:
-            mine.append({"index": i, "reference": tokenizer.decode(ref), "generated": tokenizer.decode(gen)})
+        accuracy = caption_token_accuracy(gen, ref)
+        totals += torch.tensor([float(gen == ref), accuracy, 1.0], dtype=torch.float64)
+        if len(mine) < keep:
+            mine.append({"index": i, "reference": tokenizer.decode(ref), "generated": tokenizer.decode(gen),
+                         "exact": gen == ref, "token_accuracy": accuracy})
     group = parallel_state.get_data_parallel_group()  # tensor-parallel peers hold the same numbers
     dist.all_reduce(totals, group=group)
     gathered: list = [None] * dist.get_world_size(group)
     dist.all_gather_object(gathered, mine, group=group)
-    shown = sorted((e for part in gathered for e in part), key=lambda e: e["index"])[:examples]
+    first = sorted((e for part in gathered for e in part), key=lambda e: e["index"])[:keep]
     n = max(1.0, float(totals[2]))
     return {"caption_exact_match": float(totals[0]) / n, "caption_token_accuracy": float(totals[1]) / n,
-            "caption_images": int(totals[2]), "caption_examples": shown}
+            "caption_images": int(totals[2]),
+            "caption_examples": [{k: e[k] for k in ("index", "reference", "generated")} for e in first[:examples]],
+            "caption_records": first[:records]}

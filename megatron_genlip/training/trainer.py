@@ -36,6 +36,7 @@ from megatron_genlip.parallel import rng, state
 from megatron_genlip.training import checkpoint as ckpt
 from megatron_genlip.training import ckpt_format as fmt
 from megatron_genlip.training import reshard
+from megatron_genlip.training.contact_sheet import SHEET_IMAGES, write_eval_sheet
 from megatron_genlip.training.distributed import device, init_distributed
 from megatron_genlip.training.ds_config import deepspeed_config
 from megatron_genlip.training.errors import NonFiniteError, TooManySkips
@@ -411,13 +412,15 @@ class Trainer:
         start = time.perf_counter()
         res = validation_loss(model, self.valid_rows, t.eval_rows, self.dp_rank, self.dp_world, self.device)
         res.update(caption_metrics(model, self.valid, self.tokenizer, self.cfg.tokenizer.prompt, t.eval_captions,
-                                   t.max_new_tokens, self.dp_rank, self.dp_world))
+                                   t.max_new_tokens, self.dp_rank, self.dp_world, records=SHEET_IMAGES))
+        records = res.pop("caption_records")  # per image, for the contact sheet (not the logs)
         res["eval_seconds"] = time.perf_counter() - start
         self.engine.train()
         log.print(f"eval step {self.iteration} | val loss {res['val_loss']:.4f} | val token acc "
                   f"{100 * res['val_token_accuracy']:.1f}% | captions: exact {100 * res['caption_exact_match']:.1f}% "
                   f"token acc {100 * res['caption_token_accuracy']:.1f}% on {res['caption_images']} images")
         log.record("eval", self.iteration, {k: v for k, v in res.items() if k != "caption_examples"})
+        write_eval_sheet(self.out / "eval", self.iteration, res, records, self.valid, log)
         return res
 
     def _summary(self, window: "_Window", last_eval: dict, stopped: bool) -> dict:
