@@ -28,6 +28,15 @@ def small_model_config(**kw) -> ModelConfig:
     return ModelConfig(**base)
 
 
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A small embedded-style dataset: 400 train and 40 held-out synthetic samples, indexed (one per test module;
+    modules that need another size define their own ``data``)."""
+    from trainer_harness import build_test_dataset
+
+    return build_test_dataset(tmp_path_factory.mktemp("trainer-data"), 400, 40)
+
+
 @pytest.fixture(scope="session")
 def qwen_tokenizer():
     from megatron_genlip.data.tokenizer import load_qwen_tokenizer

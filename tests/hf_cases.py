@@ -1,10 +1,15 @@
-"""Helpers for the Hugging Face export tests: a tiny-config packed batch and the TP=2 trainer logits of a
-TP x PP checkpoint computed from that checkpoint's own shards (no merging), on 2 gloo ranks."""
+"""Helpers for the Hugging Face export and interop tests: a tiny-config packed batch, the TP=2 trainer logits of a
+TP x PP checkpoint computed from that checkpoint's own shards (no merging), on 2 gloo ranks, the converter run
+in-process, and GENLIP_SPEC.md §6's per-block keys."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import re
+import runpy
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -13,8 +18,12 @@ from megatron_genlip.config import load_config
 from megatron_genlip.data.packing import collate_batch
 from megatron_genlip.data.sample import build_sample
 from megatron_genlip.data.tokenizer import load_tokenizer
-from trainer_harness import TINY
+from trainer_harness import ROOT, SHORT, TINY
 
+TOLERANCE = 1e-5  # fp32, relative: the exported model and the trainer differ only in summation order
+CONVERT = ROOT / "tools" / "convert_checkpoint.py"
+COMMON = SHORT + ["train.train_steps=3", "train.precision=fp32", "train.micro_batch_size=1",
+                  "train.global_batch_size=2", "train.eval_rows=4", "train.eval_captions=2", "train.max_new_tokens=6"]
 CAPTIONS = ["a red circle at the top left.", "two blue squares.", "a small green star in the center.", "three crosses."]
 
 
@@ -78,3 +87,28 @@ def tp2_logits_from_shards(rank: int, world: int, tag_dir: str, out_file: str) -
         logits = state.gather_last_dim(model.logits(tiny_packed_batch()))
     if rank == 0:
         torch.save(logits, out_file)
+
+
+def convert(*args: str, check: bool = True) -> SimpleNamespace:
+    """tools/convert_checkpoint.py's main() in this process (its command line, exit code and messages)."""
+    tool = runpy.run_path(str(CONVERT))  # a fresh namespace; no __main__ block runs
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = tool["main"](list(args))
+    if check and rc != 0:
+        raise AssertionError(f"convert failed ({rc}):\n{out.getvalue()}\n{err.getvalue()}")
+    return SimpleNamespace(returncode=rc, stdout=out.getvalue(), stderr=err.getvalue())
+
+
+SPEC_BLOCK_KEYS = {  # GENLIP_SPEC.md §6, per block i, with shapes as functions of (d, f)
+    "layer_norm1.weight": lambda d, f: (d,), "layer_norm1.bias": lambda d, f: (d,),
+    "self_attn.q_proj.weight": lambda d, f: (2 * d, d), "self_attn.q_proj.bias": lambda d, f: (2 * d,),
+    "self_attn.k_proj.weight": lambda d, f: (d, d), "self_attn.k_proj.bias": lambda d, f: (d,),
+    "self_attn.v_proj.weight": lambda d, f: (d, d), "self_attn.v_proj.bias": lambda d, f: (d,),
+    "self_attn.out_proj.weight": lambda d, f: (d, d), "self_attn.out_proj.bias": lambda d, f: (d,),
+    "layer_norm2.weight": lambda d, f: (d,), "layer_norm2.bias": lambda d, f: (d,),
+    "mlp.fc1.weight": lambda d, f: (f, d), "mlp.fc1.bias": lambda d, f: (f,),
+    "mlp.gate_fc.weight": lambda d, f: (f, d), "mlp.gate_fc.bias": lambda d, f: (f,),
+    "mlp.fc2.weight": lambda d, f: (d, f), "mlp.fc2.bias": lambda d, f: (d,),
+    "layer_scale1.lambda1": lambda d, f: (d,), "layer_scale2.lambda1": lambda d, f: (d,),
+}

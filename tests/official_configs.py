@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from test_hf_export import SPEC_BLOCK_KEYS
+from hf_cases import SPEC_BLOCK_KEYS
 
 _COMMON = {
     "model_type": "genlip", "num_channels": 3, "num_attention_heads": 16, "patch_size": 16, "attention_dropout": 0.0,

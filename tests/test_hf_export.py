@@ -9,33 +9,25 @@ Tolerances: fp32, relative 1e-5 (the two implementations differ only in summatio
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import math
 import os
-import runpy
 import shutil
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from dist_harness import run_ranks
-from hf_cases import hf_validation_loss, tiny_config, tiny_packed_batch
+from hf_cases import (COMMON, SPEC_BLOCK_KEYS, TOLERANCE, convert, hf_validation_loss, tiny_config,
+                      tiny_packed_batch)
 from megatron_genlip.config import load_config
 from megatron_genlip.hf.convert import CheckpointError, load_hf_weights, read_checkpoint, resolve_tag
-from test_trainer import SHORT
 from trainer_harness import ROOT, build_test_dataset, env, run, train_log
 
-TOLERANCE = 1e-5
-CONVERT = ROOT / "tools" / "convert_checkpoint.py"
 CAPTION = ROOT / "tools" / "caption.py"
-COMMON = SHORT + ["train.train_steps=3", "train.precision=fp32", "train.micro_batch_size=1",
-                  "train.global_batch_size=2", "train.eval_rows=4", "train.eval_captions=2", "train.max_new_tokens=6"]
 LAYOUTS = {
     "single": (1, []),
     "tp2pp2": (4, ["parallel.tensor_parallel=2", "parallel.pipeline_parallel=2"]),
@@ -53,17 +45,6 @@ def trained(tmp_path_factory):
         run(nproc, data, root / name, COMMON + extra, timeout=600)
         runs[name] = root / name
     return {"data": data, "runs": runs, "root": root}
-
-
-def convert(*args: str, check: bool = True) -> SimpleNamespace:
-    """tools/convert_checkpoint.py's main() in this process (its command line, exit code and messages)."""
-    tool = runpy.run_path(str(CONVERT))  # a fresh namespace; no __main__ block runs
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = tool["main"](list(args))
-    if check and rc != 0:
-        raise AssertionError(f"convert failed ({rc}):\n{out.getvalue()}\n{err.getvalue()}")
-    return SimpleNamespace(returncode=rc, stdout=out.getvalue(), stderr=err.getvalue())
 
 
 def hf_model(folder: Path):
@@ -307,20 +288,6 @@ def test_bad_inputs_name_the_file(trained, tmp_path):
     assert res.returncode == 2 and "config.json" in res.stderr and "mlp.fc1.weight" in res.stderr, res.stderr
     res = convert("--from-hf", str(hf), "--save", str(tmp_path / "c3"), "--tp", "3", check=False)
     assert res.returncode == 2 and "parallel.tensor_parallel" in res.stderr, res.stderr
-
-
-SPEC_BLOCK_KEYS = {  # GENLIP_SPEC.md §6, per block i, with shapes as functions of (d, f)
-    "layer_norm1.weight": lambda d, f: (d,), "layer_norm1.bias": lambda d, f: (d,),
-    "self_attn.q_proj.weight": lambda d, f: (2 * d, d), "self_attn.q_proj.bias": lambda d, f: (2 * d,),
-    "self_attn.k_proj.weight": lambda d, f: (d, d), "self_attn.k_proj.bias": lambda d, f: (d,),
-    "self_attn.v_proj.weight": lambda d, f: (d, d), "self_attn.v_proj.bias": lambda d, f: (d,),
-    "self_attn.out_proj.weight": lambda d, f: (d, d), "self_attn.out_proj.bias": lambda d, f: (d,),
-    "layer_norm2.weight": lambda d, f: (d,), "layer_norm2.bias": lambda d, f: (d,),
-    "mlp.fc1.weight": lambda d, f: (f, d), "mlp.fc1.bias": lambda d, f: (f,),
-    "mlp.gate_fc.weight": lambda d, f: (f, d), "mlp.gate_fc.bias": lambda d, f: (f,),
-    "mlp.fc2.weight": lambda d, f: (d, f), "mlp.fc2.bias": lambda d, f: (d,),
-    "layer_scale1.lambda1": lambda d, f: (d,), "layer_scale2.lambda1": lambda d, f: (d,),
-}
 
 
 @pytest.mark.parametrize("config", ["So16", "g16", "L16"])

@@ -18,9 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hf_cases import hf_validation_loss, tiny_config
+from hf_cases import COMMON, TOLERANCE, convert, hf_validation_loss, tiny_config
 from official_configs import PUBLISHED, official_shapes, published, write_official_folder
-from test_hf_export import COMMON, TOLERANCE, convert
 from trainer_harness import build_test_dataset, run, train_log
 
 from megatron_genlip.config import ConfigError, ModelConfig

@@ -7,8 +7,7 @@ import math
 import torch
 
 from dist_harness import run_ranks
-from test_trainer import SHORT, data, losses  # noqa: F401  (the module-scoped dataset fixture)
-from trainer_harness import run
+from trainer_harness import SHORT, losses, run
 
 TOLERANCE = 1e-5  # relative, fp32
 COMMON = SHORT + ["train.train_steps=3", "train.precision=fp32", "train.global_batch_size=4", "train.micro_batch_size=2"]

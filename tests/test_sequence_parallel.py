@@ -11,8 +11,7 @@ import torch
 
 from dist_harness import run_ranks
 from megatron_genlip.config import ConfigError, load_config, resolve_layout
-from test_trainer import SHORT, data, losses  # noqa: F401  (the module-scoped dataset fixture)
-from trainer_harness import run, train_log
+from trainer_harness import SHORT, losses, run, train_log
 
 TOLERANCE = 1e-5  # relative, fp32
 TINY = Path(__file__).parent.parent / "examples" / "configs" / "tiny.yaml"

@@ -13,16 +13,7 @@ import psutil
 import pytest
 
 from megatron_genlip.training.schedule import learning_rate
-from trainer_harness import ROOT, TINY, build_test_dataset, command, env, run, train_log
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """A small embedded-style dataset: 400 train and 40 held-out synthetic samples, indexed."""
-    return build_test_dataset(tmp_path_factory.mktemp("trainer-data"), 400, 40)
-
-
-SHORT = ["train.warmup_steps=2", "train.log_interval=1", "train.eval_interval=100000", "train.save_interval=100000"]
+from trainer_harness import ROOT, SHORT, TINY, build_test_dataset, command, env, losses, run, train_log
 
 
 def test_launcher_end_to_end_loss_falls_and_lr_follows_schedule(tmp_path, data):
@@ -48,11 +39,6 @@ def test_launcher_end_to_end_loss_falls_and_lr_follows_schedule(tmp_path, data):
     assert [f'alt="held-out image {i}"' in page for i in range(5)] == [True] * 4 + [False]
     assert (tmp_path / "checkpoints" / "latest").read_text() == f"iter_{steps:07d}"
     assert "==== summary ====" in proc.stdout and "held-out captions" in proc.stdout
-
-
-def losses(out_dir) -> list[float]:
-    log = train_log(out_dir)
-    return [log[s]["loss"] for s in sorted(log)]
 
 
 def test_zero_stages_with_dp2_match_dp1(tmp_path, data):

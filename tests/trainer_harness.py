@@ -88,3 +88,13 @@ def run_tool(script: str, args: list[str], timeout: int = 300, check: bool = Tru
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc
+
+
+# overrides for short test runs: a log line per step, no evaluation or save unless a test asks for one
+SHORT = ["train.warmup_steps=2", "train.log_interval=1", "train.eval_interval=100000", "train.save_interval=100000"]
+
+
+def losses(out_dir) -> list[float]:
+    """The logged training losses of a run, in step order."""
+    log = train_log(out_dir)
+    return [log[s]["loss"] for s in sorted(log)]
