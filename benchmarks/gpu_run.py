@@ -39,7 +39,7 @@ RECIPE = "examples/configs/stage1-So16.yaml"
 # phase -> (share of the budget it may take at most, seconds it needs at least to be worth starting)
 PHASES = {"install": (120, 20), "data": (90, 10), "bench": (240, 60), "train": (130, 45)}
 DRY_MODEL = ["model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=128",
-             "model.num_attention_heads=4", "model.text_embed_dim=64", "model.mrope_section=[2,3,3]",
+             "model.num_attention_heads=4", "model.text_embed_dim=64", "model.mrope_section=[3,3,2]",
              "data.seq_length=1024", "data.max_sample_length=1024", "data.pack_buffer_size=64"]
 
 
@@ -257,7 +257,8 @@ def trainer_command(run: Run, data: dict, checkpointing: bool, out_dir: Path) ->
             f"train.micro_batch_size={rows}",
             f"train.global_batch_size={rows}", f"train.log_interval={1 if run.args.dry_run else 5}",
             "train.save_interval=1000000", f"train.activation_checkpointing={str(checkpointing).lower()}",
-            "train.tensorboard=false", "train.progress_bar=never", "data.num_workers=4"]
+            "train.tensorboard=false", "train.progress_bar=never", "data.num_workers=4",
+            "data.build_missing_pack_index=true"]  # the recipe expects it built ahead; this small set builds at start
     if run.args.dry_run:
         sets += DRY_MODEL + ["data.num_workers=1", "train.peak_tflops=0.1", "train.precision=fp32"]
     launcher = Path(run.python).parent / "deepspeed"

@@ -101,3 +101,16 @@ def test_missing_data_fails_at_start_up_without_traceback(tmp_path):
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "configuration error: data.train_data: /nonexistent/x.json not found" in proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_unbuilt_pack_index_with_building_off_names_the_command(tmp_path, data):
+    """data.build_missing_pack_index=false and epoch 0 not built: exit 2 naming tools/build_pack_index.py, no
+    traceback (it was one), nothing trained."""
+    proc = subprocess.run([sys.executable, str(ENTRY), "--config", str(TINY), "--set", f"data.train_data={data['train']}",
+                           "--set", "data.valid_data=null", "--set", "data.build_missing_pack_index=false",
+                           "--set", f"data.pack_index_dir={tmp_path / 'packs'}", "--set", f"train.output_dir={tmp_path}"],
+                          env=env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "data error: the pack index in" in proc.stderr and "lacks epoch 0" in proc.stderr, proc.stderr[-3000:]
+    assert "tools/build_pack_index.py" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert not list(tmp_path.glob("checkpoints/iter_*"))

@@ -98,6 +98,7 @@ def dry_run(cfg: Config, world_size: int | None) -> dict:
 
 
 def main(argv=None) -> dict:
+    from megatron_genlip.data.pack_index import MissingEpochError
     from megatron_genlip.training.errors import RunAborted
     from megatron_genlip.training.signals import StopBeforeTraining, install_early_stop_handlers, watch_launcher
 
@@ -113,6 +114,9 @@ def main(argv=None) -> dict:
         summary = Trainer(cfg).train()
     except ConfigError as e:
         _say(f"configuration error: {e}")
+        raise SystemExit(2) from None
+    except MissingEpochError as e:  # data.build_missing_pack_index=false and an epoch the run reads is not built
+        _say(f"data error: {e}")
         raise SystemExit(2) from None
     except RunAborted as e:
         _say(f"error: {e}", every_rank=e.per_rank)
