@@ -7,8 +7,10 @@ Unknown keys are an error that names the key, so a typo never silently falls bac
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -166,6 +168,20 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@contextlib.contextmanager
+def field_errors(name: str):
+    """Start-up checks of the files a config names (datasets, tokenizer) fail as configuration errors that name
+    the field, without a traceback (the trainer and ``--dry-run``)."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except (OSError, ValueError) as e:
+        text = re.sub(r"\b(stage|image_size|min_pixels|max_pixels|background): dataset", r"data.\1: dataset", str(e))
+        text = text.replace("tokenizer_fingerprint: dataset", "tokenizer (tokenizer.kind/tokenizer.path): dataset")
+        raise ConfigError(f"{name}: {text}") from None
 
 
 # --------------------------------------------------------------------------------------------------

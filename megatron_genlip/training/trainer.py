@@ -8,12 +8,10 @@ signals, logging and evaluation.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
 import os
-import re
 import signal
 import sys
 import time
@@ -26,10 +24,10 @@ from megatron.core import parallel_state
 
 from megatron_genlip import compat, platform
 from megatron_genlip.batch import pipeline_inputs
-from megatron_genlip.config import Config, ConfigError, resolve_layout
+from megatron_genlip.config import Config, ConfigError, field_errors, resolve_layout
 from megatron_genlip.data.builder import tokenizer_fingerprint
 from megatron_genlip.data.packed_dataset import build_loader, check_rows_match, open_rows, open_train_rows
-from megatron_genlip.data.tokenizer import load_tokenizer
+from megatron_genlip.data.tokenizer import check_vocab_size, load_tokenizer, tokenizer_description
 from megatron_genlip.model.genlip import build_model
 from megatron_genlip.model.stages import build_pipeline
 from megatron_genlip.parallel import rng, state
@@ -50,20 +48,6 @@ def _ignore_stop_signals(_worker_id: int) -> None:
     """DataLoader workers leave SIGTERM/SIGUSR1 to the trainer, which checkpoints before exiting."""
     for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
-
-
-@contextlib.contextmanager
-def _config_error(field: str):
-    """Start-up checks of the files a config names (datasets, tokenizer) fail as configuration errors that name
-    the field, without a traceback."""
-    try:
-        yield
-    except ConfigError:
-        raise
-    except (OSError, ValueError) as e:
-        text = re.sub(r"\b(stage|image_size|min_pixels|max_pixels|background): dataset", r"data.\1: dataset", str(e))
-        text = text.replace("tokenizer_fingerprint: dataset", "tokenizer (tokenizer.kind/tokenizer.path): dataset")
-        raise ConfigError(f"{field}: {text}") from None
 
 
 class Trainer:
@@ -112,14 +96,12 @@ class Trainer:
         if not cfg.data.train_data and not cfg.data.train_blend:
             raise ConfigError("data.train_data (or data.train_blend) is not set: point it at a dataset built by "
                               "tools/preprocess_data.py")
-        with _config_error("tokenizer.path"):
+        with field_errors("tokenizer.path"):
             fp = tokenizer_fingerprint(cfg.tokenizer.kind, cfg.tokenizer.path)
             self.tokenizer = load_tokenizer(cfg.tokenizer.kind, cfg.tokenizer.path)
-        if self.tokenizer.n_vocab > cfg.model.vocab_size:
-            raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's "
-                              f"{self.tokenizer.n_vocab} ids")
+        check_vocab_size(self.tokenizer, cfg.model.vocab_size, tokenizer_description(cfg.tokenizer))
         d = cfg.data
-        with _config_error("data.train_blend" if d.train_blend else "data.train_data"):
+        with field_errors("data.train_blend" if d.train_blend else "data.train_data"):
             self.train_rows = open_train_rows(d, fp)
         check_rows_match(self.train_rows, cfg)
         self._index_build = dict(build=d.build_missing_pack_index,
@@ -127,7 +109,7 @@ class Trainer:
                                  log=print if self.rank == 0 else (lambda *_: None))
         self.valid = self.valid_rows = None
         if d.valid_data:
-            with _config_error("data.valid_data"):
+            with field_errors("data.valid_data"):
                 self.valid_rows = open_rows(d.valid_data, d, fp)
                 check_rows_match(self.valid_rows, cfg)
                 self.valid_rows.ensure(epochs=1, **self._index_build)  # a sample longer than a row stops here
@@ -141,7 +123,7 @@ class Trainer:
         t, d = self.cfg.train, self.cfg.data
         prefetched = t.global_batch_size * (d.prefetch_factor * max(1, d.num_workers) + 1)
         needed = self.consumed_samples + (t.train_steps - self.iteration) * t.global_batch_size + prefetched
-        with _config_error("data.seq_length"):
+        with field_errors("data.seq_length"):
             self.train_rows.ensure(rows=needed, **self._index_build)
 
     def _build_engine(self) -> None:
