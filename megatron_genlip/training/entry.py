@@ -116,6 +116,7 @@ def dry_run(cfg: Config, world_size: int | None) -> dict:
     from megatron_genlip import platform
     from megatron_genlip.model.accounting import build_meta_model, count_parameters, flops_per_sample
     from megatron_genlip.training.ds_config import deepspeed_config
+    from megatron_genlip.training.metrics import check_wandb
 
     t, p = cfg.train, cfg.parallel
     if world_size is None:
@@ -124,6 +125,7 @@ def dry_run(cfg: Config, world_size: int | None) -> dict:
     here = platform.decide(platform.Capabilities.probe(), t.compile)  # decided, not applied: no patch, no group
     counts = count_parameters(build_meta_model(cfg.model))
     tokenizer, fingerprint = checked_tokenizer(cfg)
+    check_wandb(t.wandb_project)
     datasets, why_not = dataset_statistics(cfg, fingerprint)
     seq = cfg.data.seq_length
     if datasets:  # the datasets' real lengths
@@ -268,6 +270,11 @@ def _print_summary(s: dict) -> None:
               f"{100 * s['caption_token_accuracy']:.1f}% ({s['caption_images']} images)")
         for e in s.get("caption_examples", []):
             print(f"  ref: {e['reference']}\n  gen: {e['generated']}")
+    if s.get("best_val_loss") is not None:
+        kept = f", checkpoint {s['best_checkpoint']}" if s.get("best_checkpoint") else ""
+        print(f"best validation loss {s['best_val_loss']:.4f} at step {s['best_val_step']}{kept}")
+    if s.get("val_loss_rising"):
+        print(f"note: {s['val_loss_rising']}")
     print(f"outputs: checkpoint {s['checkpoint']}\n         log {s['train_log']}\n         tensorboard "
           f"{s['tensorboard']}\n         summary {s['output_dir']}/summary.json")
     if not math.isfinite(s["final_train_loss"]):

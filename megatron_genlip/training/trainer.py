@@ -34,12 +34,13 @@ from megatron_genlip.parallel import rng, state
 from megatron_genlip.training import checkpoint as ckpt
 from megatron_genlip.training import ckpt_format as fmt
 from megatron_genlip.training import reshard
+from megatron_genlip.training.best import RISING_EVALS, EvalHistory
 from megatron_genlip.training.distributed import device, init_distributed
 from megatron_genlip.training.ds_config import deepspeed_config
 from megatron_genlip.training.errors import NonFiniteError, TooManySkips
 from megatron_genlip.training.evaluate import caption_metrics, validation_loss
 from megatron_genlip.training.lock import lock_output_dir
-from megatron_genlip.training.metrics import RunLogger, batch_stats, format_step, memory_gb
+from megatron_genlip.training.metrics import RunLogger, batch_stats, check_wandb, format_step, memory_gb
 from megatron_genlip.training.schedule import build_scheduler
 from megatron_genlip.training.signals import STOP_SIGNALS, install_stop_handlers
 
@@ -54,6 +55,7 @@ class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.stop_requested = False
+        check_wandb(cfg.train.wandb_project)  # before any work: a missing package is a configuration error
         # first: the one platform decision (device, compile, loader, optimizer, library patches); logged by train()
         self.platform = platform.initialize(cfg.train.compile)
         self.rank, self.world = init_distributed(self.platform)
@@ -71,6 +73,8 @@ class Trainer:
         self.consecutive_skips = 0
         self.samples_seen = 0.0
         self.tokens_seen = 0.0
+        self.saved_step: int | None = None  # the step of the last checkpoint this process saved
+        self.history = EvalHistory()  # validation losses and their checkpoints (training/best.py)
         self.lock = lock_output_dir(self.out)  # before anything reads or writes the output directory
         self.resume = ckpt.choose_resume(cfg)  # rank 0 decides: every rank loads the same checkpoint
         # newest checkpoint saved (or resumed from) with no skipped step pending
@@ -198,6 +202,8 @@ class Trainer:
                 "the same data stream (use a new train.output_dir to start a new run)")
         for key in ("iteration", "consumed_samples", "skipped_steps", "samples_seen", "tokens_seen"):
             setattr(self, key, client[key])
+        if what == ckpt.OWN_CHECKPOINTS:  # this run's evaluations up to here, and its best checkpoint
+            self.history = EvalHistory.load(self.ckpt_dir, self.iteration)
         how = f" (resharded from {reshard.describe(client['resharded']['source_layout'])})" if r.universal else ""
         return said + f"resumed from {directory / tag} ({what}) at step {self.iteration}{how}"
 
@@ -222,7 +228,8 @@ class Trainer:
         try:
             install_stop_handlers(self)  # until here a stop signal ends start-up at once (signals.py)
             show_bar = t.progress_bar == "always" or (t.progress_bar == "auto" and sys.stderr.isatty())
-            log = RunLogger(self.out, rank0, t.tensorboard, t.train_steps if show_bar else None, self.iteration)
+            log = RunLogger(self.out, rank0, t.tensorboard, t.train_steps if show_bar else None, self.iteration,
+                            wandb={"project": t.wandb_project, "mode": t.wandb_mode, "config": cfg.to_dict()})
             log.print(self.platform.describe())
             log.record("platform", self.iteration, dataclasses.asdict(self.platform))
             log.print(f"{self.resumed_from}; layout {dataclasses.asdict(self.layout)}; "
@@ -256,6 +263,7 @@ class Trainer:
                 break
             if self.valid is not None and (self.iteration % t.eval_interval == 0 or self.iteration == t.train_steps):
                 last_eval = self.evaluate(log)
+                self._track_best(last_eval["val_loss"], log)
         return self._summary(window, last_eval, stopped_by_signal)
 
     def _next_batch(self, batches, window: "_Window", rows: list) -> dict:
@@ -353,12 +361,31 @@ class Trainer:
         """Save a checkpoint; the newest one saved while no skipped step is pending stays protected from
         retention (it is the one to go back to if the run diverges)."""
         protect = (self.last_good.name,) if self.last_good and self.last_good.parent == self.ckpt_dir else ()
+        kept = self.history.best_checkpointed() if self.cfg.train.keep_best else None
+        if kept is not None:
+            protect += (kept["checkpoint"],)
         tag = ckpt.save_checkpoint(self.engine, self.ckpt_dir, self.iteration, self._client_state(),
                                    self.cfg.train.keep_last, protect=protect)
+        self.saved_step = self.iteration
         if self.consecutive_skips == 0:
             self.last_good = self.ckpt_dir / tag
         log.print(f"saved checkpoint {self.ckpt_dir / tag}")
         log.record("checkpoint", self.iteration, {"tag": tag})
+
+    def _track_best(self, val_loss: float, log: RunLogger) -> None:
+        """Record an evaluation; with ``train.keep_best`` a new best validation loss gets a checkpoint (saved now
+        unless this step's was just saved), which retention then keeps until a better one replaces it."""
+        new_best = self._agree(self.history.is_new_best(val_loss))  # the same loss on every rank; agreed anyway
+        tag = fmt.tag_for(self.iteration) if self.saved_step == self.iteration else None
+        if new_best and self.cfg.train.keep_best and tag is None:
+            self.save(log)
+            tag = fmt.tag_for(self.iteration)
+        self.history.add(self.iteration, val_loss, tag)
+        if self.rank == 0:
+            self.history.save(self.ckpt_dir, self.cfg.train.keep_best)
+        if new_best:
+            where = f": checkpoint {tag} kept (train.keep_best)" if self.cfg.train.keep_best else ""
+            log.print(f"new best validation loss {val_loss:.4f} at step {self.iteration}{where}")
 
     def _eval_model(self):
         """A model with full parameters: the engine's module, or a gathered copy under ZeRO-3."""
@@ -418,6 +445,16 @@ class Trainer:
             "resumed_from": self.resumed_from,
         }
         s.update(last_eval)
+        if self.history.evals:
+            best = self.history.best()
+            s["best_val_loss"] = best["val_loss"] if best else None
+            s["best_val_step"] = best["step"] if best else None
+            # train.keep_best: the kept checkpoint; otherwise the best evaluation's, while retention has left it
+            kept = self.history.best_checkpointed() if self.cfg.train.keep_best else best
+            s["best_checkpoint"] = (str(self.ckpt_dir / kept["checkpoint"]) if kept and kept["checkpoint"]
+                                    and (self.ckpt_dir / kept["checkpoint"]).is_dir() else None)
+            s["val_loss_rising"] = self.history.rising_note(self.cfg.train.keep_best)
+            s["val_loss_rising_evaluations"] = RISING_EVALS
         if self.rank == 0:
             (self.out / "summary.json").write_text(json.dumps(s, indent=1))
         return s
@@ -474,8 +511,10 @@ class _Window:
             "tflops_per_device": tflops, "mfu": tflops / trainer.cfg.train.peak_tflops,
             "packing_efficiency": float(totals[3] / totals[4]) if totals[4] > 0 else 0.0,
             "data_wait_fraction": float(totals[6]) / trainer.dp_world / elapsed, "memory_gb": memory_gb(),
-            "consumed_samples": trainer.consumed_samples, "step_seconds": elapsed / max(1, self.steps),
+            "consumed_samples": trainer.consumed_samples, "s_per_step": elapsed / max(1, self.steps),
         }
+        # this window's step time (its checkpoint saves and evaluations included) times the steps left
+        m["eta_s"] = m["s_per_step"] * (trainer.cfg.train.train_steps - trainer.iteration)
         log.record("train", trainer.iteration, m)
         self.reset()
         return m
