@@ -11,6 +11,7 @@ import json
 import math
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -131,7 +132,7 @@ def _start_wandb(output_dir: Path, settings: dict):
     import wandb
 
     id_file = output_dir / "logs" / WANDB_ID_FILE
-    run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+    run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
     run = wandb.init(project=settings["project"], mode=settings.get("mode") or None, dir=str(output_dir),
                      name=output_dir.name, id=run_id, resume="allow", config=settings.get("config"))
     id_file.write_text(run_id)
