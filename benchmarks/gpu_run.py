@@ -285,10 +285,10 @@ def trainer_numbers(out_dir: Path, dry_run: bool) -> dict:
     def med(key):
         return statistics.median(float(w[key]) for w in steady)
 
-    keys = ("mfu", "tflops_per_device", "tokens_per_s", "samples_per_s", "step_seconds", "memory_gb", "loss")
+    keys = ("mfu", "tflops_per_device", "tokens_per_s", "samples_per_s", "s_per_step", "memory_gb", "loss")
     numbers = {k: med(k) for k in keys if k in steady[0]}
     numbers.update(windows=len(windows), steps=max(w["step"] for w in windows),
-                   compile=platform_line.get("compile"), first_window_s=windows[0].get("step_seconds"))
+                   compile=platform_line.get("compile"), first_window_s=windows[0].get("s_per_step"))
     return numbers
 
 
@@ -323,7 +323,7 @@ def write_summary(run: Run) -> None:
     for ckpt in ("on", "off"):
         n = r["phases"].get(f"train_ckpt_{ckpt}", {}).get("numbers") or {}
         if n:
-            lines.append(f"| {ckpt} | {n['steps']} | {n.get('step_seconds', 0):.3f} | {n.get('tokens_per_s', 0):.0f} | "
+            lines.append(f"| {ckpt} | {n['steps']} | {n.get('s_per_step', 0):.3f} | {n.get('tokens_per_s', 0):.0f} | "
                          f"{n.get('samples_per_s', 0):.1f} | {n.get('tflops_per_device', 0):.1f} | "
                          f"{100 * n.get('mfu', 0):.1f}% | {n.get('memory_gb', 0):.1f} |")
         else:

@@ -55,7 +55,7 @@ def main() -> None:
                 out = Path(tmp) / f"run-{r}-{list(LAYOUTS).index(name)}"
                 run(2, data, out, common + LAYOUTS[name], timeout=900)
                 log = train_log(out)
-                times[name] += [log[s]["step_seconds"] for s in sorted(log)[2:]]
+                times[name] += [log[s]["s_per_step"] for s in sorted(log)[2:]]
     base = statistics.median(times["TP=1 x DP=2 (ZeRO-1)"])
     print(f"\n2 ranks, global batch {args.global_batch} rows of {cfg.data.seq_length} tokens, tiny model, fp32, "
           f"{args.rounds} interleaved rounds")

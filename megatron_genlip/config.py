@@ -7,8 +7,10 @@ Unknown keys are an error that names the key, so a typo never silently falls bac
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,6 +143,9 @@ class TrainConfig:
     log_interval: int = 1  # steps between log lines
     save_interval: int = 1000  # steps between checkpoints (and one at the end)
     keep_last: int = 3  # complete checkpoints kept; older ones are deleted (0: keep all)
+    # keep the checkpoint of the best validation loss (saved at each new best, never deleted by keep_last;
+    # recorded in checkpoints/best.json); needs data.valid_data
+    keep_best: bool = False
     load: str | None = None  # checkpoint directory to start from when output_dir has none
     eval_interval: int = 1000  # steps between evaluations (and one at the end)
     eval_rows: int = 8  # held-out packed rows for the validation loss
@@ -154,6 +159,8 @@ class TrainConfig:
     peak_tflops: float = 989.0  # per device, for MFU (H100 dense bf16)
     tensorboard: bool = True
     progress_bar: str = "auto"  # "auto" (when stderr is a terminal), "always" or "never"
+    wandb_project: str = ""  # Weights & Biases project to log the TensorBoard scalars to ("" = off; pip install wandb)
+    wandb_mode: str = ""  # "online", "offline" (no network; `wandb sync` later) or "disabled"; "" = $WANDB_MODE or online
 
 
 @dataclass
@@ -166,6 +173,20 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@contextlib.contextmanager
+def field_errors(name: str):
+    """Start-up checks of the files a config names (datasets, tokenizer) fail as configuration errors that name
+    the field, without a traceback (the trainer and ``--dry-run``)."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except (OSError, ValueError) as e:
+        text = re.sub(r"\b(stage|image_size|min_pixels|max_pixels|background): dataset", r"data.\1: dataset", str(e))
+        text = text.replace("tokenizer_fingerprint: dataset", "tokenizer (tokenizer.kind/tokenizer.path): dataset")
+        raise ConfigError(f"{name}: {text}") from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -340,10 +361,13 @@ def validate(cfg: Config) -> None:
     need(t.clip_grad >= 0, "train.clip_grad", ">= 0 (0: no clipping)")
     need(t.seed >= 0, "train.seed", ">= 0")
     need(t.keep_last >= 0, "train.keep_last", ">= 0 (0: keep every checkpoint)")
+    need(not t.keep_best or bool(d.valid_data), "train.keep_best", "false when data.valid_data is not set (no "
+         "validation loss to pick the best checkpoint by)")
     need(t.eval_captions >= 0, "train.eval_captions", ">= 0")
     need(t.peak_tflops > 0, "train.peak_tflops", "> 0")
     need(t.max_consecutive_skips >= 0, "train.max_consecutive_skips", ">= 0 (0: never stop for skipped steps)")
     need(all(s >= 1 for s in t.inject_nan_steps), "train.inject_nan_steps", "a list of steps >= 1")
+    need(t.wandb_mode in WANDB_MODES, "train.wandb_mode", f"one of {', '.join(map(repr, WANDB_MODES))}")
     if errors:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
 
@@ -358,6 +382,7 @@ def _float_fields(cfg: Config):
                 yield f"{section.name}.{f.name}", getattr(obj, f.name)
 
 
+WANDB_MODES = ("", "online", "offline", "disabled")
 FP8_TE_RECIPES = ("delayed", "current", "mxfp8")
 FP8_TORCHAO_RECIPES = ("torchao-tensorwise", "torchao-rowwise")
 

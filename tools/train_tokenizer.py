@@ -21,17 +21,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from megatron_genlip.data.tokenizer import QWEN2_SPECIAL_TOKENS, load_bpe_tokenizer, save_ranks, train_bpe  # noqa: E402
+from megatron_genlip.data.tokenizer import (  # noqa: E402
+    QWEN2_SPECIAL_TOKENS, VOCAB_MULTIPLE, load_bpe_tokenizer, padded_vocab_size, save_ranks, train_bpe,
+)
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
-
-
-VOCAB_MULTIPLE = 64  # model.vocab_size is divided over tensor-parallel ranks
-
-
-def padded_vocab_size(n_vocab: int, multiple: int = VOCAB_MULTIPLE) -> int:
-    """The model vocabulary for a tokenizer of ``n_vocab`` ids: the next multiple of ``multiple``."""
-    return -(-n_vocab // multiple) * multiple
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

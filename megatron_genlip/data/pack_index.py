@@ -192,17 +192,22 @@ class LengthSource:
     def __len__(self) -> int:
         return int(self.starts[-1])
 
-    def tokens(self, ids: np.ndarray) -> np.ndarray:
-        """Total tokens (gh * gw + text) of samples ``ids`` (int64)."""
+    def columns(self, ids: np.ndarray) -> np.ndarray:
+        """(gh, gw, text tokens) of samples ``ids``: [len(ids), 3] int64."""
         if self._maps is None:
             self._maps = [np.load(f, mmap_mode="r") for f in self.files]
+        ids = np.asarray(ids, dtype=np.int64)
         src = np.searchsorted(self.starts, ids, side="right") - 1
-        out = np.empty(len(ids), dtype=np.int64)
+        out = np.empty((len(ids), 3), dtype=np.int64)
         for s in np.unique(src):
             sel = src == s
-            rows = self._maps[s][ids[sel] - self.starts[s]].astype(np.int64)
-            out[sel] = rows[:, 0] * rows[:, 1] + rows[:, 2]
+            out[sel] = self._maps[s][ids[sel] - self.starts[s]]
         return out
+
+    def tokens(self, ids: np.ndarray) -> np.ndarray:
+        """Total tokens (gh * gw + text) of samples ``ids`` (int64)."""
+        rows = self.columns(ids)
+        return rows[:, 0] * rows[:, 1] + rows[:, 2]
 
 
 def _epoch_paths(directory: Path, epoch: int) -> dict[str, Path]:

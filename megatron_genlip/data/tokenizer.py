@@ -203,6 +203,33 @@ def load_tokenizer(kind: str, path: str | Path | None = None) -> GenLIPTokenizer
     raise ValueError(f"unknown tokenizer kind {kind!r}; expected one of {TOKENIZER_KINDS}")
 
 
+VOCAB_MULTIPLE = 64  # model.vocab_size is divided over tensor-parallel ranks
+
+
+def padded_vocab_size(n_vocab: int, multiple: int = VOCAB_MULTIPLE) -> int:
+    """The model vocabulary for a tokenizer of ``n_vocab`` ids: the next multiple of ``multiple``."""
+    return -(-n_vocab // multiple) * multiple
+
+
+def tokenizer_description(tok_cfg) -> str:
+    """"the tokenizer (tokenizer.kind=..., tokenizer.path=...)" of a ``TokenizerConfig``, for messages."""
+    path = f", tokenizer.path={tok_cfg.path}" if tok_cfg.path else ""
+    return f"the tokenizer (tokenizer.kind={tok_cfg.kind}{path})"
+
+
+def check_vocab_size(tokenizer: GenLIPTokenizer, vocab_size: int, described: str = "the tokenizer") -> None:
+    """Every id the tokenizer can produce (ranks and special tokens) must index the model's embedding and LM
+    head: a ConfigError naming ``model.vocab_size`` and the value to use (what tools/train_tokenizer.py prints)."""
+    if tokenizer.n_vocab <= vocab_size:
+        return
+    from megatron_genlip.config import ConfigError
+
+    raise ConfigError(
+        f"model.vocab_size ({vocab_size}) is smaller than the {tokenizer.n_vocab} ids (ranks and special tokens) "
+        f"of {described}: set model.vocab_size={padded_vocab_size(tokenizer.n_vocab)} ({tokenizer.n_vocab} padded to a "
+        f"multiple of {VOCAB_MULTIPLE}), e.g. --set model.vocab_size={padded_vocab_size(tokenizer.n_vocab)}")
+
+
 # ---------------------------------------------------------------------------------------------------
 # Byte-level BPE training
 #

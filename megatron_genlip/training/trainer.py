@@ -8,12 +8,10 @@ signals, logging and evaluation.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
 import os
-import re
 import signal
 import sys
 import time
@@ -26,23 +24,24 @@ from megatron.core import parallel_state
 
 from megatron_genlip import compat, platform
 from megatron_genlip.batch import pipeline_inputs
-from megatron_genlip.config import Config, ConfigError, resolve_layout
+from megatron_genlip.config import Config, ConfigError, field_errors, resolve_layout
 from megatron_genlip.data.builder import tokenizer_fingerprint
 from megatron_genlip.data.packed_dataset import build_loader, check_rows_match, open_rows, open_train_rows
-from megatron_genlip.data.tokenizer import load_tokenizer
+from megatron_genlip.data.tokenizer import check_vocab_size, load_tokenizer, tokenizer_description
 from megatron_genlip.model.genlip import build_model
 from megatron_genlip.model.stages import build_pipeline
 from megatron_genlip.parallel import rng, state
 from megatron_genlip.training import checkpoint as ckpt
 from megatron_genlip.training import ckpt_format as fmt
 from megatron_genlip.training import reshard
+from megatron_genlip.training.best import RISING_EVALS, EvalHistory
 from megatron_genlip.training.contact_sheet import SHEET_IMAGES, write_eval_sheet
 from megatron_genlip.training.distributed import device, init_distributed
 from megatron_genlip.training.ds_config import deepspeed_config
 from megatron_genlip.training.errors import NonFiniteError, TooManySkips
 from megatron_genlip.training.evaluate import caption_metrics, validation_loss
 from megatron_genlip.training.lock import lock_output_dir
-from megatron_genlip.training.metrics import RunLogger, batch_stats, format_step, memory_gb
+from megatron_genlip.training.metrics import RunLogger, batch_stats, check_wandb, format_step, memory_gb
 from megatron_genlip.training.schedule import build_scheduler
 from megatron_genlip.training.signals import STOP_SIGNALS, install_stop_handlers
 
@@ -53,24 +52,11 @@ def _ignore_stop_signals(_worker_id: int) -> None:
         signal.signal(s, signal.SIG_IGN)
 
 
-@contextlib.contextmanager
-def _config_error(field: str):
-    """Start-up checks of the files a config names (datasets, tokenizer) fail as configuration errors that name
-    the field, without a traceback."""
-    try:
-        yield
-    except ConfigError:
-        raise
-    except (OSError, ValueError) as e:
-        text = re.sub(r"\b(stage|image_size|min_pixels|max_pixels|background): dataset", r"data.\1: dataset", str(e))
-        text = text.replace("tokenizer_fingerprint: dataset", "tokenizer (tokenizer.kind/tokenizer.path): dataset")
-        raise ConfigError(f"{field}: {text}") from None
-
-
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.stop_requested = False
+        check_wandb(cfg.train.wandb_project)  # before any work: a missing package is a configuration error
         # first: the one platform decision (device, compile, loader, optimizer, library patches); logged by train()
         self.platform = platform.initialize(cfg.train.compile)
         self.rank, self.world = init_distributed(self.platform)
@@ -88,6 +74,8 @@ class Trainer:
         self.consecutive_skips = 0
         self.samples_seen = 0.0
         self.tokens_seen = 0.0
+        self.saved_step: int | None = None  # the step of the last checkpoint this process saved
+        self.history = EvalHistory()  # validation losses and their checkpoints (training/best.py)
         self.lock = lock_output_dir(self.out)  # before anything reads or writes the output directory
         self.resume = ckpt.choose_resume(cfg)  # rank 0 decides: every rank loads the same checkpoint
         # newest checkpoint saved (or resumed from) with no skipped step pending
@@ -113,14 +101,12 @@ class Trainer:
         if not cfg.data.train_data and not cfg.data.train_blend:
             raise ConfigError("data.train_data (or data.train_blend) is not set: point it at a dataset built by "
                               "tools/preprocess_data.py")
-        with _config_error("tokenizer.path"):
+        with field_errors("tokenizer.path"):
             fp = tokenizer_fingerprint(cfg.tokenizer.kind, cfg.tokenizer.path)
             self.tokenizer = load_tokenizer(cfg.tokenizer.kind, cfg.tokenizer.path)
-        if self.tokenizer.n_vocab > cfg.model.vocab_size:
-            raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's "
-                              f"{self.tokenizer.n_vocab} ids")
+        check_vocab_size(self.tokenizer, cfg.model.vocab_size, tokenizer_description(cfg.tokenizer))
         d = cfg.data
-        with _config_error("data.train_blend" if d.train_blend else "data.train_data"):
+        with field_errors("data.train_blend" if d.train_blend else "data.train_data"):
             self.train_rows = open_train_rows(d, fp)
         check_rows_match(self.train_rows, cfg)
         self._index_build = dict(build=d.build_missing_pack_index,
@@ -128,7 +114,7 @@ class Trainer:
                                  log=print if self.rank == 0 else (lambda *_: None))
         self.valid = self.valid_rows = None
         if d.valid_data:
-            with _config_error("data.valid_data"):
+            with field_errors("data.valid_data"):
                 self.valid_rows = open_rows(d.valid_data, d, fp)
                 check_rows_match(self.valid_rows, cfg)
                 self.valid_rows.ensure(epochs=1, **self._index_build)  # a sample longer than a row stops here
@@ -142,7 +128,7 @@ class Trainer:
         t, d = self.cfg.train, self.cfg.data
         prefetched = t.global_batch_size * (d.prefetch_factor * max(1, d.num_workers) + 1)
         needed = self.consumed_samples + (t.train_steps - self.iteration) * t.global_batch_size + prefetched
-        with _config_error("data.seq_length"):
+        with field_errors("data.seq_length"):
             self.train_rows.ensure(rows=needed, **self._index_build)
 
     def _build_engine(self) -> None:
@@ -217,6 +203,8 @@ class Trainer:
                 "the same data stream (use a new train.output_dir to start a new run)")
         for key in ("iteration", "consumed_samples", "skipped_steps", "samples_seen", "tokens_seen"):
             setattr(self, key, client[key])
+        if what == ckpt.OWN_CHECKPOINTS:  # this run's evaluations up to here, and its best checkpoint
+            self.history = EvalHistory.load(self.ckpt_dir, self.iteration)
         how = f" (resharded from {reshard.describe(client['resharded']['source_layout'])})" if r.universal else ""
         return said + f"resumed from {directory / tag} ({what}) at step {self.iteration}{how}"
 
@@ -241,7 +229,8 @@ class Trainer:
         try:
             install_stop_handlers(self)  # until here a stop signal ends start-up at once (signals.py)
             show_bar = t.progress_bar == "always" or (t.progress_bar == "auto" and sys.stderr.isatty())
-            log = RunLogger(self.out, rank0, t.tensorboard, t.train_steps if show_bar else None, self.iteration)
+            log = RunLogger(self.out, rank0, t.tensorboard, t.train_steps if show_bar else None, self.iteration,
+                            wandb={"project": t.wandb_project, "mode": t.wandb_mode, "config": cfg.to_dict()})
             log.print(self.platform.describe())
             log.record("platform", self.iteration, dataclasses.asdict(self.platform))
             log.print(f"{self.resumed_from}; layout {dataclasses.asdict(self.layout)}; "
@@ -275,6 +264,7 @@ class Trainer:
                 break
             if self.valid is not None and (self.iteration % t.eval_interval == 0 or self.iteration == t.train_steps):
                 last_eval = self.evaluate(log)
+                self._track_best(last_eval["val_loss"], log)
         return self._summary(window, last_eval, stopped_by_signal)
 
     def _next_batch(self, batches, window: "_Window", rows: list) -> dict:
@@ -372,12 +362,31 @@ class Trainer:
         """Save a checkpoint; the newest one saved while no skipped step is pending stays protected from
         retention (it is the one to go back to if the run diverges)."""
         protect = (self.last_good.name,) if self.last_good and self.last_good.parent == self.ckpt_dir else ()
+        kept = self.history.best_checkpointed() if self.cfg.train.keep_best else None
+        if kept is not None:
+            protect += (kept["checkpoint"],)
         tag = ckpt.save_checkpoint(self.engine, self.ckpt_dir, self.iteration, self._client_state(),
                                    self.cfg.train.keep_last, protect=protect)
+        self.saved_step = self.iteration
         if self.consecutive_skips == 0:
             self.last_good = self.ckpt_dir / tag
         log.print(f"saved checkpoint {self.ckpt_dir / tag}")
         log.record("checkpoint", self.iteration, {"tag": tag})
+
+    def _track_best(self, val_loss: float, log: RunLogger) -> None:
+        """Record an evaluation; with ``train.keep_best`` a new best validation loss gets a checkpoint (saved now
+        unless this step's was just saved), which retention then keeps until a better one replaces it."""
+        new_best = self._agree(self.history.is_new_best(val_loss))  # the same loss on every rank; agreed anyway
+        tag = fmt.tag_for(self.iteration) if self.saved_step == self.iteration else None
+        if new_best and self.cfg.train.keep_best and tag is None:
+            self.save(log)
+            tag = fmt.tag_for(self.iteration)
+        self.history.add(self.iteration, val_loss, tag)
+        if self.rank == 0:
+            self.history.save(self.ckpt_dir, self.cfg.train.keep_best)
+        if new_best:
+            where = f": checkpoint {tag} kept (train.keep_best)" if self.cfg.train.keep_best else ""
+            log.print(f"new best validation loss {val_loss:.4f} at step {self.iteration}{where}")
 
     def _eval_model(self):
         """A model with full parameters: the engine's module, or a gathered copy under ZeRO-3."""
@@ -439,6 +448,16 @@ class Trainer:
             "resumed_from": self.resumed_from,
         }
         s.update(last_eval)
+        if self.history.evals:
+            best = self.history.best()
+            s["best_val_loss"] = best["val_loss"] if best else None
+            s["best_val_step"] = best["step"] if best else None
+            # train.keep_best: the kept checkpoint; otherwise the best evaluation's, while retention has left it
+            kept = self.history.best_checkpointed() if self.cfg.train.keep_best else best
+            s["best_checkpoint"] = (str(self.ckpt_dir / kept["checkpoint"]) if kept and kept["checkpoint"]
+                                    and (self.ckpt_dir / kept["checkpoint"]).is_dir() else None)
+            s["val_loss_rising"] = self.history.rising_note(self.cfg.train.keep_best)
+            s["val_loss_rising_evaluations"] = RISING_EVALS
         if self.rank == 0:
             (self.out / "summary.json").write_text(json.dumps(s, indent=1))
         return s
@@ -495,8 +514,10 @@ class _Window:
             "tflops_per_device": tflops, "mfu": tflops / trainer.cfg.train.peak_tflops,
             "packing_efficiency": float(totals[3] / totals[4]) if totals[4] > 0 else 0.0,
             "data_wait_fraction": float(totals[6]) / trainer.dp_world / elapsed, "memory_gb": memory_gb(),
-            "consumed_samples": trainer.consumed_samples, "step_seconds": elapsed / max(1, self.steps),
+            "consumed_samples": trainer.consumed_samples, "s_per_step": elapsed / max(1, self.steps),
         }
+        # this window's step time (its checkpoint saves and evaluations included) times the steps left
+        m["eta_s"] = m["s_per_step"] * (trainer.cfg.train.train_steps - trainer.iteration)
         log.record("train", trainer.iteration, m)
         self.reset()
         return m
