@@ -209,15 +209,15 @@ def test_one_writer_and_no_orphans_after_the_launcher_dies(tmp_path, data):
 
 SPIN = """
 import sys
-from megatron_genlip.data import packed_dataset
+from megatron_genlip.data import pack_index
 from megatron_genlip.training.entry import main
 
-def spin(self, epoch):  # what data.pack_buffer_size=0 used to do: loop forever while packing epoch 0
+def spin(*args, **kwargs):  # a start-up stuck while building pack-index epoch 0 (under its lock)
     open(sys.argv[-1], "w").close()
     while True:
         pass
 
-packed_dataset.PackedRows.pack = spin
+pack_index.build_epoch = spin
 main(sys.argv[1:-1])
 """
 
@@ -233,7 +233,9 @@ def test_sigterm_during_start_up_ends_the_process(tmp_path, data):
     try:
         deadline = time.time() + 240
         while not marker.is_file():
-            assert proc.poll() is None and time.time() < deadline, proc.communicate()
+            if proc.poll() is not None or time.time() > deadline:  # never reached the patched build
+                proc.kill()
+                raise AssertionError(f"the start-up never reached the pack-index build: {proc.communicate()}")
             time.sleep(0.1)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
