@@ -257,3 +257,20 @@ def test_damaged_epochs_are_rebuilt_and_killed_builders_leave_nothing(tmp_path, 
     messages.clear()
     ensure_epochs(tmp_path, s, src, epochs=2, log=messages.append)
     assert messages == []  # verified once: nothing is read again until the files change
+
+
+def test_building_many_epochs_reads_each_epoch_metadata_a_bounded_number_of_times(tmp_path, source, monkeypatch):
+    """A small dataset read for many epochs (a long test run of a tiny set: thousands of epochs) must build in
+    O(epochs): each epoch's metadata is read a few times, not once per later epoch (which made a 100000-step
+    run of a 400-sample set spend minutes at start-up)."""
+    src, lengths = source
+    reads = []
+    real = PackIndex._read_meta
+    monkeypatch.setattr(PackIndex, "_read_meta", lambda self, epoch: reads.append(epoch) or real(self, epoch))
+    epochs = 40
+    index = ensure_epochs(tmp_path, settings_for(len(lengths)), src, epochs=epochs, log=lambda *_: None)
+    assert index.epochs == epochs
+    assert len(reads) <= 5 * epochs, len(reads)  # ~4 per epoch; was ~epochs^2 / 2
+    reads.clear()
+    ensure_epochs(tmp_path, settings_for(len(lengths)), src, epochs=epochs, log=lambda *_: None)  # all built
+    assert len(reads) <= 5 * epochs, len(reads)

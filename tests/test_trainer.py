@@ -108,7 +108,7 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path, small_data):
 
 def test_sigterm_saves_a_loadable_checkpoint(tmp_path, data):
     out = tmp_path / "term"
-    cmd = command(2, data, out, SHORT + ["train.train_steps=100000", "train.warmup_steps=2"])
+    cmd = command(2, data, out, SHORT + ["train.train_steps=3000", "train.warmup_steps=2"])
     proc = _launch_and_wait_for(cmd, out / "logs" / "train.jsonl", None)
     time.sleep(1.0)
     # what SLURM (scancel --signal / --signal=TERM@t) does: signal every task of the job, i.e. each rank

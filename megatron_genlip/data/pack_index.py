@@ -307,14 +307,16 @@ class PackIndex:
         self.directory = Path(directory)
         self.settings = settings
         self._open: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self.epoch_meta: list[dict] = []
         self.refresh()
 
     def __getstate__(self) -> dict:  # DataLoader workers reopen their own memory maps
         return dict(self.__dict__, _open={})
 
     def refresh(self) -> None:
-        """Read the table of rows per epoch from the committed epochs 0, 1, ... (stops at the first gap)."""
-        self.epoch_meta: list[dict] = []
+        """Extend the table of rows per epoch with the epochs committed since the last call (stops at the first
+        gap). Only new epochs are read: an epoch, once committed, has fixed rows (a rebuild of a damaged one
+        reproduces them), so building E epochs one by one reads E metadata files, not E^2/2."""
         while (meta := self._read_meta(len(self.epoch_meta))) is not None:
             self.epoch_meta.append(meta)
         self.row_starts = np.zeros(len(self.epoch_meta) + 1, dtype=np.int64)
@@ -371,19 +373,23 @@ class PackIndex:
     def _arrays(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         arrays = self._open.get(epoch)
         if arrays is None:
-            paths = _epoch_paths(self.directory, epoch)
-            try:
-                arrays = (np.load(paths["order"], mmap_mode="r"), np.load(paths["rows"], mmap_mode="r"))
-            except (ValueError, OSError) as e:
-                raise MissingEpochError(f"pack index file of epoch {epoch} in {self.directory} is unreadable "
-                                        f"({e}); delete {paths['meta']} and rebuild it with `{BUILD_COMMAND}`") from e
-            meta = self.epoch_meta[epoch]
-            if arrays[0].shape != (meta["samples"],) or arrays[1].shape != (meta["rows"] + 1,):
-                raise MissingEpochError(f"pack index files of epoch {epoch} in {self.directory} do not match "
-                                        f"{paths['meta']}; delete it and rebuild with `{BUILD_COMMAND}`")
+            arrays = self._map(epoch, self.epoch_meta[epoch])
             if len(self._open) >= OPEN_EPOCHS:
                 self._open.pop(next(iter(self._open)))
             self._open[epoch] = arrays
+        return arrays
+
+    def _map(self, epoch: int, meta: dict) -> tuple[np.ndarray, np.ndarray]:
+        """Memory maps of one epoch's (order, rows) arrays, checked against its metadata's sizes."""
+        paths = _epoch_paths(self.directory, epoch)
+        try:
+            arrays = (np.load(paths["order"], mmap_mode="r"), np.load(paths["rows"], mmap_mode="r"))
+        except (ValueError, OSError) as e:
+            raise MissingEpochError(f"pack index file of epoch {epoch} in {self.directory} is unreadable "
+                                    f"({e}); delete {paths['meta']} and rebuild it with `{BUILD_COMMAND}`") from e
+        if arrays[0].shape != (meta["samples"],) or arrays[1].shape != (meta["rows"] + 1,):
+            raise MissingEpochError(f"pack index files of epoch {epoch} in {self.directory} do not match "
+                                    f"{paths['meta']}; delete it and rebuild with `{BUILD_COMMAND}`")
         return arrays
 
     def row_samples(self, global_row: int) -> np.ndarray:
@@ -392,10 +398,13 @@ class PackIndex:
         return np.asarray(order[rows[r]:rows[r + 1]], dtype=np.int64)
 
     def verify(self, epoch: int) -> list[str]:
-        """Recompute the checksums of one epoch; returns the problems found (empty: intact)."""
-        self._need(epoch)
-        meta = self.epoch_meta[epoch]
-        order, rows = self._arrays(epoch)
+        """Recompute the checksums of one epoch (committed; earlier epochs need not be, e.g. when machines build
+        different epochs); returns the problems found (empty: intact). Reads the files afresh, never a cached map."""
+        meta = self._read_meta(epoch)
+        if meta is None:
+            raise MissingEpochError(f"the pack index in {self.directory} lacks epoch {epoch}: build it with "
+                                    f"`{BUILD_COMMAND}` (N > {epoch})")
+        order, rows = self._map(epoch, meta)
         problems = []
         size = self.settings.chunk_size
         for c, want in enumerate(meta["chunk_sha256"]):
@@ -408,16 +417,22 @@ class PackIndex:
 
 
 def ensure_epoch(directory: Path, settings: PackSettings, source: LengthSource, epoch: int, *, build: bool = True,
-                 workers: int = 1, log=print) -> dict | None:
+                 workers: int = 1, log=print, index: PackIndex | None = None, clean: bool = True) -> dict | None:
     """Epoch ``epoch`` built and verified, under that epoch's lock (other epochs can be built at the same time,
     e.g. by several machines). Whoever takes the lock first removes what killed builders of this host left,
     builds the epoch if it is missing, or checks its checksums once if nobody has since its files last changed
     (a damaged epoch is rebuilt, or is an error with ``build=False``); the others then find it done.
-    Returns the metadata of an epoch this call built, else None; logs builds that take a while."""
+    Returns the metadata of an epoch this call built, else None; logs builds that take a while.
+    ``index``: an open index of ``directory`` to extend (:func:`ensure_epochs`), ``clean=False``: the caller has
+    already removed dead temporaries (both keep a loop over E epochs O(E), not O(E^2))."""
     directory.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(directory / f"epoch{epoch:04d}.lock"):
-        remove_dead_temporaries(str(directory / f"epoch{epoch:04d}.*{TEMP_MARK}*"))
-        index = PackIndex(directory, settings)
+        if clean:
+            remove_dead_temporaries(str(directory / f"epoch{epoch:04d}.*{TEMP_MARK}*"))
+        if index is None:
+            index = PackIndex(directory, settings)
+        else:
+            index.refresh()  # epochs committed by others since (verify needs epochs up to this one)
         if index.built(epoch):
             if _stamp_valid(directory, epoch):
                 return None
@@ -429,6 +444,7 @@ def ensure_epoch(directory: Path, settings: PackSettings, source: LengthSource, 
                 raise MissingEpochError(f"pack index epoch {epoch} in {directory} is damaged ({'; '.join(problems)}): "
                                         f"rebuild it with `{BUILD_COMMAND}`")
             log(f"pack index epoch {epoch} in {directory} is damaged ({'; '.join(problems)}): rebuilding it")
+            index._open.pop(epoch, None)  # no map of the damaged files survives the rebuild
             for path in _epoch_paths(directory, epoch).values():
                 path.unlink(missing_ok=True)
         elif not build:
@@ -451,11 +467,14 @@ def ensure_epochs(directory: str | Path, settings: PackSettings, source: LengthS
     """A pack index covering at least ``epochs`` epochs and ``rows`` global rows, every epoch of it verified
     (:func:`ensure_epoch`); safe to call from every rank at once."""
     directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    remove_dead_temporaries(str(directory / f"epoch*.*{TEMP_MARK}*"))  # once, not per epoch (a directory listing)
     index = PackIndex(directory, settings)
     built = []
     e = 0
     while e < epochs or index.row_starts[e] < rows:  # epoch e is read iff rows before it < rows
-        meta = ensure_epoch(directory, settings, source, e, build=build, workers=workers, log=log)
+        meta = ensure_epoch(directory, settings, source, e, build=build, workers=workers, log=log, index=index,
+                            clean=False)
         if meta is not None:
             built.append(meta)
         index.refresh()  # epochs 0..e are built now, so row_starts[e + 1] exists

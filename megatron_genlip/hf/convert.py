@@ -469,7 +469,7 @@ def load_weights_only(engine, tag_dir: str | Path, model_cfg: ModelConfig) -> No
     from megatron.core import parallel_state
 
     tag_dir = Path(tag_dir)
-    imported = ckpt.read_trainer_state(tag_dir.parent, tag_dir.name)["config"]["model"]
+    imported = ckpt.read_trainer_state(tag_dir)["config"]["model"]
     differences = model_differences(ModelConfig(**imported), model_cfg)
     if differences:  # same shapes can still be another model (e.g. 24 heads instead of 16)
         raise ConfigError(f"the run's model config describes another model than the weights of {tag_dir} "
