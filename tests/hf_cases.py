@@ -44,6 +44,7 @@ def hf_validation_loss(model, val_prefix: str, rows: int = 4, per_row_mean: bool
     """A Hugging Face GenLIPModel's loss on the first ``rows`` held-out packed rows of the tiny config, as the
     trainer's evaluation reports it: the token mean over the rows, or (``per_row_mean``, what the pipeline
     engine reports with one row per micro-batch) the mean of per-row token means."""
+    from megatron_genlip.batch import normalize_pixels
     from megatron_genlip.data.builder import tokenizer_fingerprint
     from megatron_genlip.data.indexed import GenLIPIndexedDataset
     from megatron_genlip.data.packed_dataset import PackedRows
@@ -56,8 +57,9 @@ def hf_validation_loss(model, val_prefix: str, rows: int = 4, per_row_mean: bool
     per_row = []
     for r in range(min(rows, packed.rows_in_epoch(0))):
         b = stack_rows([packed[r]])
+        pixels = normalize_pixels(b["patches"])  # the loader ships uint8; the HF model takes its processor's floats
         with torch.no_grad():
-            logits = model(input_ids=b["input_ids"], pixel_values=b["patches"], position_ids=b["positions"],
+            logits = model(input_ids=b["input_ids"], pixel_values=pixels, position_ids=b["positions"],
                            sample_ids=b["sample_ids"], token_kinds=b["token_kinds"]).logits
         labels = b["labels"][:, 1:].flatten()
         per_row.append(torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels, reduction="none",

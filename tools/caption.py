@@ -3,7 +3,8 @@
 
 Uses only ``transformers`` and the code shipped in the folder (``trust_remote_code``), never the trainer:
     python tools/caption.py --model exports/tiny-hf --image a.png b.jpg
-Prints one "FILE<TAB>caption" line per image.
+Prints one "FILE<TAB>caption" line per image (newlines, tabs and carriage returns inside a generated caption are
+written as \\n, \\t and \\r, so every image stays on one line).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+ONE_LINE = str.maketrans({"\n": "\\n", "\t": "\\t", "\r": "\\r"})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         ids = model.generate(inputs["pixel_values"], inputs["image_grid_thw"], prompt_ids,
                              max_new_tokens=args.max_new_tokens)[0].tolist()
-        text = tokenizer.decode(ids)
+        text = tokenizer.decode(ids).translate(ONE_LINE)  # one line per image, tab-separated, whatever was generated
         print(f"{path}\t{text}" + (f"\t{ids}" if args.ids else ""), flush=True)
     return status
 
