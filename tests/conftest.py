@@ -17,7 +17,8 @@ platform.initialize()  # the process start of the test session: the platform dec
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: minutes-long tests (fresh environments, installs); -m 'not slow' skips them")
+    config.addinivalue_line("markers", "slow: tests that start the launcher, SLURM, a preprocessing or training "
+                            "subprocess or an install (seconds to minutes each); -m 'not slow' is the ~1-minute tier")
 
 
 def small_model_config(**kw) -> ModelConfig:

@@ -234,6 +234,7 @@ def test_manifest_lists_every_file_with_size_and_sha256(ckpts):
     assert time.perf_counter() - start < 5
 
 
+@pytest.mark.slow
 def test_a_save_failing_on_one_rank_fails_on_every_rank(tmp_path):
     """Real DeepSpeed engines on 2 ranks: rank 1's optimizer file hits a full disk, rank 0's writes succeed.
     Every rank raises the same message (no rank hangs in DeepSpeed's closing barrier), the partial tag is

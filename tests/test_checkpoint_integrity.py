@@ -29,6 +29,8 @@ from megatron_genlip.training import ckpt_format as fmt
 from megatron_genlip.training.lock import RunLock
 from trainer_harness import ROOT, TINY, build_test_dataset, command, env, run, run_tool, train_log
 
+pytestmark = pytest.mark.slow  # nearly every test here starts the launcher (minutes in all)
+
 COMMON = ["train.train_steps=6", "train.warmup_steps=1", "train.precision=fp32", "train.log_interval=1",
           "train.save_interval=2", "train.keep_last=3", "train.eval_interval=100000", "train.eval_rows=1",
           "train.eval_captions=1", "train.max_new_tokens=4"]

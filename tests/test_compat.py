@@ -99,6 +99,7 @@ def test_deepspeed_shm_comm_canary():
     assert build_shm_op() is None
 
 
+@pytest.mark.slow
 def test_deepspeed_fp32_clip_norm_canary(tmp_path):
     """ZeRO-0 fp32 with clipping: stock DeepSpeed reports no gradient norm; the patched engine reports the
     pre-clip norm ("deepspeed-fp32-clip-norm")."""

@@ -93,6 +93,7 @@ def test_trainer_data_checks_name_the_field(data, override, needle):
         assert "data.image_size: dataset 48 vs config 64" in str(err.value)
 
 
+@pytest.mark.slow
 def test_missing_data_fails_at_start_up_without_traceback(tmp_path):
     """Through the real entry point (one process, no launcher): exit status 2, the field, no traceback."""
     proc = subprocess.run([sys.executable, str(ENTRY), "--config", str(TINY), "--set", "data.train_data=/nonexistent/x",
@@ -103,6 +104,7 @@ def test_missing_data_fails_at_start_up_without_traceback(tmp_path):
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_unbuilt_pack_index_with_building_off_names_the_command(tmp_path, data):
     """data.build_missing_pack_index=false and epoch 0 not built: exit 2 naming tools/build_pack_index.py, no
     traceback (it was one), nothing trained."""

@@ -65,6 +65,7 @@ def build(tmp, shards, name, workers=1, cfg=None, **kw):
     return prefix, report
 
 
+@pytest.mark.slow
 def test_build_is_identical_for_1_and_4_workers(tmp_path, shards):
     p1, r1 = build(tmp_path, shards, "one", workers=1)
     p4, r4 = build(tmp_path, shards, "four", workers=4)
@@ -96,6 +97,7 @@ def test_stored_sample_equals_direct_processing(tmp_path, shards):
     assert prefix
 
 
+@pytest.mark.slow
 def test_killed_build_resumes_to_identical_files(tmp_path):
     shards = write_shards(str(tmp_path / "many"), "train", num_samples=600, samples_per_shard=25, seed=5,
                           image_size=64)
@@ -195,6 +197,7 @@ def test_aspect_ratio_rejected_in_stage2_and_truncated_shard(tmp_path):
     assert report["samples_written"] == 1
 
 
+@pytest.mark.slow
 def test_missing_input_is_a_clear_error(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "tools/preprocess_data.py"), "--config", str(TINY),
                            "--input", str(tmp_path / "nope-*.tar"), "--output-prefix", str(tmp_path / "x")],

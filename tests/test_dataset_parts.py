@@ -165,6 +165,7 @@ def test_stale_parts_are_rebuilt_with_the_new_settings(shards, tmp_path):
     assert read_files(prefix) == read_files(fresh)
 
 
+@pytest.mark.slow
 def test_the_same_build_started_twice_at_once(shards, tmp_path):
     """Two identical preprocess commands racing on one output prefix both finish; the dataset is complete and
     equals a single build (temporary names are per host and process; commits are atomic renames)."""

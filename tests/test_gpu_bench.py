@@ -33,6 +33,7 @@ def dry_run():
     return proc.stdout.strip().splitlines()
 
 
+@pytest.mark.slow
 def test_dry_run_checks_kernels_and_runs_every_variant(dry_run):
     text = "\n".join(dry_run)
     header = next(line for line in dry_run if line.startswith("gpu_bench:"))  # after library warnings, if any
@@ -48,6 +49,7 @@ def test_dry_run_checks_kernels_and_runs_every_variant(dry_run):
     assert "transformer_engine imported: False" in text
 
 
+@pytest.mark.slow
 def test_dry_run_prints_the_table_last(dry_run):
     header = max(i for i, line in enumerate(dry_run) if line.startswith("model ") and "MFU" in line)
     rows = dry_run[header + 2:]

@@ -27,6 +27,7 @@ def dry_run(tmp_path_factory):
     return proc.stdout, tmp / "out", tmp / "work"
 
 
+@pytest.mark.slow
 def test_every_phase_ran_or_says_why_not(dry_run):
     _, out, _ = dry_run
     summary = json.loads((out / "gpu_run_summary.json").read_text())
@@ -38,6 +39,7 @@ def test_every_phase_ran_or_says_why_not(dry_run):
     assert len(list(out.iterdir())) <= 8  # what one call to the device machine brings back
 
 
+@pytest.mark.slow
 def test_trainer_runs_log_their_mfu_and_platform(dry_run):
     _, out, work = dry_run
     phases = json.loads((out / "gpu_run_summary.json").read_text())["phases"]
@@ -53,6 +55,7 @@ def test_trainer_runs_log_their_mfu_and_platform(dry_run):
     assert "| on | 2 |" in md and "| off | 2 |" in md and "DRY RUN" in md
 
 
+@pytest.mark.slow
 def test_bench_table_is_in_the_summary(dry_run):
     stdout, out, _ = dry_run
     md = (out / "gpu_run_summary.md").read_text()

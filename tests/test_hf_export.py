@@ -90,6 +90,7 @@ def reference_weights(name: str, tag: Path) -> dict | None:
     return None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_export_logits_and_validation_loss_match_the_trainer(trained, name, tmp_path):
     ckpt = trained["runs"][name] / "checkpoints"
@@ -117,6 +118,7 @@ def test_export_logits_and_validation_loss_match_the_trainer(trained, name, tmp_
     assert math.isclose(mine, val, rel_tol=TOLERANCE), f"{name}: export val loss {mine} vs trainer {val}"
 
 
+@pytest.mark.slow
 def test_round_trip_gives_identical_safetensors(trained, tmp_path):
     ckpt = trained["runs"]["tp2pp2"] / "checkpoints"
     for dtype in ("fp32", "bf16"):
@@ -128,6 +130,7 @@ def test_round_trip_gives_identical_safetensors(trained, tmp_path):
         assert a == b, f"{dtype}: safetensors differ after checkpoint -> HF -> checkpoint -> HF"
 
 
+@pytest.mark.slow
 def test_sharded_export_has_an_index_and_loads(trained, tmp_path):
     ckpt = trained["runs"]["single"] / "checkpoints"
     out = tmp_path / "sharded"
@@ -153,6 +156,7 @@ sys.exit(rc)
 """
 
 
+@pytest.mark.slow
 def test_fresh_process_captions_equal_the_trainer(trained, tmp_path):
     """AutoModel + AutoTokenizer + the shipped image processor in a new process (no trainer modules)
     produce the same greedy token ids as the trainer's generate_caption on the same checkpoint."""
@@ -194,6 +198,7 @@ def test_fresh_process_captions_equal_the_trainer(trained, tmp_path):
     assert got == want and len(got) == 3
 
 
+@pytest.mark.slow
 def test_vision_only_export_features_equal_the_trainer(trained, tmp_path):
     from transformers import AutoModel
 
@@ -237,6 +242,7 @@ def test_image_processor_equals_the_trainer_pipeline():
             assert torch.equal(ours["pixel_values"], ref) and ours["image_grid_thw"].tolist() == [[1, *grid]]
 
 
+@pytest.mark.slow
 def test_weights_only_checkpoint_starts_a_run_at_another_layout(trained, tmp_path):
     """HF -> checkpoint (--from-hf --tp 2) -> trainer at TP=2 with lr 1e-30 (no weight changes) for two
     steps: its validation loss equals the source run's final one, so every weight arrived (split over TP)."""
@@ -255,6 +261,7 @@ def test_weights_only_checkpoint_starts_a_run_at_another_layout(trained, tmp_pat
     assert max(got) == 2  # counted from step 0: a fresh run
 
 
+@pytest.mark.slow
 def test_bad_inputs_name_the_file(trained, tmp_path):
     ckpt = trained["runs"]["single"] / "checkpoints"
     with pytest.raises(CheckpointError, match=r"iter_0000099 does not exist \(checkpoints in .*: iter_0000003\)"):

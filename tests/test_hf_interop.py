@@ -313,6 +313,7 @@ def test_exports_of_the_previous_schema_still_import(tmp_path):
     assert ModelConfig(**marker["config"]["model"]) == tiny.model
 
 
+@pytest.mark.slow
 def test_official_folder_starts_a_tp2_run(tmp_path):
     """A folder in the official layout (shaped like the tiny model) -> --from-hf --tp 2 -> the trainer at TP=2
     with lr 1e-30 for two steps. Its validation loss equals the loss of our Hugging Face model loaded from the

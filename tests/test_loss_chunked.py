@@ -89,6 +89,7 @@ def test_chunked_loss_keeps_no_full_logits(model, batch):
     assert chunked <= 7, f"chunk 7 kept {chunked} rows of vocab-wide tensors for backward (at most 7 allowed)"
 
 
+@pytest.mark.slow
 def test_tp2_chunked_matches_tp1(tmp_path):
     out = tmp_path / "errors.pt"
     run_ranks(2, "loss_cases", "tp2_chunked_matches_tp1_plain", 5, str(out))

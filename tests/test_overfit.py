@@ -5,8 +5,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).parent.parent / "examples"))
 import overfit_tiny  # noqa: E402
+
+pytestmark = pytest.mark.slow  # trains the tiny model to memorise (a minute)
 
 
 def test_tiny_overfits_eight_samples_and_reproduces_captions():

@@ -201,6 +201,7 @@ def test_settings_change_the_rows_and_name_another_directory(source):
     assert len(keys) == 6
 
 
+@pytest.mark.slow
 def test_build_pack_index_tool_builds_and_verifies(tmp_path):
     """tools/build_pack_index.py on a real (tiny) dataset: builds the epochs asked for, --verify passes, and
     a flipped byte makes --verify fail with exit code 1."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from dist_harness import run_ranks
@@ -17,6 +18,7 @@ def same(a: list[float], b: list[float]) -> bool:
     return len(a) == len(b) == 3 and all(math.isclose(x, y, rel_tol=TOLERANCE) for x, y in zip(a, b))
 
 
+@pytest.mark.slow
 def test_pp2_and_tp2_pp2_and_dp2_pp2_match_one_rank(tmp_path, data):  # noqa: F811
     run(1, data, tmp_path / "single", COMMON)
     ref = losses(tmp_path / "single")
@@ -30,6 +32,7 @@ def test_pp2_and_tp2_pp2_and_dp2_pp2_match_one_rank(tmp_path, data):  # noqa: F8
     assert same(losses(tmp_path / "dp2pp2"), ref), (losses(tmp_path / "dp2pp2"), ref)
 
 
+@pytest.mark.slow
 def test_prefix_lm_isolation_survives_tp2_pp2(tmp_path):
     """A packed row's loss through TP=2 x PP=2 equals the token-weighted mean of its samples' losses run
     alone on one device: the mask, positions and labels really reach every stage (rel err <= 1e-5)."""

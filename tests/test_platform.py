@@ -109,6 +109,7 @@ def test_scripts_leave_dynamo_to_the_platform_decision():
     assert not offenders, offenders
 
 
+@pytest.mark.slow
 def test_dry_run_builds_the_meta_model_without_a_process_group_or_a_patch():
     """--dry-run (meta-device model) in a fresh process: no torch.distributed group, no megatron-core groups,
     no library patch; it prints this machine's platform decision."""

@@ -57,6 +57,7 @@ def _resume_matches(source, log: dict, stdout: str) -> None:
         assert log[s]["consumed_samples"] == ref[s]["consumed_samples"] == 4 * s
 
 
+@pytest.mark.slow
 def test_tp2_pp2_to_one_rank_zero2(tmp_path, source, data):
     new = tmp_path / "tp1pp1"
     proc = run_tool("reshard_checkpoint.py", ["--load", str(source["ckpt"]), "--iteration", "2", "--save", str(new),
@@ -75,6 +76,7 @@ def test_tp2_pp2_to_one_rank_zero2(tmp_path, source, data):
     _resume_matches(source, train_log(out), resumed.stdout)
 
 
+@pytest.mark.slow
 def test_tp2_pp2_to_dp2_zero1(tmp_path, source, data):
     new = tmp_path / "dp2"
     run_tool("reshard_checkpoint.py", ["--load", str(source["ckpt"]), "--iteration", "2", "--save", str(new),
@@ -84,6 +86,7 @@ def test_tp2_pp2_to_dp2_zero1(tmp_path, source, data):
     _resume_matches(source, train_log(out), resumed.stdout)
 
 
+@pytest.mark.slow
 def test_other_layout_without_resharding_fails_at_start_up(tmp_path, source, data):
     """A plain checkpoint at another layout stops the run before DeepSpeed loads anything, naming both layouts
     and a conversion command that works as printed."""
@@ -101,6 +104,7 @@ def test_other_layout_without_resharding_fails_at_start_up(tmp_path, source, dat
     assert (tmp_path / "converted" / "latest").read_text() == "iter_0000004"
 
 
+@pytest.mark.slow
 def test_resharded_checkpoint_exports_the_same_weights(tmp_path, source):
     """A resharded (universal) checkpoint is a valid export source: its fp32 masters, merged by DeepSpeed,
     equal the weights merged from the original TP=2 x PP=2 module files (fp32 run: module weights = masters)."""
@@ -115,6 +119,7 @@ def test_resharded_checkpoint_exports_the_same_weights(tmp_path, source):
     assert max(diff.values()) == 0.0, {k: v for k, v in diff.items() if v}
 
 
+@pytest.mark.slow
 def test_tool_errors_name_the_problem(tmp_path, source):
     with pytest.raises(rs.ReshardError, match=r"iter_0000003 does not exist \(checkpoints in .*: iter_0000002, "
                                               r"iter_0000004\)"):
@@ -133,6 +138,7 @@ def test_tool_errors_name_the_problem(tmp_path, source):
         assert flag in text
 
 
+@pytest.mark.slow
 def test_partition_dim_matches_megatron_core_tp2_model(tmp_path):
     """sharding.partition_dim agrees with the attributes megatron-core sets on a real TP=2 model, and
     split_tp/merge_tp round-trip its shards into the TP=1 model's weights exactly."""

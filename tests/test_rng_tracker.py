@@ -83,6 +83,7 @@ def test_checkpoint_recomputation_replays_drop_path_and_tracker_streams(seeded):
     assert not torch.equal(grads["torch.checkpoint"][1], grads["plain"][1])
 
 
+@pytest.mark.slow
 def test_streams_across_tp_and_dp_ranks(tmp_path):
     """2 ranks as TP=2, then as DP=2: the replicated stream and DropPath decisions are identical over TP and
     differ over DP; the tensor-parallel stream differs over TP; seeds are Megatron's (base + 2718 + tp_rank)."""

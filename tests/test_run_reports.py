@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import sys
 import types
-from pathlib import Path
 
 import pytest
 
@@ -113,6 +112,7 @@ RUN = ["train.eval_interval=2", "train.save_interval=3", "train.keep_last=1", "t
        "train.log_interval=1"]
 
 
+@pytest.mark.slow
 def test_keep_best_survives_retention_and_resume_and_lines_carry_eta(tmp_path, data):
     """One run of 6 steps, resumed to 12: evaluations at 2, 4, ..., 12, saves at 3, 6, 9, 12 (keep_last=1) and at
     each new best that falls between them. The best checkpoint is never deleted, the history of the first part

@@ -27,6 +27,7 @@ def sp_results(tmp_path_factory):
     return torch.load(out, weights_only=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("run_name", ["sp", "sp_recompute"])
 def test_sp_loss_and_gathered_gradients_match_tp1(sp_results, run_name):
     """DropPath 0.1 active; every parameter's gradient (TP shards gathered; norms, LayerScale and row-parallel
@@ -42,6 +43,7 @@ def test_sp_loss_and_gathered_gradients_match_tp1(sp_results, run_name):
     assert r["tp_spread"] == 0.0  # replicated gradients identical on both TP ranks
 
 
+@pytest.mark.slow
 def test_sp_drop_path_drops_the_same_rows_on_every_shard(sp_results):
     assert sp_results["tp1_rows_dropped"] > 0 and sp_results["tp1_rows_kept"] > 0  # the seed exercises DropPath
     for name in ("sp", "sp_recompute"):
@@ -51,6 +53,7 @@ def test_sp_drop_path_drops_the_same_rows_on_every_shard(sp_results):
     assert sp_results["sp_recompute"]["calls_per_drop_path"] == [3]  # + recomputation (torch stops early)
 
 
+@pytest.mark.slow
 def test_sp_unsplittable_call_runs_unsplit_without_grad_and_refuses_with_grad(sp_results):
     for name in ("sp", "sp_recompute"):
         assert sp_results[name]["errors"]["hidden_odd_no_grad"] <= TOLERANCE  # length 79 under no_grad
@@ -59,6 +62,7 @@ def test_sp_unsplittable_call_runs_unsplit_without_grad_and_refuses_with_grad(sp
         assert msg and "parallel.tensor_parallel" in msg and "length 79" in msg
 
 
+@pytest.mark.slow
 def test_cpu_current_device_canary(sp_results):
     """megatron-core 0.16.1's SP all-gather still allocates on torch.cuda.current_device() and fails on a CPU
     torch without compat's ``cpu-current-device`` patch (applied at process start, not by the model); when an
@@ -97,6 +101,7 @@ def _same(a: list[float], b: list[float]) -> bool:
     return len(a) == len(b) == 3 and all(math.isclose(x, y, rel_tol=TOLERANCE) for x, y in zip(a, b))
 
 
+@pytest.mark.slow
 def test_trainer_tp2_sp_matches_one_rank(tmp_path, data, one_rank):  # noqa: F811
     """The real launcher, TP=2 + SP with activation checkpointing: the 3 losses equal TP=1 (fp32, relative
     1e-5), and so does the evaluation at the end (validation loss on split rows; captions decoded with a KV
@@ -110,6 +115,7 @@ def test_trainer_tp2_sp_matches_one_rank(tmp_path, data, one_rank):  # noqa: F81
     assert got_eval["caption_token_accuracy"] == ref_eval["caption_token_accuracy"]
 
 
+@pytest.mark.slow
 def test_trainer_tp2_pp2_sp_matches_one_rank(tmp_path, data, one_rank):  # noqa: F811
     """4 ranks: TP=2 x PP=2 with SP (stages exchange [L/2, B, d] slices, DeepSpeed's activation partitioning
     off) and activation checkpointing equals one rank over 3 steps."""

@@ -19,6 +19,8 @@ import pytest
 from slurm_local import SlurmError, missing_binaries, slurm_cluster  # noqa: F401  (slurm_cluster: the fixture)
 from trainer_harness import ROOT, TINY, build_test_dataset, env as trainer_env, train_log
 
+pytestmark = pytest.mark.slow  # a real SLURM controller and jobs (minutes in all)
+
 SBATCH = ROOT / "examples" / "slurm" / "pretrain_genlip.sbatch"
 STEPS = 20
 JOB_TIMEOUT = 300  # seconds, per job (both runs of a requeued job included)

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from dist_harness import run_ranks
 from trainer_harness import SHORT, losses, run
+
+pytestmark = pytest.mark.slow  # trainer runs through the launcher (minutes in all)
 
 TOLERANCE = 1e-5  # relative, fp32
 

@@ -15,6 +15,8 @@ import pytest
 from megatron_genlip.training.schedule import learning_rate
 from trainer_harness import ROOT, SHORT, TINY, build_test_dataset, command, env, losses, run, train_log
 
+pytestmark = pytest.mark.slow  # trainer runs through the launcher (minutes in all)
+
 
 def test_launcher_end_to_end_loss_falls_and_lr_follows_schedule(tmp_path, data):
     steps = 40
