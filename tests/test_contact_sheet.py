@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import os
 import re
 from types import SimpleNamespace
 
@@ -153,7 +154,7 @@ def test_a_failed_write_leaves_the_old_file_whole_and_no_temporary(tmp_path, mon
     def disk_full(_fd):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(cs.os, "fsync", disk_full)
+    monkeypatch.setattr(os, "fsync", disk_full)
     with pytest.raises(OSError, match="No space"):
         cs.atomic_write(target, b"new page, never complete")
     assert target.read_bytes() == b"old page"

@@ -144,14 +144,15 @@ def read_latest(directory: str | Path) -> LatestHint:
     return LatestHint(text)
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a small file so that readers see the old or the new content, never a part: a temporary file
-    unique to this host and process, fsynced, renamed over the target, and the directory fsynced."""
+def atomic_write(path: str | Path, data: str | bytes) -> None:
+    """Write a small file so that readers (and a restart after a kill) see the old or the new content, never a
+    part: a temporary file unique to this host and process, fsynced, renamed over the target, and the directory
+    fsynced; the temporary is removed if writing fails. Also used for the evaluation contact sheets."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp.{socket.gethostname()}.{os.getpid()}")
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
+        with open(tmp, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -175,7 +176,7 @@ def fsync_dir(directory: Path) -> None:
 
 
 def write_latest(directory: str | Path, tag: str) -> None:
-    atomic_write_text(Path(directory) / LATEST, tag)
+    atomic_write(Path(directory) / LATEST, tag)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -216,7 +217,7 @@ def write_manifest(tag_dir: str | Path, files: dict[str, dict], tag: str | None 
     manifest = {"format": "megatron-genlip checkpoint manifest", "version": MANIFEST_VERSION, "tag": tag or tag_dir.name,
                 "algorithm": "sha256", "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "host": socket.gethostname(), **info, "files": dict(sorted(files.items()))}
-    atomic_write_text(tag_dir / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    atomic_write(tag_dir / MANIFEST, json.dumps(manifest, indent=1) + "\n")
 
 
 def manifest_files(tag_dir: str | Path, fsync: bool = True) -> dict[str, dict]:

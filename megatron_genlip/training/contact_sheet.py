@@ -20,7 +20,6 @@ import base64
 import difflib
 import html
 import io
-import os
 import re
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from megatron_genlip.data.image_processing import patches_to_rgb
+from megatron_genlip.training.ckpt_format import atomic_write
 
 SHEET_IMAGES = 16  # held-out images on a sheet: the first ones captioned
 COLUMNS = 4  # cells per row of the PNG
@@ -233,21 +233,6 @@ def render_index(directory: Path) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # writing
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """``data`` to ``path`` through a temporary beside it and a rename: readers (and a restart after a kill)
-    see the old file or the new one, never a part. The temporary is removed if writing fails."""
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
 
 def write_contact_sheet(directory: str | Path, step: int, records: list[dict], images: list[np.ndarray],
                         totals: dict, tensorboard=None) -> tuple[Path, Path]:
