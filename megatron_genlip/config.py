@@ -156,6 +156,9 @@ class TrainConfig:
     verify_checkpoint: bool = True  # on resume, check every file's sha256 against the manifest (sizes are always checked)
     allow_fresh_start: bool = False  # start from scratch when checkpoints exist but none can be resumed from
     inject_nan_steps: list[int] = field(default_factory=list)  # fault injection: poison these steps' batches
+    # [FIRST, LAST]: record optimizer steps FIRST..LAST with torch.profiler on every rank -> OUTPUT_DIR/profile/
+    # (phase table, operator table, Perfetto/Chrome timeline); [] = off
+    profile_steps: list[int] = field(default_factory=list)
     peak_tflops: float = 989.0  # per device, for MFU (H100 dense bf16)
     tensorboard: bool = True
     progress_bar: str = "auto"  # "auto" (when stderr is a terminal), "always" or "never"
@@ -367,6 +370,10 @@ def validate(cfg: Config) -> None:
     need(t.peak_tflops > 0, "train.peak_tflops", "> 0")
     need(t.max_consecutive_skips >= 0, "train.max_consecutive_skips", ">= 0 (0: never stop for skipped steps)")
     need(all(s >= 1 for s in t.inject_nan_steps), "train.inject_nan_steps", "a list of steps >= 1")
+    need(not t.profile_steps or (len(t.profile_steps) == 2 and 1 <= t.profile_steps[0] <= t.profile_steps[1]),
+         "train.profile_steps", "[] or [FIRST, LAST] with 1 <= FIRST <= LAST (optimizer steps, inclusive)")
+    need(warmup_steps(t) < t.train_steps, "train.warmup_steps", f"shorter than train.train_steps ({t.train_steps}) "
+         "(train.warmup_ratio x train.train_steps when train.warmup_steps is null)")
     need(t.wandb_mode in WANDB_MODES, "train.wandb_mode", f"one of {', '.join(map(repr, WANDB_MODES))}")
     if errors:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
@@ -488,8 +495,6 @@ def resolve_layout(cfg: Config, world_size: int) -> Layout:
     if t.nan_policy == "skip" and p.zero_stage == 0:
         errors.append("train.nan_policy=skip relies on ZeRO's skipped step on a non-finite gradient norm: "
                       "use parallel.zero_stage >= 1 or train.nan_policy=stop")
-    if warmup_steps(t) >= t.train_steps:
-        errors.append(f"warmup ({warmup_steps(t)} steps) must be shorter than train.train_steps ({t.train_steps})")
     if not t.lr > 0 or not 0 <= t.min_lr <= t.lr:
         errors.append(f"train.lr ({t.lr}) must be > 0 and train.min_lr ({t.min_lr}) within [0, train.lr]")
     if t.progress_bar not in ("auto", "always", "never"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import signal
@@ -21,7 +22,7 @@ pytestmark = pytest.mark.slow  # trainer runs through the launcher (minutes in a
 def test_launcher_end_to_end_loss_falls_and_lr_follows_schedule(tmp_path, data):
     steps = 40
     proc = run(2, data, tmp_path, SHORT + [f"train.train_steps={steps}", "train.warmup_steps=4",
-                                            "train.eval_captions=4", "train.eval_rows=2"])
+                                            "train.eval_captions=4", "train.eval_rows=2", "train.profile_steps=[5,7]"])
     log = train_log(tmp_path)
     assert sorted(log) == list(range(1, steps + 1))
     first = sum(log[s]["loss"] for s in range(1, 4)) / 3
@@ -41,6 +42,13 @@ def test_launcher_end_to_end_loss_falls_and_lr_follows_schedule(tmp_path, data):
     assert [f'alt="held-out image {i}"' in page for i in range(5)] == [True] * 4 + [False]
     assert (tmp_path / "checkpoints" / "latest").read_text() == f"iter_{steps:07d}"
     assert "==== summary ====" in proc.stdout and "held-out captions" in proc.stdout
+    # train.profile_steps=[5,7]: every rank wrote its phase/operator tables and timeline; rank 0 printed its phases
+    for rank in (0, 1):
+        text = (tmp_path / "profile" / f"rank{rank}.txt").read_text()
+        assert text.startswith(f"rank {rank}: optimizer steps 5-7 (3 steps,"), text[:80]
+        assert all(f"\n{p} " in text for p in ("data", "forward", "backward", "optimizer", "agree", "other"))
+        assert json.loads((tmp_path / "profile" / f"rank{rank}.trace.json").read_text())["traceEvents"]
+    assert "profile of steps 5-7" in proc.stdout
 
 
 def test_zero_stages_with_dp2_match_dp1(tmp_path, data):

@@ -50,8 +50,7 @@ def test_so16_stage1_dry_run_is_8b_samples(capsys):
     (["train.precision=fp16"], 2, ["train.precision", "fp16 is not offered"]),
     (["train.nan_policy=ignore"], 2, ["train.nan_policy"]),
     (["parallel.zero_stage=0"], 2, ["train.nan_policy=skip", "parallel.zero_stage"]),
-    (["train.warmup_steps=5000"], 2, ["train.train_steps"]),
-])
+])  # a warmup as long as the run is refused by load_config already (tests/test_config_validation.py)
 def test_bad_layouts_fail_naming_the_fields(overrides, world, needles):
     cfg = load_config(TINY, overrides)
     with pytest.raises(ConfigError) as err:
@@ -106,3 +105,31 @@ def test_activation_checkpointing_replays_drop_path(qwen_tokenizer):
     model = build_model(cfg, seed=0).train()
     torch.manual_seed(124)
     assert not torch.equal(model(batch).loss.detach(), l0)
+
+
+def test_step_profiler_records_only_its_window_and_accounts_for_the_wall_time(tmp_path):
+    """train.profile_steps=[2,3] of a 5-step loop: the phase table covers steps 2-3 only (the phases' totals and
+    'other' add up to the window's wall time), the timeline and operator table are written, rank 0 prints."""
+    from megatron_genlip.training.profiling import StepProfiler, phase
+
+    printed = []
+    prof = StepProfiler([2, 3], tmp_path, rank=0, on_cuda=False, say=printed.append)
+    w = torch.randn(64, 64, requires_grad=True)
+    calls = {"forward": 0}
+    for step in range(1, 6):
+        prof.before_step(step)
+        with phase("forward"):
+            loss = (torch.randn(32, 64) @ w).square().mean()
+            calls["forward"] += 1
+        with phase("backward"):
+            loss.backward()
+        prof.after_step(step)
+        assert (prof.prof is not None) == (step == 2)  # open during the window only
+    text = (tmp_path / "profile" / "rank0.txt").read_text()
+    assert text.startswith("rank 0: optimizer steps 2-3 (2 steps,")
+    rows = {line.split()[0]: line.split() for line in text.splitlines()[2:6] if line.split()}
+    assert set(rows) >= {"forward", "backward", "other"}, text
+    wall = float(text.split(" s wall)")[0].rsplit(", ", 1)[1])
+    assert math.isclose(sum(float(rows[k][1]) for k in ("forward", "backward", "other")), wall, abs_tol=2e-3)
+    assert (tmp_path / "profile" / "rank0.trace.json").stat().st_size > 0
+    assert "aten::mm" in text and len(printed) == 1 and "profile of steps 2-3" in printed[0]

@@ -42,6 +42,7 @@ from megatron_genlip.training.errors import NonFiniteError, TooManySkips
 from megatron_genlip.training.evaluate import caption_metrics, validation_loss
 from megatron_genlip.training.lock import lock_output_dir
 from megatron_genlip.training.metrics import RunLogger, batch_stats, check_wandb, format_step, memory_gb
+from megatron_genlip.training.profiling import StepProfiler, phase
 from megatron_genlip.training.schedule import build_scheduler
 from megatron_genlip.training.signals import STOP_SIGNALS, install_stop_handlers
 
@@ -247,7 +248,9 @@ class Trainer:
         window = _Window()
         last_eval = {}
         stopped_by_signal = False
+        profiler = StepProfiler(t.profile_steps, self.out, self.rank, self.device.type == "cuda", log.print)
         while self.iteration < t.train_steps:
+            profiler.before_step(self.iteration + 1)
             self._train_step(batches, window)
             log.advance()
             stop = self._agree(self.stop_requested)
@@ -259,18 +262,21 @@ class Trainer:
             if save:
                 self.save(log)
             if stop:
+                profiler.after_step(self.iteration, stopping=True)
                 log.print(f"stop signal received: checkpoint saved at step {self.iteration}; exiting")
                 stopped_by_signal = True
                 break
             if self.valid is not None and (self.iteration % t.eval_interval == 0 or self.iteration == t.train_steps):
                 last_eval = self.evaluate(log)
                 self._track_best(last_eval["val_loss"], log)
+            profiler.after_step(self.iteration)
         return self._summary(window, last_eval, stopped_by_signal)
 
     def _next_batch(self, batches, window: "_Window", rows: list) -> dict:
         """The next micro-batch on the device, counted in the window; poisoned if fault injection asks."""
         start = time.perf_counter()
-        batch = next(batches)
+        with phase("data"):
+            batch = next(batches)
         window.data_wait += time.perf_counter() - start
         rows += batch.pop("row_index").tolist()
         for k, v in batch_stats(batch, self.cfg.model).items():
@@ -285,7 +291,8 @@ class Trainer:
         on the first and last stage)."""
         rows: list = []
         feed = (pipeline_inputs(self._next_batch(batches, window, rows)) for _ in range(self.layout.grad_accumulation))
-        loss = float(self.engine.train_batch(data_iter=feed))  # mean over micro-batches and DP, on every stage
+        with phase("pipeline_step"):
+            loss = float(self.engine.train_batch(data_iter=feed))  # mean over micro-batches and DP, on every stage
         finite = math.isfinite(loss)
         if not finite and self.cfg.train.nan_policy == "stop":
             raise NonFiniteError(f"non-finite loss at step {self.iteration + 1} (train.nan_policy=stop); packed rows "
@@ -319,24 +326,28 @@ class Trainer:
         rows: list = []
         for _ in range(self.layout.grad_accumulation):
             batch = self._next_batch(batches, window, rows)
-            out = self.engine(batch)
+            with phase("forward"):
+                out = self.engine(batch)
             finite = bool(torch.isfinite(out.loss.detach()))
             bad = self._agree(not finite)
             if bad and t.nan_policy == "stop":
                 raise NonFiniteError(
                     f"non-finite loss at step {self.iteration + 1} (train.nan_policy=stop); packed rows of this "
                     f"rank's micro-batch: {rows}; consumed_samples before the step: {self.consumed_samples}")
-            self.engine.backward(out.loss)
-            self.engine.step()
+            with phase("backward"):
+                self.engine.backward(out.loss)
+            with phase("optimizer"):
+                self.engine.step()
             step_losses += torch.tensor([float(out.loss.detach()) if finite else 0.0, float(finite), float(not finite)],
                                         dtype=torch.float64)
         return step_losses, rows
 
     def _agree(self, flag: bool) -> bool:
         """True on every rank if ``flag`` is True on any rank."""
-        x = torch.tensor([1.0 if flag else 0.0])
-        dist.all_reduce(x, op=dist.ReduceOp.MAX)
-        return bool(x.item() > 0)
+        with phase("agree"):
+            x = torch.tensor([1.0 if flag else 0.0])
+            dist.all_reduce(x, op=dist.ReduceOp.MAX)
+            return bool(x.item() > 0)
 
     # ---------------------------------------------------------------------------------------------
     # checkpoints and evaluation
