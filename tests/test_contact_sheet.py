@@ -149,14 +149,14 @@ def test_cap_on_images_shown(tmp_path):
 
 def test_a_failed_write_leaves_the_old_file_whole_and_no_temporary(tmp_path, monkeypatch):
     target = tmp_path / "step_0000001.html"
-    cs.atomic_write(target, b"old page")
+    cs.replace_atomically(target, b"old page")
 
     def disk_full(_fd):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", disk_full)
     with pytest.raises(OSError, match="No space"):
-        cs.atomic_write(target, b"new page, never complete")
+        cs.replace_atomically(target, b"new page, never complete")
     assert target.read_bytes() == b"old page"
     assert [p.name for p in tmp_path.iterdir()] == [target.name]
 

@@ -33,13 +33,35 @@ def fsync_file(path: str | Path) -> None:
 
 
 def replace_atomically(path: str | Path, data: str | bytes) -> None:
-    """Write ``data`` to ``path`` through a flushed temporary and a rename."""
+    """Write ``data`` to ``path`` so that readers, and a restart after a kill, see the old content or the new, never
+    a part: a temporary unique to this host and process (:func:`temp_name`), flushed to disk, renamed over the
+    target, then the directory flushed; the temporary is removed when writing fails (disk full). The one writer of
+    small files: pack index, dataset manifests, checkpoint manifests and ``latest``, ``best.json``, contact sheets."""
     tmp = temp_name(path)
-    with open(tmp, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+    fsync_dir(Path(path).parent)
+
+
+def fsync_dir(directory: str | Path) -> None:
+    """Flush a directory's entries (a rename in it) to disk, where the filesystem allows it."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on directories; the rename is still atomic
+    finally:
+        os.close(fd)
 
 
 def _pid_alive(pid: int) -> bool:

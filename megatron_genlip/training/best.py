@@ -15,6 +15,7 @@ import json
 import math
 from pathlib import Path
 
+from megatron_genlip.data.files import replace_atomically
 from megatron_genlip.training import ckpt_format as fmt
 
 BEST_FILE = "best.json"
@@ -77,7 +78,7 @@ class EvalHistory:
         kept = self.best_checkpointed() if keep_best else None
         doc = {"best_checkpoint": kept["checkpoint"] if kept else None, "best": self.best(), "evaluations": self.evals}
         Path(ckpt_dir).mkdir(parents=True, exist_ok=True)
-        fmt.atomic_write(Path(ckpt_dir) / BEST_FILE, json.dumps(doc, indent=1))
+        replace_atomically(Path(ckpt_dir) / BEST_FILE, json.dumps(doc, indent=1))
 
     @classmethod
     def load(cls, ckpt_dir: str | Path, up_to_step: int) -> "EvalHistory":

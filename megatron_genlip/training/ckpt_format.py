@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from megatron_genlip.data.files import TEMP_MARK, fsync_dir, replace_atomically
+
 TAG_RE = re.compile(r"^iter_(\d{7,})$")
 LATEST = "latest"  # DeepSpeed's own pointer name: engine.load_checkpoint and its tools read it as well
 MANIFEST = "genlip_manifest.json"
@@ -144,39 +146,8 @@ def read_latest(directory: str | Path) -> LatestHint:
     return LatestHint(text)
 
 
-def atomic_write(path: str | Path, data: str | bytes) -> None:
-    """Write a small file so that readers (and a restart after a kill) see the old or the new content, never a
-    part: a temporary file unique to this host and process, fsynced, renamed over the target, and the directory
-    fsynced; the temporary is removed if writing fails. Also used for the evaluation contact sheets."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.{socket.gethostname()}.{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    fsync_dir(path.parent)
-
-
-def fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems refuse fsync on directories; the rename is still atomic
-    finally:
-        os.close(fd)
-
-
 def write_latest(directory: str | Path, tag: str) -> None:
-    atomic_write(Path(directory) / LATEST, tag)
+    replace_atomically(Path(directory) / LATEST, tag)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -189,7 +160,7 @@ def list_files(tag_dir: str | Path) -> list[str]:
     out = []
     for root, _dirs, files in os.walk(tag_dir):
         for name in files:
-            if name == MANIFEST or name.startswith(f".{MANIFEST}.tmp"):
+            if name == MANIFEST or name.startswith(MANIFEST + TEMP_MARK):
                 continue
             out.append(str((Path(root) / name).relative_to(tag_dir)))
     return sorted(out)
@@ -217,7 +188,7 @@ def write_manifest(tag_dir: str | Path, files: dict[str, dict], tag: str | None 
     manifest = {"format": "megatron-genlip checkpoint manifest", "version": MANIFEST_VERSION, "tag": tag or tag_dir.name,
                 "algorithm": "sha256", "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "host": socket.gethostname(), **info, "files": dict(sorted(files.items()))}
-    atomic_write(tag_dir / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    replace_atomically(tag_dir / MANIFEST, json.dumps(manifest, indent=1) + "\n")
 
 
 def manifest_files(tag_dir: str | Path, fsync: bool = True) -> dict[str, dict]:

@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from megatron_genlip.data.image_processing import patches_to_rgb
-from megatron_genlip.training.ckpt_format import atomic_write
+from megatron_genlip.data.files import replace_atomically
 
 SHEET_IMAGES = 16  # held-out images on a sheet: the first ones captioned
 COLUMNS = 4  # cells per row of the PNG
@@ -245,9 +245,9 @@ def write_contact_sheet(directory: str | Path, step: int, records: list[dict], i
     sheet = render_png(step, records, images, totals)
     png = directory / f"step_{step:07d}.png"
     page = directory / f"step_{step:07d}.html"
-    atomic_write(png, png_bytes(sheet))
-    atomic_write(page, render_html(step, records, images, totals).encode("utf-8"))
-    atomic_write(directory / "index.html", render_index(directory).encode("utf-8"))
+    replace_atomically(png, png_bytes(sheet))
+    replace_atomically(page, render_html(step, records, images, totals).encode("utf-8"))
+    replace_atomically(directory / "index.html", render_index(directory).encode("utf-8"))
     if tensorboard is not None:
         tensorboard.add_image("eval/contact_sheet", sheet, step, dataformats="HWC")
     return png, page
