@@ -45,7 +45,7 @@ from pathlib import Path
 
 def _run() -> None:
     os.chdir(Path(__file__).resolve().parent.parent)
-    from megatron_genlip.training.entry import main
+    from megatron_genlip.training.entry import run_and_exit
     from megatron_genlip.training.prepare import prepare_default_data
 
     config = os.environ.get("CONFIG", "examples/configs/tiny.yaml")
@@ -55,7 +55,7 @@ def _run() -> None:
         prepare_default_data(config, data_dir, quiet=os.environ.get("RANK", "0") != "0")  # file-locked, idempotent
         argv += ["--set", f"data.train_data={data_dir}/indexed/train",
                  "--set", f"data.valid_data={data_dir}/indexed/val"]
-    main(argv + sys.argv[1:])
+    run_and_exit(argv + sys.argv[1:])
 
 
 if __name__ == "__main__":  # preprocessing workers are spawned and re-import this file

@@ -27,6 +27,10 @@ from trainer_harness import ENTRY, ROOT, TINY, build_test_dataset, env
     ("data.seed=-1", "data.seed must be >= 0"),
     ("train.seed=-2", "train.seed must be >= 0"),
     ("train.warmup_steps=-3", "train.warmup_steps must be >= 0"),
+    ("train.train_steps=50", "train.warmup_steps must be shorter than train.train_steps (50)"),
+    ("train.profile_steps=[5]", "train.profile_steps must be [] or [FIRST, LAST]"),
+    ("train.profile_steps=[6,5]", "train.profile_steps must be [] or [FIRST, LAST]"),
+    ("train.profile_steps=[0,5]", "train.profile_steps must be [] or [FIRST, LAST]"),
     ("train.clip_grad=-1", "train.clip_grad must be >= 0"),
     ("train.lr=inf", "train.lr must be a finite number, got inf"),
     ("train.lr=.nan", "train.lr must be a finite number, got nan"),
@@ -116,3 +120,22 @@ def test_unbuilt_pack_index_with_building_off_names_the_command(tmp_path, data):
     assert "data error: the pack index in" in proc.stderr and "lacks epoch 0" in proc.stderr, proc.stderr[-3000:]
     assert "tools/build_pack_index.py" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert not list(tmp_path.glob("checkpoints/iter_*"))
+
+
+@pytest.mark.parametrize("extra, code, stream, needle", [
+    (["--dry-run"], 0, "stdout", "per step: 4 rows x 256"),
+    (["--set", "train.eval_interval=0"], 2, "stderr", "train.eval_interval must be >= 1"),
+    (["--help"], 0, "stdout", "--dry-run"),
+])
+def test_launcher_entry_keeps_exit_status_output_and_exit_handlers(tmp_path, extra, code, stream, needle):
+    """examples/pretrain_genlip.py ends with os._exit (no interpreter teardown): the status of main's exits, the
+    buffered output of a pipe and the atexit handlers survive it."""
+    marker = tmp_path / "atexit-ran"
+    script = (f"import atexit, pathlib, sys; atexit.register(pathlib.Path({str(marker)!r}).write_text, 'yes'); "
+              f"sys.argv = [{str(ENTRY)!r}] + {['--config', str(TINY), *extra]!r}; "
+              f"import runpy; runpy.run_path({str(ENTRY)!r}, run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", script], env=env(), cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == code, proc.stderr[-2000:]
+    assert needle in getattr(proc, stream), (proc.stdout[-1000:], proc.stderr[-1000:])
+    assert marker.read_text() == "yes"

@@ -248,6 +248,26 @@ def main(argv=None) -> dict:
     return summary
 
 
+def run_and_exit(argv=None) -> None:
+    """The launchers' entry: :func:`main`, then end the process with its exit status without the interpreter's
+    teardown. Tearing down the modules torch, DeepSpeed and megatron-core load takes ~2.5 s per process on a CPU,
+    after every file is written; exit handlers (``atexit``) still run and the streams are flushed. An uncaught
+    exception is left to Python (traceback, status 1)."""
+    import atexit
+
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as e:  # main's own exits: configuration/data errors (2), aborted runs (their code), --help
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
+
+
 def _say(text: str, every_rank: bool = False, stream=None) -> None:
     """One message for a run whose ranks all stop the same way: printed by rank 0 only (every rank prints its
     own when ``every_rank``, prefixed with its number)."""
