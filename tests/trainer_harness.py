@@ -90,8 +90,11 @@ def run_tool(script: str, args: list[str], timeout: int = 300, check: bool = Tru
     return proc
 
 
-# overrides for short test runs: a log line per step, no evaluation or save unless a test asks for one
-SHORT = ["train.warmup_steps=2", "train.log_interval=1", "train.eval_interval=100000", "train.save_interval=100000"]
+# overrides for short test runs: a log line per step, no evaluation or save unless a test asks for one; the
+# evaluation every run ends with is one held-out row and one 4-token caption (the tiny config's 16 rows and 64
+# captions of up to 48 tokens take ~15 s of a 2-rank launch, ~30 s of a 1-rank one); later overrides win
+SHORT = ["train.warmup_steps=2", "train.log_interval=1", "train.eval_interval=100000", "train.save_interval=100000",
+         "train.eval_rows=1", "train.eval_captions=1", "train.max_new_tokens=4"]
 
 
 def losses(out_dir) -> list[float]:
