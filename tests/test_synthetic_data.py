@@ -273,3 +273,19 @@ def test_cli_writes_and_reports(tmp_path, capsys):
     assert syn.load_dataset_info(str(tmp_path))["params"]["seed"] == 9
     cli.main(argv)
     assert "nothing written" in capsys.readouterr().out
+
+
+def test_main_job_data_preparation_follows_changed_shards(tmp_path):
+    """examples/pretrain_genlip.sh's preparation (training/prepare.py): an indexed dataset built from an older
+    generation of the shards in the same folder is rebuilt, not trained on (it was reused as long as its manifest
+    existed)."""
+    from megatron_genlip.training.prepare import prepare_default_data
+
+    def manifest(prefix: str) -> dict:
+        return json.loads(Path(prefix + ".json").read_text())
+
+    tiny = str(REPO / "examples" / "configs" / "tiny.yaml")
+    first = prepare_default_data(tiny, str(tmp_path), workers=1, quiet=True, num_train=6, num_val=2)
+    assert manifest(first["train"])["samples"] == 6
+    again = prepare_default_data(tiny, str(tmp_path), workers=1, quiet=True, num_train=9, num_val=2)
+    assert manifest(again["train"])["samples"] == 9 and manifest(again["val"])["samples"] == 2

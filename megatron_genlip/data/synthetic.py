@@ -62,10 +62,12 @@ SUPERSAMPLE = 4  # draw at 4x and box-filter down: anti-aliased, deterministic e
 STAR_INNER_RATIO = 0.45
 CROSS_ARM_RATIO = 0.36
 
-DEFAULT_NUM_TRAIN = 4000
+# 16,000 training scenes: with 4,000 the main job's tiny model overfit (train loss 0.012 vs validation 0.072 after
+# 18 epochs; 73% exact held-out captions), with 16,000 it does not (0.020 vs 0.022 after 4.5 epochs; 88%)
+DEFAULT_NUM_TRAIN = 16000
 DEFAULT_NUM_VAL = 200
 DEFAULT_SAMPLES_PER_SHARD = 500
-DEFAULT_IMAGE_SIZE = 128
+DEFAULT_IMAGE_SIZE = 64  # the tiny config reads 48 px (3x3 patches of 16): 64 px is enough and 3x cheaper to draw
 DEFAULT_IMAGE_FORMAT = "png"
 INFO_FILE = "dataset_info.json"
 TAR_MTIME = 0  # fixed tar header fields make shards byte-reproducible

@@ -12,29 +12,32 @@ from pathlib import Path
 
 from megatron_genlip.config import load_config
 from megatron_genlip.data.builder import build_indexed_dataset
-from megatron_genlip.data.synthetic import generate_default_dataset
+from megatron_genlip.data.synthetic import DEFAULT_NUM_TRAIN, DEFAULT_NUM_VAL, generate_default_dataset
 
 
 def prepare_default_data(config: str, data_dir: str, overrides: list[str] | None = None, workers: int = 2,
-                         quiet: bool = False) -> dict[str, str]:
-    """Generate ``data_dir/shards`` (if absent) and build ``data_dir/indexed/{train,val}`` (if absent)."""
+                         quiet: bool = False, num_train: int = DEFAULT_NUM_TRAIN,
+                         num_val: int = DEFAULT_NUM_VAL) -> dict[str, str]:
+    """Generate ``data_dir/shards`` (unless they are there, made with the same parameters) and build
+    ``data_dir/indexed/{train,val}`` from them (reusing what is built and up to date)."""
     cfg = load_config(config, overrides)
     root = Path(data_dir)
     root.mkdir(parents=True, exist_ok=True)
     with open(root / ".prepare.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        info = generate_default_dataset(str(root / "shards"))
+        info = generate_default_dataset(str(root / "shards"), num_train=num_train, num_val=num_val)
         if not quiet:
             print(f"synthetic data: {'reused' if info.get('reused') else 'generated'} {root / 'shards'} "
                   f"({info['params']['num_train']} train, {info['params']['num_val']} val)")
         out = {}
         for split in ("train", "val"):
             prefix = root / "indexed" / split
-            if not Path(f"{prefix}.json").is_file():
-                report = build_indexed_dataset([str(root / "shards" / f"{split}-*.tar")], str(prefix), cfg,
-                                               workers=workers, progress=not quiet)
-                if not quiet:
-                    print(f"indexed {split}: {report['samples_written']} samples, {report['samples_skipped']} skipped")
+            # always called: finished parts are reused, parts whose shard or settings changed (a new generator
+            # version, other build settings) are rebuilt, so an older build in data_dir is never trained on by mistake
+            report = build_indexed_dataset([str(root / "shards" / f"{split}-*.tar")], str(prefix), cfg,
+                                           workers=workers, progress=not quiet)
+            if not quiet:
+                print(f"indexed {split}: {report['samples_written']} samples, {report['samples_skipped']} skipped")
             out[split] = str(prefix)
         fcntl.flock(lock, fcntl.LOCK_UN)
     return out
