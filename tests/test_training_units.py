@@ -133,3 +133,17 @@ def test_step_profiler_records_only_its_window_and_accounts_for_the_wall_time(tm
     assert math.isclose(sum(float(rows[k][1]) for k in ("forward", "backward", "other")), wall, abs_tol=2e-3)
     assert (tmp_path / "profile" / "rank0.trace.json").stat().st_size > 0
     assert "aten::mm" in text and len(printed) == 1 and "profile of steps 2-3" in printed[0]
+
+
+def test_phase_table_does_not_count_data_twice_under_a_pipeline_step():
+    """With pipeline parallelism the schedule pulls the micro-batches inside genlip/pipeline_step: 'other' is the
+    wall time outside the pipeline step, not outside pipeline step + data (which would go negative and read 0)."""
+    from types import SimpleNamespace
+
+    from megatron_genlip.training.profiling import phase_table
+
+    events = [SimpleNamespace(key="genlip/pipeline_step", cpu_time_total=0.8e6),
+              SimpleNamespace(key="genlip/data", cpu_time_total=0.3e6),
+              SimpleNamespace(key="genlip/agree", cpu_time_total=0.05e6)]
+    rows = {line.split()[0]: line.split() for line in phase_table(events, 1.0, 10, on_cuda=False).splitlines()}
+    assert float(rows["other"][1]) == pytest.approx(0.15) and float(rows["data"][1]) == pytest.approx(0.3)
