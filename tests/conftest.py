@@ -16,6 +16,20 @@ torch.set_num_threads(1)
 platform.initialize()  # the process start of the test session: the platform decision and the library patches
 
 
+# The test files that take longest (launcher runs, SLURM jobs, an install), slowest first. The README's test command
+# runs the suite on two pytest-xdist workers, one test file at a time each (`--dist loadfile`, set in pyproject.toml,
+# so module fixtures such as a trained model are built once): starting the long files first keeps both workers busy
+# to the end instead of leaving one of them alone with the slowest file. Files not listed follow in collection order.
+SLOWEST_FIRST = ("test_trainer.py", "test_checkpoint_integrity.py", "test_slurm.py", "test_pipeline_parallel.py",
+                 "test_hf_export.py", "test_reshard.py", "test_offline_install.py", "test_sequence_parallel.py",
+                 "test_gpu_run.py", "test_tensor_parallel.py", "test_data.py", "test_run_reports.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    order = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: order.get(item.path.name, len(order)))  # stable: a file's tests keep their order
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: tests that start the launcher, SLURM, a preprocessing or training "
                             "subprocess or an install (seconds to minutes each); -m 'not slow' is the ~1-minute tier")

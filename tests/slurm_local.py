@@ -285,7 +285,8 @@ class SlurmLocal:
                 return info
             time.sleep(0.5)
         self.run(["scancel", str(job_id)], check=False)
-        raise SlurmError(f"job {job_id} still {info.get('JobState')} after {timeout} s; cancelled")
+        raise SlurmError(f"job {job_id} still {info.get('JobState')} (reason {info.get('Reason')}) after {timeout} s; "
+                         f"cancelled\n{self.logs()}")
 
     # -------------------------------------------------------------------------------------------
     # stop

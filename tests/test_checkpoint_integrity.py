@@ -181,7 +181,8 @@ def test_one_writer_and_no_orphans_after_the_launcher_dies(tmp_path, data):
     """A second run on a live run's folder is refused, naming the holder; kill -9 of the first run's deepspeed
     launcher ends its ranks (each saves at the end of its step) within 30 s, which frees the folder."""
     out = tmp_path / "busy"
-    first = subprocess.Popen(command(2, data, out, COMMON + ["train.train_steps=3000", "train.save_interval=100000"]),
+    first = subprocess.Popen(command(2, data, out, COMMON + ["train.train_steps=3000", "train.save_interval=100000"],
+                                     runner=True),
                              env=env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              start_new_session=True)
     try:

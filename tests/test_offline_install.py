@@ -69,7 +69,7 @@ def test_offline_install_from_a_wheelhouse_then_one_training_step(tmp_path):
 
     data = build_test_dataset(tmp_path / "data", 40, 8)
     cmd = command(1, data, tmp_path / "run", ["train.train_steps=1", "train.warmup_steps=0", "train.eval_rows=2",
-                                                "train.eval_captions=1", "train.max_new_tokens=4"])
+                                                "train.eval_captions=1", "train.max_new_tokens=4"], runner=True)
     cmd = [str(venv / "bin" / "deepspeed")] + cmd[len(launcher()):]
     out = _run(cmd, offline, timeout=300).stdout
     assert "platform: torch" in out and "device cpu, compile off (CPU), dynamo disabled" in out, out[-2000:]

@@ -22,7 +22,8 @@ pytestmark = pytest.mark.slow  # trainer runs through the launcher (minutes in a
 def test_launcher_end_to_end_loss_falls_and_lr_follows_schedule(tmp_path, data):
     steps = 40
     proc = run(2, data, tmp_path, SHORT + [f"train.train_steps={steps}", "train.warmup_steps=4",
-                                            "train.eval_captions=4", "train.eval_rows=2", "train.profile_steps=[5,7]"])
+                                            "train.eval_captions=4", "train.eval_rows=2", "train.profile_steps=[5,7]"],
+               runner=True)
     log = train_log(tmp_path)
     assert sorted(log) == list(range(1, steps + 1))
     first = sum(log[s]["loss"] for s in range(1, 4)) / 3
