@@ -45,6 +45,9 @@ from pathlib import Path
 
 def _run() -> None:
     os.chdir(Path(__file__).resolve().parent.parent)
+    from megatron_genlip import platform
+
+    platform.start_process()  # before the data preparation imports megatron-core
     from megatron_genlip.training.entry import run_and_exit
     from megatron_genlip.training.prepare import prepare_default_data
 

@@ -13,6 +13,7 @@ from megatron_genlip import platform
 from megatron_genlip.config import ModelConfig
 
 torch.set_num_threads(1)
+platform.start_process()  # as every entry point does (CPU: no inductor import behind megatron-core's decorators)
 platform.initialize()  # the process start of the test session: the platform decision and the library patches
 
 

@@ -86,6 +86,38 @@ def test_this_process_decided_once_and_dynamo_is_off_on_cpu():
     assert len(calls) == 2
 
 
+START = """
+import os, sys
+os.environ.pop("TORCHDYNAMO_DISABLE", None)
+from megatron_genlip import platform
+print("SET", platform.start_process(), os.environ.get("TORCHDYNAMO_DISABLE"))
+import megatron.core
+from megatron.core.fusions.fused_bias_geglu import geglu
+print("INDUCTOR", "torch._inductor.compile_fx" in sys.modules, "WRAPPED", hasattr(geglu, "_torchdynamo_orig_callable"))
+"""
+
+
+def test_start_process_keeps_import_time_compiles_away_from_inductor():
+    """On CPU, platform.start_process() (every entry point's first step) makes megatron-core's import-time
+    torch.compile decorators return the plain function, so no process pays for importing inductor (it did:
+    torch._inductor.compile_fx was imported and geglu was dynamo's wrapper)."""
+    if torch.cuda.is_available():
+        pytest.skip("CUDA machine: start_process leaves compile alone")
+    env = {k: v for k, v in os.environ.items() if k != "TORCHDYNAMO_DISABLE"}
+    proc = subprocess.run([sys.executable, "-c", START], capture_output=True, text=True, env=env, cwd=ROOT,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if line.startswith(("SET", "INDUCTOR")))
+    assert lines["SET"] == "True 1"
+    assert lines["INDUCTOR"] == "False WRAPPED False"
+
+
+def test_start_process_leaves_a_cuda_machine_alone(monkeypatch):
+    monkeypatch.delenv("TORCHDYNAMO_DISABLE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert platform.start_process() is False and "TORCHDYNAMO_DISABLE" not in os.environ
+
+
 def test_deepspeed_config_reads_the_decision():
     cfg = load_config(TINY, ["parallel.zero_stage=2"])
     layout = resolve_layout(cfg, 2)

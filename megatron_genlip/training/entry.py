@@ -213,6 +213,9 @@ def dry_run(cfg: Config, world_size: int | None) -> dict:
 
 
 def main(argv=None) -> dict:
+    from megatron_genlip import platform
+
+    platform.start_process()  # before megatron-core and DeepSpeed are imported (below, and by the trainer)
     from megatron_genlip.data.pack_index import MissingEpochError
     from megatron_genlip.training.errors import RunAborted
     from megatron_genlip.training.signals import StopBeforeTraining, install_early_stop_handlers, watch_launcher
