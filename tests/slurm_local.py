@@ -112,7 +112,7 @@ class SlurmLocal:
         self.conf = self.root / "etc" / "slurm.conf"
         self.procs: dict[str, tuple[subprocess.Popen, str | None]] = {}
         self._log_files = []
-        self.munge_dir: Path | None = None
+        self.short_dir: Path | None = None
         self.started = False
 
     # -------------------------------------------------------------------------------------------
@@ -156,9 +156,9 @@ class SlurmLocal:
             f"SlurmdUser={user}",
             "AuthType=auth/munge",
             "CredType=cred/munge",
-            f"AuthInfo=socket={self.munge_dir}/munge.socket,cred_expire={self.cred_expire}",
+            f"AuthInfo=socket={self.short_dir}/munge.socket,cred_expire={self.cred_expire}",
             f"StateSaveLocation={r}/state",
-            f"SlurmdSpoolDir={r}/spool/slurmd.%n",
+            f"SlurmdSpoolDir={self.short_dir}/spool/slurmd.%n",  # holds slurmstepd's sockets: a short path too
             f"SlurmctldPidFile={r}/run/slurmctld.pid",
             f"SlurmdPidFile={r}/run/slurmd.%n.pid",
             f"SlurmctldLogFile={r}/log/slurmctld.log",
@@ -206,23 +206,28 @@ class SlurmLocal:
         if missing := missing_binaries():
             raise SlurmError(f"SLURM/munge programs not found: {', '.join(missing)} (run .ci/install_slurm.sh)")
         r = self.root
-        for d in ("etc", "state", "run", "log", *(f"spool/slurmd.{n}" for n in self.nodes)):
+        for d in ("etc", "state", "run", "log"):
             (r / d).mkdir(parents=True, exist_ok=True)
         # munged wants its socket directory and every directory above it executable for all (pytest's
-        # tmp dirs are 0700), and a short path: the socket and key get their own directory under /tmp
-        self.munge_dir = Path(tempfile.mkdtemp(prefix="slurm-munge-", dir="/tmp" if os.path.isdir("/tmp") else None))
-        os.chmod(self.munge_dir, 0o755)
-        key = self.munge_dir / "munge.key"
+        # tmp dirs are 0700), and a short path: the socket and key get their own directory under /tmp. So do the
+        # slurmd spool directories, where slurmstepd creates sockets named like node1_JOBID.4294967291: a Unix
+        # socket path has at most 107 bytes, which a root under pytest-xdist's tmp dirs exceeded (the job's step
+        # daemon died at start and the job stayed pending, "launch failed requeued held")
+        self.short_dir = Path(tempfile.mkdtemp(prefix="slurm-", dir="/tmp" if os.path.isdir("/tmp") else None))
+        os.chmod(self.short_dir, 0o755)
+        for n in self.nodes:
+            (self.short_dir / "spool" / f"slurmd.{n}").mkdir(parents=True)
+        key = self.short_dir / "munge.key"
         key.write_bytes(os.urandom(1024))
         os.chmod(key, 0o400)
         self._write_config()
         atexit.register(self.stop)
         self.started = True
         try:
-            sock = self.munge_dir / "munge.socket"
+            sock = self.short_dir / "munge.socket"
             self._spawn("munged", [which("munged"), "-F", f"--socket={sock}", f"--key-file={key}",
-                                   f"--pid-file={self.munge_dir}/munged.pid", f"--log-file={r}/log/munged.log",
-                                   f"--seed-file={self.munge_dir}/munged.seed"])
+                                   f"--pid-file={self.short_dir}/munged.pid", f"--log-file={r}/log/munged.log",
+                                   f"--seed-file={self.short_dir}/munged.seed"])
             self._wait(lambda: self._munge_ok(sock), "munged to answer")
             self._spawn("slurmctld", [which("slurmctld"), "-D", "-c", "-f", str(self.conf)])
             self._wait(lambda: "UP" in self.run(["scontrol", "ping"], check=False, timeout=10).stdout,
@@ -354,8 +359,8 @@ class SlurmLocal:
         for f in self._log_files:
             f.close()
         self._log_files.clear()
-        if self.munge_dir is not None:
-            shutil.rmtree(self.munge_dir, ignore_errors=True)
+        if self.short_dir is not None:
+            shutil.rmtree(self.short_dir, ignore_errors=True)
 
     def alive_daemons(self) -> list[str]:
         return [k for k, (proc, start) in self.procs.items() if proc.poll() is None and _alive(proc.pid, start)]

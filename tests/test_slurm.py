@@ -242,10 +242,11 @@ def test_preprocessing_array_job_then_finalize_equals_one_process_build(slurm_cl
                     f"{', '.join(missing_binaries())}); run .ci/install_slurm.sh")
 def test_harness_stops_every_daemon_and_job_by_pid(tmp_path):
     """A second, 1-node cluster stopped while a job step runs: every daemon it started and every process of
-    that job are gone afterwards (the module's cluster is stopped the same way by its fixture)."""
+    that job are gone afterwards (the module's cluster is stopped the same way by its fixture). Its root is a
+    long path, as under pytest-xdist (.../popen-gw1/...): the Unix sockets must still fit in 107 bytes."""
     from slurm_local import SlurmLocal, _alive
 
-    cluster = SlurmLocal(tmp_path / "c", nodes=1)
+    cluster = SlurmLocal(tmp_path / ("long-" * 8) / "c", nodes=1)
     try:
         cluster.start()
         jid = cluster.sbatch(["--wrap", "srun sleep 300", f"--output={tmp_path}/sleep-%j.out"])
