@@ -104,6 +104,9 @@ class DataConfig:
     num_workers: int = 2  # DataLoader worker processes per rank
     prefetch_factor: int = 2  # micro-batches each worker prepares ahead
     jpeg_draft: bool = False  # decode JPEGs at a reduced scale (PIL draft mode): faster, slightly different pixels
+    # resume although a setting that decides the data stream (STREAM_FIELDS, the dataset) differs from the
+    # checkpoint's: continue from its consumed row count on the new stream (logged); false: refuse, naming the field
+    allow_new_stream: bool = False
 
 
 @dataclass
@@ -142,6 +145,7 @@ class TrainConfig:
     seed: int = 42
     log_interval: int = 1  # steps between log lines
     save_interval: int = 1000  # steps between checkpoints (and one at the end)
+    save_final: bool = True  # the checkpoint at the last step (false: a benchmark run that keeps no multi-GB state)
     keep_last: int = 3  # complete checkpoints kept; older ones are deleted (0: keep all)
     # keep the checkpoint of the best validation loss (saved at each new best, never deleted by keep_last;
     # recorded in checkpoints/best.json); needs data.valid_data
@@ -159,6 +163,9 @@ class TrainConfig:
     # [FIRST, LAST]: record optimizer steps FIRST..LAST with torch.profiler on every rank -> OUTPUT_DIR/profile/
     # (phase table, operator table, Perfetto/Chrome timeline); [] = off
     profile_steps: list[int] = field(default_factory=list)
+    # count host synchronisations of the CUDA stream per optimizer step (torch.cuda.set_sync_debug_mode) and log
+    # them as syncs_per_step; needs a GPU
+    sync_debug: bool = False
     peak_tflops: float = 989.0  # per device, for MFU (H100 dense bf16)
     tensorboard: bool = True
     progress_bar: str = "auto"  # "auto" (when stderr is a terminal), "always" or "never"

@@ -303,3 +303,18 @@ def test_reshard_tensor_parallel_source_without_pipeline(tmp_path, data):
     proc = run(1, data, tmp_path / "run", common + [f"train.load={new}"])
     assert "at step 2 (resharded from TP=2 x PP=1 x DP=1, ZeRO-1)" in proc.stdout
     assert_continues_reference(source, tmp_path / "run", [3, 4], rel_tol=RESHARD_TOLERANCE)
+
+
+def test_resume_on_another_data_stream_is_refused_unless_allowed(tmp_path, reference, data):
+    """A resume whose packing settings differ from the checkpoint's would read other rows at the same consumed row
+    count: refused before any state is loaded, naming the field and both values; data.allow_new_stream=true
+    continues (and says so), from the checkpoint's consumed row count."""
+    out = tmp_path / "run"
+    copy_after(reference, out, 4)
+    proc = run(2, data, out, COMMON + ["data.seed=99"], check=False)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "data.seed: 1234 -> 99" in proc.stderr and "data.allow_new_stream=true" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (out / "logs").exists()
+    proc = run(2, data, out, COMMON + ["data.seed=99", "data.allow_new_stream=true"])
+    assert "continuing at consumed row 16 of a new data stream (data.seed: 1234 -> 99)" in proc.stdout
+    assert sorted(train_log(out)) == [5, 6]

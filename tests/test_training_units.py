@@ -147,3 +147,42 @@ def test_phase_table_does_not_count_data_twice_under_a_pipeline_step():
               SimpleNamespace(key="genlip/agree", cpu_time_total=0.05e6)]
     rows = {line.split()[0]: line.split() for line in phase_table(events, 1.0, 10, on_cuda=False).splitlines()}
     assert float(rows["other"][1]) == pytest.approx(0.15) and float(rows["data"][1]) == pytest.approx(0.3)
+
+
+def test_stream_changes_name_every_setting_that_moves_the_data_stream():
+    """A resume compares the checkpoint's resolved config and dataset fingerprint with the run's: each stream
+    setting that differs is named with both values; settings that do not decide the stream are ignored."""
+    from megatron_genlip.training.trainer import STREAM_FIELDS, stream_changes
+
+    saved = load_config(TINY, [])
+    assert stream_changes(saved.to_dict(), "fp", saved, "fp") == []
+    now = load_config(TINY, ["data.seq_length=512", "data.seed=7", "train.global_batch_size=8", "train.lr=0.5",
+                             "data.num_workers=0"])
+    assert stream_changes(saved.to_dict(), "fp", now, "fp") == [
+        f"data.seq_length: {saved.data.seq_length!r} -> 512", f"data.seed: {saved.data.seed!r} -> 7",
+        f"train.global_batch_size: {saved.train.global_batch_size!r} -> 8"]
+    assert stream_changes(saved.to_dict(), "old", saved, "new")[0].startswith("dataset: old -> new")
+    # a checkpoint written before a stream field existed had its default then
+    older = saved.to_dict()
+    del older["data"]["jpeg_draft"]
+    assert stream_changes(older, "fp", saved, "fp") == []
+    assert stream_changes(older, "fp", load_config(TINY, ["data.jpeg_draft=true"]), "fp") == [
+        "data.jpeg_draft: False -> True"]
+    assert len(STREAM_FIELDS) == len(set(STREAM_FIELDS))
+
+
+def test_a_batch_that_breaks_the_contract_stops_the_run_naming_the_rule(qwen_tokenizer):
+    """The trainer checks the first micro-batch of a run (and of an evaluation) against batch.PackedBatch: a
+    label on an image slot, or rows of another length than data.seq_length, is a BadBatch (exit 2) naming it."""
+    from megatron_genlip.training.errors import BadBatch, check_batch
+
+    rows = [[build_sample(qwen_tokenizer, random_image((2, 3), 0), (2, 3), "a caption.")]]
+    batch = collate_batch(rows, 40)
+    check_batch(batch, "ok", seq_length=40, patch_size=16)
+    with pytest.raises(BadBatch, match="rows of 40 slots, not seq_length 64") as err:
+        check_batch(batch, "the first training micro-batch (packed rows [3])", seq_length=64)
+    assert err.value.exit_code == 2 and "packed rows [3]" in str(err.value)
+    bad = dict(batch, labels=batch["labels"].clone())
+    bad["labels"][0, 0] = 7  # slot 0 is an image slot
+    with pytest.raises(BadBatch, match="labels on image slots"):
+        check_batch(bad, "held-out row 0")

@@ -43,11 +43,10 @@ import contextlib
 import functools
 
 import torch
-import torch.distributed as dist
 from megatron.core.tensor_parallel import gather_from_sequence_parallel_region, scatter_to_sequence_parallel_region
 
 from megatron_genlip import platform
-from megatron_genlip.parallel import state
+from megatron_genlip.parallel import comm, state
 
 
 def check_supported(tensor_parallel: int, sequence_parallel: bool) -> None:
@@ -98,7 +97,7 @@ OFF = SequenceParallel(None, False)
 
 def _sum_over_tp(grad: torch.Tensor, group) -> torch.Tensor:
     total = grad.to(torch.float32, copy=True)  # fp32 reduction, as DeepSpeed's communication_data_type
-    dist.all_reduce(total, group=group)
+    comm.all_reduce(total, group=group)
     return total.to(grad.dtype)
 
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from megatron_genlip.parallel import comm
+
 
 def ensure_initialized(tensor_parallel: int = 1, pipeline_parallel: int = 1) -> None:
     """Make sure torch.distributed and megatron-core's model-parallel groups exist.
@@ -58,12 +60,9 @@ def gather_last_dim(x):
     import torch
 
     group = parallel_state.get_tensor_model_parallel_group()
-    world = dist.get_world_size(group)
-    if world == 1:
+    if dist.get_world_size(group) == 1:
         return x
-    parts = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(parts, x.contiguous(), group=group)
-    return torch.cat(parts, dim=-1)
+    return torch.cat(comm.all_gather(x, group=group), dim=-1)
 
 
 def deepspeed_topology(tensor_parallel: int, pipeline_parallel: int):
@@ -79,8 +78,7 @@ def check_rank_order(tensor_parallel: int, pipeline_parallel: int) -> None:
     topo = deepspeed_topology(tensor_parallel, pipeline_parallel)
     mine = [parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_data_parallel_rank(),
             parallel_state.get_tensor_model_parallel_rank()]
-    everyone: list = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, mine)
+    everyone = comm.all_gather_object(mine)
     for rank, coords in enumerate(everyone):
         c = topo.get_coord(rank)
         if [c.pipe, c.data, c.model] != coords:

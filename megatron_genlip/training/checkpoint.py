@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_genlip.parallel import comm
 from megatron_genlip.training import ckpt_format as fmt
 from megatron_genlip.training.errors import CheckpointSaveError, ResumeError
 
@@ -66,9 +67,7 @@ def set_rng_state(state: dict) -> None:
 
 def broadcast(obj=None):
     """Rank 0's ``obj`` on every rank."""
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+    return comm.broadcast_object(obj, src=0)
 
 
 def rank0_decides(fn):
@@ -95,8 +94,7 @@ def rank0_decides(fn):
 
 def _first_failure(failure: dict | None) -> dict | None:
     """Every rank's failure (None: none) gathered; the first one, identical on every rank."""
-    failures: list = [None] * dist.get_world_size()
-    dist.all_gather_object(failures, failure)
+    failures = comm.all_gather_object(failure)
     return next((f for f in failures if f), None)
 
 
@@ -143,7 +141,7 @@ def _write_files(engine, ckpt_dir: Path, tag: str, partial: str, client_state: d
         # (its only collectives before the writes are a barrier and the tag check); ranks whose writes
         # succeeded wait in it, so stand in for it before the failure is gathered
         try:
-            dist.barrier()
+            comm.backend_barrier()
         except Exception:  # noqa: BLE001
             pass
         return _failure(e, ckpt_dir, tag)
@@ -156,8 +154,7 @@ def _hash_my_share(ckpt_dir: Path, tag: str) -> tuple[dict[str, dict], dict | No
     sees the files it wrote), each hashed once and fsynced, so the manifest never vouches for data still in a
     page cache. Rank 0 gets every rank's entries and the first failure; the others their own failure."""
     tag_dir = ckpt_dir / fmt.partial_name(tag)
-    listings: list = [None] * dist.get_world_size()
-    dist.all_gather_object(listings, fmt.list_files(tag_dir))
+    listings = comm.all_gather_object(fmt.list_files(tag_dir))
     rank = dist.get_rank()
     seen_by: dict[str, list[int]] = {}
     for r, files in enumerate(listings):
@@ -167,8 +164,7 @@ def _hash_my_share(ckpt_dir: Path, tag: str) -> tuple[dict[str, dict], dict | No
     entries: dict[str, dict] = {}
     failure = _attempt(lambda: entries.update({rel: fmt.hash_file(tag_dir / rel, fsync=True) for rel in mine}),
                        ckpt_dir, tag)
-    gathered: list = [None] * dist.get_world_size() if rank == 0 else None
-    dist.gather_object((entries, failure), gathered, dst=0)
+    gathered = comm.gather_object((entries, failure), dst=0)
     if rank != 0:
         return {}, failure
     return {k: v for part, _ in gathered for k, v in part.items()}, next((f for _, f in gathered if f), None)
@@ -236,7 +232,7 @@ def _abort_if_failed(failure: dict | None, ckpt_dir: Path, tag: str) -> None:
     previous = fmt.read_latest(ckpt_dir).tag
     if dist.get_rank() == 0:
         shutil.rmtree(ckpt_dir / fmt.partial_name(tag), ignore_errors=True)
-    dist.barrier()
+    comm.barrier()
     intact = (f"the previous checkpoint {previous} is intact" if previous
               else "no earlier checkpoint exists")
     if failure["kind"] == "space":
@@ -255,8 +251,7 @@ def _universal_info(engine, client_state: dict) -> dict:
     PP each rank only holds its stage, and ds_to_universal reads the info of one file)."""
     from megatron_genlip.parallel.sharding import universal_checkpoint_info
 
-    names: list = [None] * dist.get_world_size()
-    dist.all_gather_object(names, [n for n, p in engine.module.named_parameters() if p.requires_grad])
+    names = comm.all_gather_object([n for n, p in engine.module.named_parameters() if p.requires_grad])
     num_layers = client_state["genlip"]["config"]["model"]["num_layers"]
     return universal_checkpoint_info([n for rank_names in names for n in rank_names], num_layers)
 
@@ -344,8 +339,7 @@ def _check_my_share(tag_dir: Path, files: dict, checksums: bool) -> tuple[list, 
     rank, world = dist.get_rank(), dist.get_world_size()
     mine = {rel: e for i, (rel, e) in enumerate(sorted(files.items())) if i % world == rank}
     result = fmt.check_files(tag_dir, mine, checksums)
-    gathered: list = [None] * world if rank == 0 else None
-    dist.gather_object(result, gathered, dst=0)
+    gathered = comm.gather_object(result, dst=0)
     if rank != 0:
         return [], []
     return [p for g in gathered for p in g[0]], [w for g in gathered for w in g[1]]

@@ -12,6 +12,7 @@ import socket
 import torch
 import torch.distributed as dist
 
+from megatron_genlip.parallel import comm
 from megatron_genlip.platform import Platform
 
 
@@ -49,6 +50,7 @@ def init_distributed(platform: Platform) -> tuple[int, int]:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     if not dist.is_initialized():
         deepspeed.init_distributed(verbose=False)
+    comm.init_host_groups()  # a gloo twin of the world for host-side values where the backend is NCCL
     return dist.get_rank(), dist.get_world_size()
 
 

@@ -41,3 +41,23 @@ class TooManySkips(RunAborted):
     """``train.max_consecutive_skips`` steps in a row were skipped: the run diverged or its data is bad."""
 
     exit_code = 3
+
+
+class BadBatch(RunAborted):
+    """The first micro-batch a run (or an evaluation) reads breaks the packed-batch contract (batch.PackedBatch):
+    the data or the loader is wrong, and every step after it would train on it."""
+
+    exit_code = 2
+    per_rank = True
+
+
+def check_batch(batch: dict, what: str, seq_length: int | None = None, patch_size: int | None = None) -> None:
+    """Check one micro-batch (on the host) against the packed-batch contract (``batch.PackedBatch``); a broken
+    one stops the run naming every broken rule."""
+    from megatron_genlip.batch import BatchError, PackedBatch
+
+    try:
+        PackedBatch(seq_length=seq_length, patch_size=patch_size).validate(batch)
+    except BatchError as e:
+        raise BadBatch(f"{what} breaks the packed-batch contract: {e}. The dataset or its pack index is wrong: "
+                       "check the pack index with tools/build_pack_index.py --verify, or rebuild the dataset") from None

@@ -14,7 +14,6 @@ Metrics:
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_genlip.batch import IGNORE_INDEX
@@ -22,7 +21,9 @@ from megatron_genlip.data.indexed import GenLIPIndexedDataset
 from megatron_genlip.data.packed_dataset import PackedRows
 from megatron_genlip.inference.generate import generate_caption
 from megatron_genlip.model.genlip import select_labelled
+from megatron_genlip.parallel import comm
 from megatron_genlip.parallel.state import gather_last_dim
+from megatron_genlip.training.errors import check_batch
 
 
 def caption_token_accuracy(generated: list[int], reference: list[int]) -> float:
@@ -41,19 +42,22 @@ def reference_caption(sample) -> list[int]:
 def validation_loss(model, rows: PackedRows, num_rows: int, dp_rank: int, dp_world: int, device) -> dict:
     """Token-mean loss and teacher-forced accuracy over the first ``num_rows`` held-out rows."""
     model.eval()
-    totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, tokens
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, tokens: summed on the device
     for r in range(dp_rank, min(num_rows, rows.rows_in_epoch(0)), dp_world):
-        batch = {k: v.to(device) for k, v in rows.batch([r]).items() if k != "row_index"}
+        batch = {k: v for k, v in rows.batch([r]).items() if k != "row_index"}
+        if r == dp_rank:  # the first held-out row, on the host
+            check_batch(batch, f"held-out row {r}")
+        batch = {k: v.to(device) for k, v in batch.items()}
         hidden = model.final_hidden(batch)  # one forward serves the loss and the accuracy
         out = model.loss_from_hidden(hidden, batch["labels"], batch["sample_ids"])
         labelled, targets, _ = select_labelled(hidden, batch["labels"])  # the slots the loss ran on
         logits = gather_last_dim(model.head(labelled).float())
-        totals += torch.tensor([float(out.token_losses.double().sum()),
-                                float((logits.argmax(-1) == targets).sum()), out.num_tokens], dtype=torch.float64)
-    dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
-    tokens = max(1.0, float(totals[2]))
-    return {"val_loss": float(totals[0]) / tokens, "val_token_accuracy": float(totals[1]) / tokens,
-            "val_tokens": int(totals[2])}
+        totals[0] += out.token_losses.double().sum()
+        totals[1] += (logits.argmax(-1) == targets).sum()
+        totals[2] += out.num_tokens
+    loss_sum, correct, count = comm.all_reduce(totals, group=parallel_state.get_data_parallel_group()).tolist()
+    tokens = max(1.0, count)
+    return {"val_loss": loss_sum / tokens, "val_token_accuracy": correct / tokens, "val_tokens": int(count)}
 
 
 @torch.no_grad()
@@ -78,9 +82,8 @@ def caption_metrics(model, dataset: GenLIPIndexedDataset, tokenizer, prompt: str
             mine.append({"index": i, "reference": tokenizer.decode(ref), "generated": tokenizer.decode(gen),
                          "exact": gen == ref, "token_accuracy": accuracy})
     group = parallel_state.get_data_parallel_group()  # tensor-parallel peers hold the same numbers
-    dist.all_reduce(totals, group=group)
-    gathered: list = [None] * dist.get_world_size(group)
-    dist.all_gather_object(gathered, mine, group=group)
+    comm.all_reduce(totals, group=group)  # host values: over the group's gloo twin where it is NCCL
+    gathered = comm.all_gather_object(mine, group=group)
     first = sorted((e for part in gathered for e in part), key=lambda e: e["index"])[:keep]
     n = max(1.0, float(totals[2]))
     return {"caption_exact_match": float(totals[0]) / n, "caption_token_accuracy": float(totals[1]) / n,

@@ -16,7 +16,9 @@ phase (a few microseconds per step).
 
 from __future__ import annotations
 
+import contextlib
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -102,3 +104,36 @@ def phase_table(averages, wall: float, steps: int, on_cuda: bool) -> str:
         lines.append("(CPU-side times: on CUDA a phase ends when its kernels are queued; the operator table has device "
                      "times)")
     return "\n".join(lines)
+
+
+SYNC_WARNING = "called a synchronizing CUDA operation"  # c10::cuda::warn_or_error_on_sync's TORCH_WARN text
+
+
+class SyncCounter:
+    """``train.sync_debug``: counts the host synchronisations of the CUDA stream inside each training step.
+
+    ``torch.cuda.set_sync_debug_mode("warn")`` makes every synchronising CUDA operation (``.item()``, ``.tolist()``,
+    a pageable copy to the host, ``torch.nonzero``, ...) issue a warning; the warnings raised inside :meth:`step`
+    are counted (``last``: the last step's count) and not shown. Collectives are not covered by torch's check."""
+
+    def __init__(self, enabled: bool, set_mode=None):
+        self.enabled = enabled
+        self.last = 0
+        self._set_mode = set_mode or (lambda mode: torch.cuda.set_sync_debug_mode(mode))
+
+    @contextlib.contextmanager
+    def step(self):
+        if not self.enabled:
+            yield
+            return
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            self._set_mode("warn")
+            try:
+                yield
+            finally:
+                self._set_mode("default")
+        self.last = sum(SYNC_WARNING in str(w.message) for w in caught)
+        for w in caught:  # anything else raised in the step is shown as usual
+            if SYNC_WARNING not in str(w.message):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import deepspeed
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_genlip import compat, platform
@@ -30,7 +29,7 @@ from megatron_genlip.data.packed_dataset import build_loader, check_rows_match, 
 from megatron_genlip.data.tokenizer import check_vocab_size, load_tokenizer, tokenizer_description
 from megatron_genlip.model.genlip import build_model
 from megatron_genlip.model.stages import build_pipeline
-from megatron_genlip.parallel import rng, state
+from megatron_genlip.parallel import comm, rng, state
 from megatron_genlip.training import checkpoint as ckpt
 from megatron_genlip.training import ckpt_format as fmt
 from megatron_genlip.training import reshard
@@ -38,13 +37,34 @@ from megatron_genlip.training.best import RISING_EVALS, EvalHistory
 from megatron_genlip.training.contact_sheet import SHEET_IMAGES, write_eval_sheet
 from megatron_genlip.training.distributed import device, init_distributed
 from megatron_genlip.training.ds_config import deepspeed_config
-from megatron_genlip.training.errors import NonFiniteError, TooManySkips
+from megatron_genlip.training.errors import NonFiniteError, TooManySkips, check_batch
 from megatron_genlip.training.evaluate import caption_metrics, validation_loss
 from megatron_genlip.training.lock import lock_output_dir
 from megatron_genlip.training.metrics import RunLogger, batch_stats, check_wandb, format_step, memory_gb
-from megatron_genlip.training.profiling import StepProfiler, phase
+from megatron_genlip.training.profiling import StepProfiler, SyncCounter, phase
 from megatron_genlip.training.schedule import build_scheduler
 from megatron_genlip.training.signals import STOP_SIGNALS, install_stop_handlers
+
+
+# settings that decide which rows a resumed run reads at its consumed row count (besides the dataset itself)
+STREAM_FIELDS = ("data.seq_length", "data.seed", "data.pack_buffer_size", "train.global_batch_size", "data.stage",
+                 "data.image_size", "data.min_pixels", "data.max_pixels", "data.max_sample_length",
+                 "data.max_aspect_ratio", "data.background", "data.jpeg_draft", "data.train_blend")
+
+
+def stream_changes(saved: dict, saved_fingerprint, cfg: Config, fingerprint: str) -> list[str]:
+    """What differs between a checkpoint's data stream (its resolved config and dataset fingerprint) and this
+    run's, one ``field: saved -> now`` each."""
+    now, default = cfg.to_dict(), Config().to_dict()  # a field newer than the checkpoint had its default then
+    changes = []
+    if saved_fingerprint != fingerprint:
+        changes.append(f"dataset: {saved_fingerprint} -> {fingerprint} (data.train_data / data.train_blend)")
+    for name in STREAM_FIELDS:
+        section, key = name.split(".")
+        old, new = saved.get(section, {}).get(key, default[section][key]), now[section][key]
+        if old != new:
+            changes.append(f"{name}: {old!r} -> {new!r}")
+    return changes
 
 
 def _ignore_stop_signals(_worker_id: int) -> None:
@@ -60,6 +80,9 @@ class Trainer:
         check_wandb(cfg.train.wandb_project)  # before any work: a missing package is a configuration error
         # first: the one platform decision (device, compile, loader, optimizer, library patches); logged by train()
         self.platform = platform.initialize(cfg.train.compile)
+        if cfg.train.sync_debug and not self.platform.cuda:
+            raise ConfigError("train.sync_debug counts synchronisations of the CUDA stream and needs a GPU; this "
+                              "machine has none (set train.sync_debug=false)")
         self.rank, self.world = init_distributed(self.platform)
         self.layout = resolve_layout(cfg, self.world)
         state.ensure_initialized(self.layout.tensor_parallel, self.layout.pipeline_parallel)
@@ -76,6 +99,11 @@ class Trainer:
         self.samples_seen = 0.0
         self.tokens_seen = 0.0
         self.saved_step: int | None = None  # the step of the last checkpoint this process saved
+        # the step's one agreement over all ranks (``_decide``): a non-finite loss anywhere, a stop signal anywhere
+        self.step_nonfinite = False
+        self.stop_agreed = False
+        self._step_counts = {"samples": 0.0, "tokens": 0.0}  # this rank's micro-batches of the current step
+        self._batch_checked = False  # the first micro-batch is checked against the packed-batch contract
         self.history = EvalHistory()  # validation losses and their checkpoints (training/best.py)
         self.lock = lock_output_dir(self.out)  # before anything reads or writes the output directory
         self.resume = ckpt.choose_resume(cfg)  # rank 0 decides: every rank loads the same checkpoint
@@ -196,17 +224,23 @@ class Trainer:
         if client.get("weights_only"):
             ckpt.load_checkpoint(self.engine, directory, tag, weights_only=True, model_cfg=self.cfg.model)
             return said + f"initialised from the weights of {directory / tag} ({what}); step 0, fresh optimizer"
-        client = ckpt.load_checkpoint(self.engine, directory, tag, manifest=r.manifest).get("genlip")
-        if client.get("data_fingerprint") != self.train_rows.fingerprint():
+        changes = stream_changes(client.get("config", {}), client.get("data_fingerprint"), self.cfg,
+                                 self.train_rows.fingerprint())
+        if changes and not self.cfg.data.allow_new_stream:
             raise ConfigError(
-                f"checkpoint {directory / tag} was trained on data {client.get('data_fingerprint')} but "
-                f"data.train_data is {self.train_rows.fingerprint()}; resuming would not continue "
-                "the same data stream (use a new train.output_dir to start a new run)")
+                f"checkpoint {directory / tag} read another data stream than this run would: {'; '.join(changes)}. "
+                "Resuming would not continue the same stream: restore those settings, or set "
+                "data.allow_new_stream=true to continue from its consumed row count on the new stream, or use a new "
+                "train.output_dir to start a new run")
+        client = ckpt.load_checkpoint(self.engine, directory, tag, manifest=r.manifest).get("genlip")
         for key in ("iteration", "consumed_samples", "skipped_steps", "samples_seen", "tokens_seen"):
             setattr(self, key, client[key])
         if what == ckpt.OWN_CHECKPOINTS:  # this run's evaluations up to here, and its best checkpoint
             self.history = EvalHistory.load(self.ckpt_dir, self.iteration)
         how = f" (resharded from {reshard.describe(client['resharded']['source_layout'])})" if r.universal else ""
+        if changes:
+            how += (f"; data.allow_new_stream=true: continuing at consumed row {self.consumed_samples} of a new data "
+                    f"stream ({'; '.join(changes)})")
         return said + f"resumed from {directory / tag} ({what}) at step {self.iteration}{how}"
 
     # ---------------------------------------------------------------------------------------------
@@ -249,14 +283,17 @@ class Trainer:
         last_eval = {}
         stopped_by_signal = False
         profiler = StepProfiler(t.profile_steps, self.out, self.rank, self.device.type == "cuda", log.print)
+        syncs = SyncCounter(t.sync_debug)
         while self.iteration < t.train_steps:
             profiler.before_step(self.iteration + 1)
-            self._train_step(batches, window)
+            with syncs.step():
+                self._train_step(batches, window)
+            window.syncs = syncs.last if t.sync_debug else None
             log.advance()
-            stop = self._agree(self.stop_requested)
+            stop = self.stop_agreed  # agreed inside the step, with the non-finite check (one reduction)
             last = self.iteration == t.train_steps
-            save = stop or last or self.iteration % t.save_interval == 0
-            if save or self.iteration % t.log_interval == 0:  # counters are exact in every checkpoint
+            save = stop or (last and t.save_final) or self.iteration % t.save_interval == 0
+            if save or self.iteration % t.log_interval == 0:
                 log.print(format_step(self.iteration, t.train_steps, window.summarise(self, log)))
             self._check_skips()
             if save:
@@ -279,8 +316,14 @@ class Trainer:
             batch = next(batches)
         window.data_wait += time.perf_counter() - start
         rows += batch.pop("row_index").tolist()
+        if not self._batch_checked:  # on the host, before the device sees it
+            check_batch(batch, f"the first training micro-batch (packed rows {rows})", self.cfg.data.seq_length,
+                        self.cfg.model.patch_size)
+            self._batch_checked = True
         for k, v in batch_stats(batch, self.cfg.model).items():
             window.stats[k] += v
+            if k in self._step_counts:
+                self._step_counts[k] += v
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         if self.iteration + 1 in self.cfg.train.inject_nan_steps:
             batch["patches"] = batch["patches"] * float("nan")
@@ -292,62 +335,75 @@ class Trainer:
         rows: list = []
         feed = (pipeline_inputs(self._next_batch(batches, window, rows)) for _ in range(self.layout.grad_accumulation))
         with phase("pipeline_step"):
-            loss = float(self.engine.train_batch(data_iter=feed))  # mean over micro-batches and DP, on every stage
-        finite = math.isfinite(loss)
-        if not finite and self.cfg.train.nan_policy == "stop":
-            raise NonFiniteError(f"non-finite loss at step {self.iteration + 1} (train.nan_policy=stop); packed rows "
-                                 f"of this rank's micro-batches: {rows}")
-        return torch.tensor([loss if finite else 0.0, float(finite), float(not finite)], dtype=torch.float64), rows
+            loss = self.engine.train_batch(data_iter=feed)  # mean over micro-batches and DP, on every stage
+        losses = _loss_terms(loss.to(self.device))
+        self._decide(losses, f"packed rows of this rank's micro-batches: {rows}")
+        return losses, rows
 
     def _train_step(self, batches, window: "_Window") -> None:
         t = self.cfg.train
+        self._step_counts = dict.fromkeys(self._step_counts, 0.0)
         if self.pipelined:
             step_losses, rows = self._pipeline_step(batches, window)
         else:
             step_losses, rows = self._data_parallel_step(batches, window)
         self.iteration += 1
         self.consumed_samples += t.global_batch_size
-        reported = self.engine.get_global_grad_norm()  # None: not computed (train.clip_grad=0 with ZeRO-0 fp32)
-        grad_norm = float("nan") if reported is None else float(reported)
+        # the norm stays where DeepSpeed keeps it (a device tensor under ZeRO): read on the host only by the log
+        # line, or here under train.nan_policy=stop. None: not computed (train.clip_grad=0 with ZeRO-0 fp32)
+        reported = self.engine.get_global_grad_norm()
         applied = self.engine.was_step_applied()
-        skipped = not applied or step_losses[2] > 0
+        skipped = not applied or self.step_nonfinite
         self.consecutive_skips = self.consecutive_skips + 1 if skipped else 0
         if skipped:
             if applied:
                 raise NonFiniteError(f"step {self.iteration}: a non-finite loss reached an applied optimizer step")
             self.skipped_steps += 1
-        elif reported is not None and not math.isfinite(grad_norm) and t.nan_policy == "stop":
+        elif reported is not None and t.nan_policy == "stop" and not math.isfinite(float(reported)):
             raise NonFiniteError(f"non-finite gradient norm at step {self.iteration}")
-        window.add_step(step_losses, grad_norm, self.engine.get_lr()[0])
+        window.add_step(step_losses, reported, self.engine.get_lr()[0])
 
     def _data_parallel_step(self, batches, window: "_Window") -> tuple[torch.Tensor, list]:
-        t = self.cfg.train
-        step_losses = torch.zeros(3, dtype=torch.float64)  # sum of finite micro-batch losses, their count, non-finite
+        """``grad_accumulation`` micro-batches: forward, backward, DeepSpeed's step. Nothing here waits for the
+        device: the losses and their non-finite count accumulate on it, and the one agreement of the step
+        (:meth:`_decide`) comes after the last backward, before the optimizer is applied."""
+        step_losses = torch.zeros(3, dtype=torch.float64, device=self.device)  # finite loss sum, count, non-finite
         rows: list = []
-        for _ in range(self.layout.grad_accumulation):
+        for micro in range(self.layout.grad_accumulation):
             batch = self._next_batch(batches, window, rows)
             with phase("forward"):
                 out = self.engine(batch)
-            finite = bool(torch.isfinite(out.loss.detach()))
-            bad = self._agree(not finite)
-            if bad and t.nan_policy == "stop":
-                raise NonFiniteError(
-                    f"non-finite loss at step {self.iteration + 1} (train.nan_policy=stop); packed rows of this "
-                    f"rank's micro-batch: {rows}; consumed_samples before the step: {self.consumed_samples}")
+            step_losses += _loss_terms(out.loss.detach())
             with phase("backward"):
                 self.engine.backward(out.loss)
+            if micro == self.layout.grad_accumulation - 1:
+                self._decide(step_losses, f"packed rows of this rank's micro-batch: {rows}; consumed_samples before "
+                                          f"the step: {self.consumed_samples}")
             with phase("optimizer"):
                 self.engine.step()
-            step_losses += torch.tensor([float(out.loss.detach()) if finite else 0.0, float(finite), float(not finite)],
-                                        dtype=torch.float64)
         return step_losses, rows
 
-    def _agree(self, flag: bool) -> bool:
-        """True on every rank if ``flag`` is True on any rank."""
+    def _decide(self, step_losses: torch.Tensor, where: str) -> None:
+        """The step's one reduction over all ranks and its one wait for the device: did any rank see a
+        non-finite loss, did any rank get a stop signal. Under ``train.nan_policy=stop`` a non-finite loss stops
+        the run here, before the optimizer applies the step (pipeline: after, as DeepSpeed's schedule owns it)."""
         with phase("agree"):
-            x = torch.tensor([1.0 if flag else 0.0])
-            dist.all_reduce(x, op=dist.ReduceOp.MAX)
-            return bool(x.item() > 0)
+            flags = torch.zeros(5, dtype=torch.float64, device=step_losses.device)
+            flags[0] = step_losses[2]
+            flags[1] = 1.0 if self.stop_requested else 0.0
+            # the step's samples and tokens, counted by every rank that read this step's rows: TP peers (and the
+            # first and last pipeline stage) read the same rows, so the world's sum holds each DP rank's counts
+            # equally often; ``counted`` says how often
+            counts = self._step_counts
+            flags[2], flags[3] = counts["samples"], counts["tokens"]
+            flags[4] = 1.0 if counts["samples"] > 0 else 0.0
+            nonfinite, stop, samples, tokens, counted = comm.all_reduce(flags).tolist()
+        self.step_nonfinite, self.stop_agreed = nonfinite > 0, stop > 0
+        if counted > 0:  # the checkpointed counters advance with the step, whatever is logged
+            self.samples_seen += samples * self.dp_world / counted
+            self.tokens_seen += tokens * self.dp_world / counted
+        if self.step_nonfinite and self.cfg.train.nan_policy == "stop":
+            raise NonFiniteError(f"non-finite loss at step {self.iteration + 1} (train.nan_policy=stop); {where}")
 
     # ---------------------------------------------------------------------------------------------
     # checkpoints and evaluation
@@ -387,7 +443,7 @@ class Trainer:
     def _track_best(self, val_loss: float, log: RunLogger) -> None:
         """Record an evaluation; with ``train.keep_best`` a new best validation loss gets a checkpoint (saved now
         unless this step's was just saved), which retention then keeps until a better one replaces it."""
-        new_best = self._agree(self.history.is_new_best(val_loss))  # the same loss on every rank; agreed anyway
+        new_best = comm.any_rank(self.history.is_new_best(val_loss))  # the same loss on every rank; agreed anyway
         tag = fmt.tag_for(self.iteration) if self.saved_step == self.iteration else None
         if new_best and self.cfg.train.keep_best and tag is None:
             self.save(log)
@@ -484,6 +540,13 @@ class Trainer:
         return dict(summary, already_finished=True, checkpoint=str(self.resume.tag_dir), summary_file=str(path))
 
 
+def _loss_terms(loss: torch.Tensor) -> torch.Tensor:
+    """(the loss if finite else 0, 1 if finite, 1 if not) in float64 on the loss's device, without waiting for it."""
+    loss = loss.detach().reshape(()).double()
+    finite = torch.isfinite(loss)
+    return torch.stack([torch.where(finite, loss, torch.zeros_like(loss)), finite.double(), (~finite).double()])
+
+
 class _Window:
     """Accumulates what happened since the last log line."""
 
@@ -499,27 +562,31 @@ class _Window:
         self.stats = {"samples": 0.0, "tokens": 0.0, "slots": 0.0, "flops": 0.0}
         self.grad_norm = float("nan")
         self.lr = 0.0
+        self.syncs = None  # train.sync_debug: host synchronisations of the last step
 
-    def add_step(self, losses: torch.Tensor, grad_norm: float, lr: float) -> None:
-        self.loss += losses
+    def add_step(self, losses: torch.Tensor, grad_norm, lr: float) -> None:
+        """``losses`` on the device (no wait); ``grad_norm`` as DeepSpeed reports it (a device tensor, a float or
+        None), read when the window is logged."""
+        self.loss = self.loss.to(losses.device) + losses
         self.grad_norm, self.lr = grad_norm, lr
         self.steps += 1
 
     def summarise(self, trainer: Trainer, log: RunLogger) -> dict:
         """All-reduce the window over ranks, log it, reset. Loss = the optimised objective: the mean over
         micro-batches and data-parallel ranks of each micro-batch's token-mean loss (GENLIP_SPEC.md §2.9)."""
-        totals = torch.tensor([self.loss[0], self.loss[1], self.stats["samples"], self.stats["tokens"],
-                               self.stats["slots"], self.stats["flops"], self.data_wait], dtype=torch.float64)
-        dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())  # TP peers share the rows
+        host = torch.tensor([self.stats["samples"], self.stats["tokens"], self.stats["slots"], self.stats["flops"],
+                             self.data_wait], dtype=torch.float64)
+        # the device's loss sums and the host's counts in one reduction on the device; TP peers share the rows
+        totals = torch.cat([self.loss[:2], host.to(self.loss.device)])
+        totals = comm.all_reduce(totals, group=parallel_state.get_data_parallel_group()).cpu()
         elapsed = time.perf_counter() - self.start
         world = trainer.world
-        trainer.samples_seen += float(totals[2])
-        trainer.tokens_seen += float(totals[3])
         loss = float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")
         self.last_loss = loss
         tflops = float(totals[5]) / elapsed / world / 1e12
         m = {
-            "loss": loss, "lr": self.lr, "grad_norm": self.grad_norm, "skipped_steps": trainer.skipped_steps,
+            "loss": loss, "lr": self.lr, "grad_norm": float("nan") if self.grad_norm is None else float(self.grad_norm),
+            "skipped_steps": trainer.skipped_steps,
             "samples_per_s": float(totals[2]) / elapsed, "tokens_per_s": float(totals[3]) / elapsed,
             "rows_per_s": self.steps * trainer.cfg.train.global_batch_size / elapsed,
             "tflops_per_device": tflops, "mfu": tflops / trainer.cfg.train.peak_tflops,
@@ -527,6 +594,8 @@ class _Window:
             "data_wait_fraction": float(totals[6]) / trainer.dp_world / elapsed, "memory_gb": memory_gb(),
             "consumed_samples": trainer.consumed_samples, "s_per_step": elapsed / max(1, self.steps),
         }
+        if self.syncs is not None:
+            m["syncs_per_step"] = self.syncs
         # this window's step time (its checkpoint saves and evaluations included) times the steps left
         m["eta_s"] = m["s_per_step"] * (trainer.cfg.train.train_steps - trainer.iteration)
         log.record("train", trainer.iteration, m)
