@@ -118,8 +118,11 @@ def _install_cpu_current_device() -> None:
 def _install_rng_tracker() -> None:
     from megatron.core.tensor_parallel import random as mcore_random
 
-    from megatron_genlip.parallel.rng import RNGStatesTracker
+    from megatron_genlip.parallel.rng import DATA_PARALLEL, TENSOR_PARALLEL, RNGStatesTracker
 
+    if megatron_rng_stream_names() != (DATA_PARALLEL, TENSOR_PARALLEL):
+        raise RuntimeError(f"megatron-core names its RNG streams {megatron_rng_stream_names()}, not "
+                           f"{(DATA_PARALLEL, TENSOR_PARALLEL)}: update megatron_genlip/parallel/rng.py")
     _replace("megatron-rng-tracker", mcore_random, "_CUDA_RNG_STATE_TRACKER", RNGStatesTracker())
     _replace("megatron-rng-tracker", mcore_random, "_CUDA_RNG_STATE_TRACKER_INITIALIZED", True)
 

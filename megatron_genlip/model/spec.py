@@ -96,7 +96,7 @@ def get_layer_spec(cfg: ModelConfig) -> BackendSpec:
             )
         from megatron_genlip.model.te_spec import te_layer_spec  # CUDA only: TE fails to import without it
 
-        return te_layer_spec(cfg)
+        return te_layer_spec(cfg, LOCAL_SPEC)
     if cfg.fp8 in FP8_TORCHAO_RECIPES:
         from megatron_genlip.model.fp8 import require_fp8_hardware, torchao_layer_spec
 

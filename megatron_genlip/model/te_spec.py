@@ -34,6 +34,7 @@ from megatron.core import parallel_state
 from megatron_genlip.compat import initialize_affine_weight_cpu
 from megatron_genlip.config import ConfigError, ModelConfig
 from megatron_genlip.model.attention import get_attention
+from megatron_genlip.model.fp8 import require_fp8_hardware
 
 
 def _recipe(cfg: ModelConfig):
@@ -114,10 +115,8 @@ class TERowLinear(_TELinear):
     parallel_mode = "row"
 
 
-def te_layer_spec(cfg: ModelConfig):
-    """The ``BackendSpec`` of ``model.backend=te``: TE block projections and norms, the local spec's LM head."""
-    from megatron_genlip.model.fp8 import require_fp8_hardware
-    from megatron_genlip.model.spec import LOCAL_SPEC
+def te_layer_spec(cfg: ModelConfig, local):
+    """The ``BackendSpec`` of ``model.backend=te``: TE block projections and norms, the ``local`` spec's LM head."""
 
     fp8_context = None
     if cfg.fp8 != "none":
@@ -127,6 +126,6 @@ def te_layer_spec(cfg: ModelConfig):
     def layer_norm(dim, eps):
         return te.LayerNorm(dim, eps=eps, params_dtype=torch.float32, device="cpu")
 
-    return replace(LOCAL_SPEC, column_linear=functools.partial(TEColumnLinear, fp8_context=fp8_context),
+    return replace(local, column_linear=functools.partial(TEColumnLinear, fp8_context=fp8_context),
                    row_linear=functools.partial(TERowLinear, fp8_context=fp8_context), layer_norm=layer_norm,
                    attention=get_attention(cfg.attention))

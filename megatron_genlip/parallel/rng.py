@@ -34,10 +34,12 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel import random as mcore_random
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
-from megatron_genlip import compat, platform
+from megatron_genlip import platform
 
 DEFAULT = "default-rng"  # megatron's name for "no fork active": torch's default generators
-DATA_PARALLEL, TENSOR_PARALLEL = compat.megatron_rng_stream_names()  # "data-parallel-rng", "model-parallel-rng"
+# megatron-core's stream names (its private _DATA_PARALLEL_RNG_TRACKER_NAME / _MODEL_PARALLEL_RNG_TRACKER_NAME):
+# compat's megatron-rng-tracker patch checks them against the installed megatron-core before installing the tracker
+DATA_PARALLEL, TENSOR_PARALLEL = "data-parallel-rng", "model-parallel-rng"
 REPLICATED_STREAMS = (DEFAULT, DATA_PARALLEL)  # identical on all ranks of a TP group
 DP_SEED_STRIDE = 1000  # replicated seed = seed + 1000 * data-parallel rank (the trainer's historical rule)
 
