@@ -186,3 +186,55 @@ def test_a_batch_that_breaks_the_contract_stops_the_run_naming_the_rule(qwen_tok
     bad["labels"][0, 0] = 7  # slot 0 is an image slot
     with pytest.raises(BadBatch, match="labels on image slots"):
         check_batch(bad, "held-out row 0")
+
+
+def test_one_optimizer_step_advances_the_data_position_by_the_global_batch(tmp_path, monkeypatch):
+    """The real step (Trainer._train_step on a real one-rank DeepSpeed engine, gradient accumulation 2): after two
+    steps the data position is 2 x global_batch_size rows, exactly the rows the step pulled from the loader, and
+    the checkpointed counters hold the samples and real tokens of those rows, counted here from the rows
+    themselves (sample ids)."""
+    import deepspeed
+
+    from megatron_genlip.data.tokenizer import load_tokenizer
+    from megatron_genlip.parallel import state
+    from megatron_genlip.training.schedule import build_scheduler
+    from megatron_genlip.training.trainer import Trainer, _Window
+
+    cfg = load_config(TINY, ["train.micro_batch_size=1", "train.global_batch_size=2", "train.warmup_steps=1",
+                             "train.train_steps=4", f"train.output_dir={tmp_path}"])
+    monkeypatch.setenv("LOCAL_RANK", "0")  # what a launcher sets; DeepSpeed asserts it
+    state.ensure_initialized(1, 1)
+    here = platform.initialize(compile=False)
+    layout = resolve_layout(cfg, 1)
+    assert layout.grad_accumulation == 2
+    model = build_model(cfg.model, 1, seed=0)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()),
+                                           config=deepspeed_config(cfg, layout, here),
+                                           lr_scheduler=lambda opt: build_scheduler(opt, cfg.train))
+    tok = load_tokenizer(cfg.tokenizer.kind, cfg.tokenizer.path)
+    served = []
+
+    def loader():
+        for r in range(100):
+            n = 1 + r % 3  # 1-3 samples per row
+            rows = [[build_sample(tok, random_image((3, 3), 10 * r + j), (3, 3), f"a red circle {j}.")
+                     for j in range(n)]]
+            batch = collate_batch(rows, cfg.data.seq_length)
+            batch["row_index"] = torch.tensor([r])
+            served.append(batch)
+            yield batch
+
+    trainer = Trainer.__new__(Trainer)
+    trainer.cfg, trainer.engine, trainer.layout, trainer.device = cfg, engine, layout, torch.device("cpu")
+    trainer.pipelined, trainer.dp_world, trainer.stop_requested = False, 1, False
+    trainer.iteration = trainer.consumed_samples = trainer.skipped_steps = trainer.consecutive_skips = 0
+    trainer.samples_seen = trainer.tokens_seen = 0.0
+    trainer._step_counts, trainer._batch_checked = {"samples": 0.0, "tokens": 0.0}, False
+    batches, window = loader(), _Window()
+    for _ in range(2):
+        trainer._train_step(batches, window)
+    assert trainer.iteration == 2 and len(served) == 4
+    assert trainer.consumed_samples == 2 * cfg.train.global_batch_size == len(served)
+    sids = [b["sample_ids"] for b in served]
+    assert trainer.samples_seen == sum(int(s.max()) + 1 for s in sids) == 1 + 2 + 3 + 1
+    assert trainer.tokens_seen == sum(int((s >= 0).sum()) for s in sids)
