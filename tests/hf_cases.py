@@ -114,3 +114,57 @@ SPEC_BLOCK_KEYS = {  # GENLIP_SPEC.md §6, per block i, with shapes as functions
     "mlp.fc2.weight": lambda d, f: (d, f), "mlp.fc2.bias": lambda d, f: (d,),
     "layer_scale1.lambda1": lambda d, f: (d,), "layer_scale2.lambda1": lambda d, f: (d,),
 }
+
+
+# --------------------------------------------------------------------------------------------------
+# The official GenLIP class (bytedance GenLIP, modeling_genlip.py at db2c226) as far as config.json and the state
+# dict go: what ``GenLIPConfig(**conf).save_pretrained()`` writes, and which keys ``GenLIPModel(config)`` holds.
+
+# every attribute the official GenLIPConfig.__init__ sets, with its default (None: derived, see below)
+OFFICIAL_CLASS_ATTRIBUTES = {
+    "vocab_size": 152064, "hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27,
+    "num_attention_heads": 16, "num_key_value_heads": None, "num_channels": 3, "patch_size": 16,
+    "hidden_act": "gelu_pytorch_tanh", "max_position_embeddings": 32768, "use_swiglu_ffn": False,
+    "ls_init_value": 0.0, "drop_path_rate": 0.0, "gated_attention": False, "layer_norm_eps": 1e-6,
+    "spatial_merge_size": 1, "temporal_patch_size": 1, "tokens_per_second": 4, "initializer_range": 0.02,
+    "initializer_factor": 1.0, "text_embed_dim": None, "use_llm_head": False, "llm_decoder": None,
+    "lm_head_hdsz": 1024, "rms_norm_eps": 1e-05, "use_cache": True, "tie_word_embeddings": False,
+    "rope_theta": 10000.0, "attention_dropout": 0.0, "mrope_interleaved": False, "rope_scaling": None,
+    "use_liger_kernel": False, "vision_start_token_id": 151652, "vision_end_token_id": 151653,
+}
+# what save_pretrained writes beyond the hand-written published schema (GENLIP_SPEC.md §6.9) that no earlier
+# megatron-genlip version knew (the issue's four)
+OFFICIAL_SAVE_ADDS = ("initializer_factor", "lm_head_hdsz", "num_key_value_heads", "rms_norm_eps")
+OFFICIAL_LAYER_SCALE_MIN = 1e-6  # the official block builds LayerScale only when ls_init_value > this
+
+
+def official_save_pretrained(conf: dict, transformers_version: str = "4.51.3") -> dict:
+    """The config.json the official trainer writes for ``conf`` (GenLIPConfig(**conf).save_pretrained()):
+    every attribute its __init__ sets (unset ones at the class default, num_key_value_heads and text_embed_dim
+    derived), ``rope_scaling`` as __init__ rewrites it ("mrope" -> type and rope_type "default"), the extra
+    keyword fields it was given (e.g. g/16's num_patches), transformers' version, sorted as json.dumps does."""
+    import copy
+
+    out = {**copy.deepcopy(OFFICIAL_CLASS_ATTRIBUTES), **copy.deepcopy(conf)}
+    if out["num_key_value_heads"] is None:
+        out["num_key_value_heads"] = out["num_attention_heads"]
+    if out["text_embed_dim"] is None:
+        out["text_embed_dim"] = out["hidden_size"]
+    scaling = out["rope_scaling"]
+    if scaling is not None and "type" in scaling:
+        if scaling["type"] == "mrope":
+            scaling["type"] = "default"
+        scaling["rope_type"] = scaling["type"]
+    out["transformers_version"] = transformers_version
+    return dict(sorted(out.items()))
+
+
+def official_state_keys(conf: dict) -> set[str]:
+    """The keys of the official GenLIPModel's state dict for a config.json (what a strict load expects):
+    LayerScale vectors only when ls_init_value > 1e-6 (nn.Identity otherwise)."""
+    from official_configs import official_shapes
+
+    keys = set(official_shapes(conf))
+    if not conf.get("ls_init_value", OFFICIAL_CLASS_ATTRIBUTES["ls_init_value"]) > OFFICIAL_LAYER_SCALE_MIN:
+        keys = {k for k in keys if ".layer_scale" not in k}
+    return keys

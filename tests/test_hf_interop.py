@@ -25,16 +25,20 @@ from trainer_harness import build_test_dataset, run, train_log
 from megatron_genlip.config import ConfigError, ModelConfig
 from megatron_genlip.hf.configuration_genlip import OFFICIAL_DEFAULTS, GenLIPConfig
 from megatron_genlip.hf.convert import hf_config, load_hf_weights
-from megatron_genlip.hf.official_config import from_official
+from megatron_genlip.hf.official_config import from_official, kept_fields
 from megatron_genlip.training.ckpt_format import WEIGHTS_ONLY_MARKER
 
 OLD_EXPORT = Path(__file__).parent / "data" / "export_v1_tiny_config.json"  # written by the previous schema
 ABSENT = object()
-# where an export deliberately differs from a published config.json
-EXPORT_CHANGES = {
-    "L16": {"architectures": (["GenLIP"], ["GenLIPModel"])},  # a release bug: "GenLIP" is no registered class (§9)
+# where an export of an imported folder differs from its published config.json: nowhere. Fields the trainer does not
+# use are written back as they were (L/16's architectures ["GenLIP"], a release bug (§9), g/16's num_patches, the
+# 224-px patch count): test_hf_official_forms.py::test_round_trip_keeps_fields_it_does_not_use
+EXPORT_CHANGES = {"L16": {}, "So16": {}, "g16": {}}
+# a fresh export of a model (no imported config.json to keep fields of) writes what the trainer knows
+FRESH_EXPORT_CHANGES = {
+    "L16": {"architectures": (["GenLIP"], ["GenLIPModel"])},
     "So16": {},
-    "g16": {"num_patches": (196, ABSENT)},  # 224-px patch count; no field of the model, not carried
+    "g16": {"num_patches": (196, ABSENT)},
 }
 # T/H/W rotary channel counts the interleaved rule gives each published section (GENLIP_SPEC.md §2.6)
 CHANNELS = {"L16": (12, 12, 12), "So16": (12, 12, 12), "g16": (16, 16, 16)}
@@ -62,7 +66,9 @@ def test_published_config_imports_and_exports_unchanged(name, qwen_tokenizer):
     assert m.gated_attention and m.layernorm_eps == 1e-6  # class default (the JSONs do not set it)
 
     out = hf_config(m, qwen_tokenizer, vision_only=False, dtype="bf16")
-    assert exported_differences(conf, out) == EXPORT_CHANGES[name]
+    assert exported_differences(conf, out) == FRESH_EXPORT_CHANGES[name]
+    kept = hf_config(m, qwen_tokenizer, vision_only=False, dtype="bf16", kept=kept_fields(conf))
+    assert exported_differences(conf, kept) == EXPORT_CHANGES[name]
     # a field the official class would fill with a different default must be written explicitly
     assert set(OFFICIAL_DEFAULTS) <= set(out)
     assert "mrope_section" not in out and "layer_scale_init_value" not in out
@@ -190,6 +196,9 @@ REJECTED = [  # (changes to the published So/16 config.json, text the error must
     ({"hidden_act": "gelu_pytorch_tanh"}, "hidden_act='gelu_pytorch_tanh'"),
     ({"ls_init_value": 0.0}, "ls_init_value=0.0"),
     ({"ls_init_value": ABSENT}, "ls_init_value absent"),
+    ({"ls_init_value": 1e-6}, "ls_init_value=1e-06 (the official class builds LayerScale only for ls_init_value > 1e-6"),
+    ({"num_key_value_heads": 8}, "num_key_value_heads=8 (grouped-query attention is not implemented"),
+    ({"lm_head_hdsz": 10.5}, "lm_head_hdsz=10.5 (expected int)"),
     ({"rope_scaling": ABSENT}, "rope_scaling absent"),
     ({"rope_scaling": {"type": "mrope", "mrope_section": [12, 13, 12]}}, "mrope_section=[12, 13, 12]"),
     ({"rope_scaling": {"type": "mrope", "mrope_section": [12, 12, 13]}}, "mrope_section=[12, 12, 13]"),

@@ -16,12 +16,16 @@ the §6 key names (sharded with model.safetensors.index.json above --max-shard-s
 ``AutoModel.from_pretrained(HF_DIR, trust_remote_code=True)``, the tokenizer (``tokenizer.json`` for
 ``AutoTokenizer`` plus the tiktoken ranks), preprocessor_config.json + image_processing_genlip.py, and a
 model card. --from-hf reads the official schema and our earlier exports, and refuses, naming the fields, a
-config.json it cannot train (unknown fields, mrope_interleaved/use_swiglu_ffn false, LayerScale off, an
-M-RoPE section naming channels the head dim does not have, ...).
+config.json it cannot train (unknown fields, mrope_interleaved/use_swiglu_ffn false, LayerScale off, which
+ls_init_value <= 1e-6 means to the official class, num_key_value_heads other than the heads, an M-RoPE section
+naming channels the head dim does not have, ...); it reads what the official trainer's save_pretrained writes.
+Fields the trainer does not use (num_patches, architectures, initializer_factor, ...) are written back as they
+were by an export of the imported weights. Weights with NaN or inf are refused, naming the tensor.
 
 Checkpoints are verified against their manifest (sizes and sha256) before they are read: without --iteration the
-newest one that verifies is exported. --save must be a new or empty folder (or --overwrite), and never one that
-holds a training run's checkpoints.
+newest one that verifies is exported. --save must be a new or empty folder (or --overwrite), and never, even with
+--overwrite, a training run's output directory (.genlip.lock, logs/train.jsonl, checkpoints/), a directory of
+checkpoints (latest, iter_*) or a checkpoint tag directory.
 """
 
 from __future__ import annotations
@@ -57,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--save", required=True, metavar="DIR",
                     help="output: the Hugging Face folder (with --load) or the checkpoint directory (with --from-hf)")
     ap.add_argument("--overwrite", action="store_true",
-                    help="write into a --save folder that is not empty (never into one holding a run's checkpoints)")
+                    help="write into a --save folder that is not empty; never, even with --overwrite, into a training "
+                         "run's output directory, a directory of checkpoints or a checkpoint tag (or inside one)")
     ap.add_argument("--iteration", type=int, default=None,
                     help="export the checkpoint of this step (default: the newest one that verifies)")
     ap.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16",
@@ -78,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     start = time.time()
     try:
-        check_save_dir(args.save, args.overwrite)  # before minutes of reading
+        check_save_dir(args.save, args.overwrite, "checkpoint" if args.from_hf else "hf")  # before minutes of reading
         if args.from_hf:
             tag = write_weights_only_checkpoint(args.from_hf, args.save, args.tp, args.pp, args.overwrite)
             model = read_trainer_state(tag)["config"]["model"]

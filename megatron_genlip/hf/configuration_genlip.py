@@ -43,6 +43,16 @@ IMPLEMENTED_VALUES = {
     "tie_word_embeddings": False,
 }
 
+# Fields the official GenLIPConfig sets in __init__ (so its save_pretrained writes them) that no layer of the official
+# model reads: any value describes the same model. num_key_value_heads is read by no layer either (k_proj and v_proj
+# are [d, d]); a value other than num_attention_heads claims grouped-query attention and is refused.
+OFFICIAL_CLASS_FIELDS = {"initializer_factor": 1.0, "lm_head_hdsz": 1024, "rms_norm_eps": 1e-05,
+                         "num_key_value_heads": None}
+
+# The official block builds LayerScale only when ls_init_value > this (nn.Identity otherwise): a config at or
+# below it describes a model without LayerScale, whatever the weights file holds.
+LAYER_SCALE_MIN = 1e-6
+
 # names our exports used before the official schema -> the official name they mean
 LEGACY_NAMES = {"layer_scale_init_value": "ls_init_value", "mrope_section": "rope_scaling.mrope_section"}
 
@@ -74,7 +84,7 @@ class GenLIPConfig(PretrainedConfig):
         rope_scaling: dict | None = OFFICIAL_DEFAULTS["rope_scaling"],  # {"type": "mrope", "mrope_section": [T, H, W]}
         mrope_interleaved: bool = OFFICIAL_DEFAULTS["mrope_interleaved"],
         rope_theta: float = 10000.0,
-        ls_init_value: float | None = None,  # LayerScale init; 0 = LayerScale off in the official code
+        ls_init_value: float | None = None,  # LayerScale init; <= 1e-6 = LayerScale off in the official code
         drop_path_rate: float = 0.1,
         layer_norm_eps: float = OFFICIAL_DEFAULTS["layer_norm_eps"],
         hidden_act: str = OFFICIAL_DEFAULTS["hidden_act"],
@@ -150,14 +160,20 @@ class GenLIPConfig(PretrainedConfig):
 def unsupported_fields(config: GenLIPConfig) -> list[str]:
     """Fields whose value describes a model that modeling_genlip (and the trainer) do not implement, each
     with the reason: the official class's defaults for fields a config.json leaves out, options GenLIP does
-    not train with, and an M-RoPE section naming channels the head dim does not have (GENLIP_SPEC.md §9
-    pitfall 1: the interleaved rule would silently cap it)."""
+    not train with, LayerScale at or below the official class's threshold (:data:`LAYER_SCALE_MIN`: that class
+    builds none), ``num_key_value_heads`` other than the heads, and an M-RoPE section naming channels the head dim
+    does not have (GENLIP_SPEC.md §9 pitfall 1: the interleaved rule would silently cap it)."""
     problems = []
     for name, want in IMPLEMENTED_VALUES.items():
         if getattr(config, name, want) != want:
             problems.append(f"{name}={getattr(config, name)!r} (only {want!r} is implemented)")
-    if not config.ls_init_value > 0:
-        problems.append(f"ls_init_value={config.ls_init_value!r} (0 turns LayerScale off, which is not implemented)")
+    if not config.ls_init_value > LAYER_SCALE_MIN:
+        problems.append(f"ls_init_value={config.ls_init_value!r} (the official class builds LayerScale only for "
+                        "ls_init_value > 1e-6, so this config describes a model without it, which is not implemented)")
+    kv_heads = getattr(config, "num_key_value_heads", None)
+    if kv_heads is not None and kv_heads != config.num_attention_heads:
+        problems.append(f"num_key_value_heads={kv_heads!r} (grouped-query attention is not implemented: it must "
+                        f"equal num_attention_heads {config.num_attention_heads})")
     section = config.mrope_section
     if section is None or len(section) != 3:
         problems.append(f"rope_scaling.mrope_section={section!r} (3 entries [T, H, W] are needed)")

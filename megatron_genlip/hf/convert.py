@@ -32,11 +32,13 @@ from safetensors.torch import load_file, save_file
 
 from megatron_genlip.config import Config, ConfigError, ModelConfig, TokenizerConfig, resolve_layout
 from megatron_genlip.hf.keys import from_hf, to_hf
-from megatron_genlip.hf.official_config import (check_gate_rows, from_official, model_differences,
+from megatron_genlip.hf.official_config import (LAYER_SCALE_MIN, LAYER_SCALE_STAND_IN, check_gate_rows,
+                                                from_official, kept_fields, model_differences,
                                                 official_model_fields, to_official)
 from megatron_genlip.parallel.sharding import merge_tp, model_name, split_tp
 from megatron_genlip.training import checkpoint as ckpt
 from megatron_genlip.training import ckpt_format
+from megatron_genlip.training.lock import LOCK_FILE
 
 HF_DIR = Path(__file__).resolve().parent
 REMOTE_CODE = ("configuration_genlip.py", "modeling_genlip.py", "image_processing_genlip.py")
@@ -188,13 +190,14 @@ def check_against_model(state: dict[str, torch.Tensor], cfg: ModelConfig, where:
 
 
 def hf_config(cfg: ModelConfig, tokenizer, vision_only: bool, dtype: str, extra: dict | None = None,
-              max_position_embeddings: int = 16384) -> dict:
-    """config.json contents: the official schema (``official_config.to_official``), then our fields the
-    official schema has no equivalent for (``official_config.OUR_FIELDS``)."""
+              max_position_embeddings: int = 16384, kept: dict | None = None) -> dict:
+    """config.json contents: the official schema (``official_config.to_official``; ``kept``: the unused fields of
+    the config.json the model was imported from, as they were), then our fields the official schema has no
+    equivalent for (``official_config.OUR_FIELDS``)."""
     out = to_official(cfg, dtype={"bf16": "bfloat16", "fp32": "float32"}[dtype], vision_only=vision_only,
                       vision_start_token_id=tokenizer.token_id("<|vision_start|>"),
                       vision_end_token_id=tokenizer.token_id("<|vision_end|>"),
-                      max_position_embeddings=max_position_embeddings)
+                      max_position_embeddings=max_position_embeddings, kept=kept)
     out.update(text_vocab_size=tokenizer.n_vocab, image_token_id=tokenizer.token_id("<|image_pad|>"),
                eos_token_id=tokenizer.eos_id,
                auto_map={"AutoConfig": "configuration_genlip.GenLIPConfig",
@@ -371,6 +374,50 @@ Files: {', '.join(files)}.
 """
 
 
+def check_finite(state: dict[str, torch.Tensor], where: str, consequence: str) -> None:
+    """Every floating tensor holds finite values only; otherwise a CheckpointError naming each bad tensor with its
+    NaN / inf counts (a model with one NaN computes NaN everywhere downstream of it)."""
+    bad = []
+    for name in sorted(state):
+        t = state[name]
+        if not t.is_floating_point():
+            continue
+        finite = torch.isfinite(t)
+        if bool(finite.all()):
+            continue
+        nan = int(torch.isnan(t).sum())
+        bad.append(f"{name} ({nan} NaN, {int((~finite).sum()) - nan} inf of {t.numel()} values)")
+    if bad:
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise CheckpointError(f"{where} holds non-finite values in {len(bad)} tensor(s): {'; '.join(bad[:5])}{more}; "
+                              f"{consequence}")
+
+
+def imported_fields(client: dict) -> dict:
+    """The unused fields of the config.json a checkpoint's weights were imported from (``official_config.kept_fields``):
+    stored in a weights-only checkpoint's marker, and found for a run started from one through its ``train.load``
+    (a note on stderr when that checkpoint is gone: they cannot be carried then). Empty for anything else."""
+    if "official_fields" in client:
+        return dict(client["official_fields"] or {})
+    load = ((client.get("config") or {}).get("train") or {}).get("load")
+    if not load:
+        return {}
+    load = Path(load)
+    for marker in (load / ckpt_format.WEIGHTS_ONLY_MARKER, load / ckpt_format.tag_for(0) / ckpt_format.WEIGHTS_ONLY_MARKER):
+        if marker.is_file():
+            try:
+                return dict(json.loads(marker.read_text()).get("official_fields") or {})
+            except (OSError, ValueError, AttributeError) as e:
+                print(f"[convert] note: cannot read {marker} ({e}); the fields of the config.json this run was "
+                      "imported from that the trainer does not use (e.g. num_patches) are not carried", file=sys.stderr)
+                return {}
+    if not load.exists():
+        print(f"[convert] note: this run started from {load} (train.load), which is gone; if that was an import "
+              "(--from-hf), the fields of its config.json that the trainer does not use (e.g. num_patches, "
+              "architectures) are not carried", file=sys.stderr)
+    return {}
+
+
 def write_hf_folder(state: dict[str, torch.Tensor], client: dict, save_dir: str | Path, dtype: str = "bf16",
                     vision_only: bool = False, max_shard_size: str | int = "5GB", overwrite: bool = False) -> Path:
     """Write the Hugging Face folder of a merged trainer state dict (see the module docstring); a non-empty
@@ -378,18 +425,26 @@ def write_hf_folder(state: dict[str, torch.Tensor], client: dict, save_dir: str 
     from megatron_genlip.data.tokenizer import load_tokenizer
 
     check_save_dir(save_dir, overwrite)
+    check_finite(state, f"the checkpoint {client.get('source', '')}".rstrip(), "nothing exported")
     cfg_dict = client["config"]
     mcfg, tok_cfg = model_config(cfg_dict), TokenizerConfig(**cfg_dict["tokenizer"])
     tokenizer = load_tokenizer(tok_cfg.kind, tok_cfg.path)
-    out = Path(save_dir)
-    out.mkdir(parents=True, exist_ok=True)
     hf = {k: v.to(DTYPES[dtype]) for k, v in to_hf(state).items()}
     if vision_only:
         hf = {k: v for k, v in hf.items() if k.startswith(ENCODER_PREFIXES)}
+    check_finite(hf, f"the weights cast to {dtype}", "nothing exported")  # bf16 overflows to inf above 3.4e38
     extra = {k: client.get(k) for k in ("source", "iteration", "consumed_samples", "samples_seen", "tokens_seen")}
     extra["config"] = cfg_dict  # the resolved training config: recipe for the card, tokenizer for re-imports
-    conf = hf_config(mcfg, tokenizer, vision_only, dtype, extra, cfg_dict["data"]["seq_length"])
+    conf = hf_config(mcfg, tokenizer, vision_only, dtype, extra, cfg_dict["data"]["seq_length"],
+                     kept=imported_fields(client))
     check_hf_weights(hf, conf, "the converted state dict")
+    if not mcfg.layer_scale_init > LAYER_SCALE_MIN:
+        print(f"[convert] note: model.layer_scale_init={mcfg.layer_scale_init} is at or below 1e-6, where the official "
+              f"GenLIP class builds no LayerScale; config.json says ls_init_value={LAYER_SCALE_STAND_IN} (an initial "
+              "value only) so that it builds LayerScale and loads the trained vectors; the run's init stays in "
+              "genlip_training.config.model (an import restores it)", file=sys.stderr)
+    out = Path(save_dir)
+    out.mkdir(parents=True, exist_ok=True)
     for old in glob.glob(str(out / "model*.safetensors")) + glob.glob(str(out / "model.safetensors.index.json")):
         os.remove(old)
     files = save_safetensors(hf, out, max_shard_size)
@@ -413,15 +468,59 @@ def write_hf_folder(state: dict[str, torch.Tensor], client: dict, save_dir: str 
 # Hugging Face folder -> trainer checkpoint (weights only, fresh optimizer)
 
 
-def check_save_dir(save_dir: str | Path, overwrite: bool = False) -> None:
-    """A conversion writes into an empty (or new) folder, or into a non-empty one only when asked to; never into
-    a folder holding a training run's checkpoints (its ``latest`` would be repointed: the run would restart at
-    step 0 with a fresh optimizer)."""
+def _is_tag_dir(path: Path) -> bool:
+    """A checkpoint tag directory (``iter_NNNNNNN`` or its ``.partial``) with a checkpoint file in it, or named so
+    inside a checkpoints directory (a new folder there would be taken for a checkpoint)."""
+    name = path.name[:-len(ckpt_format.PARTIAL_SUFFIX)] if path.name.endswith(ckpt_format.PARTIAL_SUFFIX) else path.name
+    if not ckpt_format.TAG_RE.match(name):
+        return False
+    markers = (ckpt_format.MANIFEST, ckpt_format.WEIGHTS_ONLY_MARKER, ckpt_format.UNIVERSAL_MARKER,
+               *ckpt_format.MODEL_STATES_FILES)
+    return any((path / m).exists() for m in markers) or _is_checkpoints_dir(path.parent)
+
+
+def _is_checkpoints_dir(path: Path) -> bool:
+    """A directory holding checkpoints: ``latest``, tags or unfinished saves."""
+    return path.is_dir() and ((path / ckpt_format.LATEST).is_file() or bool(ckpt_format.list_tags(path))
+                              or bool(ckpt_format.list_partials(path)))
+
+
+def run_output_markers(path: Path) -> list[str]:
+    """What makes ``path`` a training run's output directory: its lock file, its training log, its checkpoints."""
+    found = [m for m in (LOCK_FILE, "logs/train.jsonl") if (path / m).is_file()]
+    if _is_checkpoints_dir(path / "checkpoints"):
+        found.append("checkpoints/")
+    return found
+
+
+def check_save_dir(save_dir: str | Path, overwrite: bool = False, writes: str = "hf") -> None:
+    """Where a conversion may write (``writes``: "hf" for an export, "checkpoint" for ``--from-hf``): a new or empty
+    folder, or a non-empty one with ``overwrite``; never, even with ``overwrite``, a training run's output
+    directory (its config.json, logs and checkpoints), a directory holding a run's checkpoints (its ``latest``
+    would be repointed: the run would restart at step 0 with a fresh optimizer), a checkpoint tag directory or
+    anything inside one (its manifest would no longer match), nor, for an export, any checkpoints directory.
+    ``--from-hf`` may redo an import into a directory that holds only weights-only imports."""
     save_dir = Path(save_dir)
+    never = "choose another folder (--overwrite never writes there)"
+    resolved = save_dir.resolve()
+    for p in (resolved, *resolved.parents):
+        if _is_tag_dir(p):
+            where = "is" if p == resolved else "lies inside"
+            raise CheckpointError(f"--save {save_dir} {where} the checkpoint tag directory {p}: writing there would "
+                                  f"change a checkpoint (and break its manifest); {never}")
+    markers = run_output_markers(resolved)
+    if markers:
+        raise CheckpointError(f"--save {save_dir} is a training run's output directory ({', '.join(markers)}): "
+                              f"writing there would replace the run's config.json and mix with its checkpoints; {never}")
     run_tags = ckpt_format.holds_run_checkpoints(save_dir)
     if run_tags:
         raise CheckpointError(f"--save {save_dir} holds a training run's checkpoints ({', '.join(run_tags[-3:])}): "
-                              "writing there would repoint its 'latest'; choose another folder")
+                              f"writing there would repoint its 'latest'; {never}")
+    imports_only = bool(ckpt_format.list_tags(save_dir)) and writes == "checkpoint"
+    if _is_checkpoints_dir(save_dir) and not imports_only:
+        why = "a Hugging Face folder does not belong there" if writes == "hf" else "writing there would repoint its 'latest'"
+        raise CheckpointError(f"--save {save_dir} is a checkpoints directory ('latest', iter_* tags or unfinished "
+                              f"saves): {why}; {never}")
     if save_dir.is_dir() and any(save_dir.iterdir()) and not overwrite:
         raise CheckpointError(f"--save {save_dir} is not empty; pass --overwrite to replace what is there, or choose "
                               "another folder")
@@ -432,7 +531,7 @@ def write_weights_only_checkpoint(hf_dir: str | Path, save_dir: str | Path, tp: 
     """A checkpoint the trainer starts from (``train.load``): the full weights under trainer names, with
     the marker the trainer recognises, a manifest, then ``latest``. ``tp``/``pp`` are checked against the model
     now (heads, widths, vocabulary and layers divisible), so a bad target layout fails here, not on the cluster."""
-    check_save_dir(save_dir, overwrite)
+    check_save_dir(save_dir, overwrite, writes="checkpoint")
     state, conf = load_hf_weights(hf_dir)
     if conf.get("vision_only"):
         raise CheckpointError(f"{Path(hf_dir) / 'config.json'}: a --vision-only export has no text embedding or LM "
@@ -442,6 +541,7 @@ def write_weights_only_checkpoint(hf_dir: str | Path, save_dir: str | Path, tp: 
     if "visual.layers.0.self_attn.q_proj.weight" in state:
         check_gate_rows(state["visual.layers.0.self_attn.q_proj.weight"].shape[0], mcfg, conf_file)
     check_hf_weights(state, official_model_fields(mcfg), str(Path(hf_dir)))
+    check_finite(state, str(Path(hf_dir)), "nothing written")
     probe = Config(model=mcfg)
     probe.parallel.tensor_parallel, probe.parallel.pipeline_parallel = tp, pp
     resolve_layout(probe, tp * pp)  # raises ConfigError naming the fields
@@ -457,7 +557,8 @@ def write_weights_only_checkpoint(hf_dir: str | Path, save_dir: str | Path, tp: 
     source_cfg = conf.get("genlip_training", {}).get("config") or Config().to_dict()
     source_cfg = dict(source_cfg, model=dataclasses.asdict(mcfg))
     marker = {"weights_only": True, "source": str(Path(hf_dir).resolve()), "iteration": 0,
-              "target_layout": {"tensor_parallel": tp, "pipeline_parallel": pp}, "config": source_cfg}
+              "target_layout": {"tensor_parallel": tp, "pipeline_parallel": pp}, "config": source_cfg,
+              "official_fields": kept_fields(conf)}  # written back as they were by an export (hf_config)
     (work / ckpt_format.WEIGHTS_ONLY_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
     return ckpt_format.publish(save_dir, tag.name, iteration=0, imported_from=marker["source"])
 

@@ -2,14 +2,22 @@
 
 Export (:func:`to_official`) writes every field the released configs carry, with the official names and
 values, so that the official ``GenLIPConfig(**json)`` builds the model the trainer trained; our own fields
-(:data:`OUR_FIELDS`) are added only where the official schema has no equivalent.
+(:data:`OUR_FIELDS`) are added only where the official schema has no equivalent. Fields of an imported
+config.json that the trainer does not use (:func:`kept_fields`: g/16's ``num_patches``, L/16's ``architectures``,
+the official class's ``initializer_factor``, ...) travel in the weights-only checkpoint and are written back as
+they were. A LayerScale init at or below the official class's threshold (it builds LayerScale only for
+``ls_init_value > 1e-6``) is written as :data:`LAYER_SCALE_STAND_IN`, so that the official class builds LayerScale
+and loads the trained vectors; the run's own init stays in ``genlip_training``, and an import restores it.
 
 Import (:func:`from_official`) reads the official schema and the schema of our earlier exports
-(``layer_scale_init_value``, top-level ``mrope_section``). It interprets a ``config.json`` the way the official
+(``layer_scale_init_value``, top-level ``mrope_section``), and everything the official class's
+``save_pretrained`` writes (``initializer_factor``, ``lm_head_hdsz``, ``rms_norm_eps``, ``num_key_value_heads``,
+``rope_scaling`` with ``rope_type`` "default"). It interprets a ``config.json`` the way the official
 class does (a missing field takes the official default, :data:`OFFICIAL_DEFAULTS`) and refuses, naming the
 fields: unknown fields, values of the wrong type, and values that describe a model this trainer does not
-implement (``mrope_interleaved`` false, ``use_swiglu_ffn`` false, LayerScale off, an M-RoPE section naming
-channels that do not exist at the head dim, ...). Name resolution, defaults and refusals are those of the
+implement (``mrope_interleaved`` false, ``use_swiglu_ffn`` false, LayerScale off, i.e. ``ls_init_value <= 1e-6``,
+``num_key_value_heads`` other than the heads, an M-RoPE section naming channels that do not exist at the head
+dim, ...). Name resolution, defaults and refusals are those of the
 shipped ``configuration_genlip`` (the exported modeling code refuses the same configs), so a folder the
 trainer accepts is one the exported code builds identically.
 """
@@ -20,8 +28,9 @@ import re
 from typing import Any
 
 from megatron_genlip.config import ConfigError, ModelConfig, validate_model
-from megatron_genlip.hf.configuration_genlip import (IMPLEMENTED_VALUES, LEGACY_NAMES, OFFICIAL_DEFAULTS,
-                                                     GenLIPConfig, unsupported_fields)
+from megatron_genlip.hf.configuration_genlip import (IMPLEMENTED_VALUES, LAYER_SCALE_MIN, LEGACY_NAMES,
+                                                     OFFICIAL_CLASS_FIELDS, OFFICIAL_DEFAULTS, GenLIPConfig,
+                                                     unsupported_fields)
 
 # official field -> the ModelConfig field holding the same value (rope_scaling.mrope_section <-> mrope_section
 # is the one nested field, handled on its own)
@@ -63,7 +72,10 @@ TYPES: dict[str, tuple[type, ...]] = {
                            "tokens_per_second", "vision_start_token_id", "vision_end_token_id", "num_patches",
                            "text_vocab_size", "image_token_id")},
     **{k: (int, float) for k in ("rope_theta", "ls_init_value", "layer_scale_init_value", "drop_path_rate",
-                                 "layer_norm_eps", "initializer_range", "attention_dropout")},
+                                 "layer_norm_eps", "initializer_range", "attention_dropout", "initializer_factor",
+                                 "rms_norm_eps")},
+    **{k: (int,) for k in ("lm_head_hdsz",)},
+    **{k: (int, type(None)) for k in ("num_key_value_heads",)},
     **{k: (bool,) for k in ("gated_attention", "mrope_interleaved", "use_swiglu_ffn", "use_liger_kernel",
                             "use_llm_head", "tie_word_embeddings", "vision_only")},
     **{k: (str,) for k in ("model_type", "hidden_act")},
@@ -95,7 +107,27 @@ def _known_fields() -> frozenset[str]:
     generation = set(GenerationConfig._get_default_generation_params())  # transformers drops these on load
     return frozenset({"model_type", "num_patches", "max_position_embeddings", "vision_start_token_id",
                       "vision_end_token_id", "rope_scaling", *MODEL_FIELDS, *OFFICIAL_DEFAULTS, *IMPLEMENTED_VALUES,
-                      *TRAINER_ONLY_VALUES, *PUBLISHED_INFO, *OUR_FIELDS, *LEGACY_NAMES, *HF_GENERIC, *generation})
+                      *TRAINER_ONLY_VALUES, *PUBLISHED_INFO, *OUR_FIELDS, *LEGACY_NAMES, *HF_GENERIC, *generation,
+                      *OFFICIAL_CLASS_FIELDS})
+
+
+# A run whose LayerScale init is at or below the official threshold (LAYER_SCALE_MIN) still has LayerScale, with
+# trained vectors; its export says ls_init_value = this (only an initial value: the official class then builds
+# LayerScale and loads the trained vectors), and keeps the run's own init in genlip_training, which an import of
+# the folder restores.
+LAYER_SCALE_STAND_IN = 1e-5
+
+# fields an export derives from the model and the run (or writes in the published form: rope_scaling, the dtype);
+# every other field of an imported config.json is one the trainer does not use, kept as it was (g/16's
+# num_patches, L/16's architectures, the official class's initializer_factor, ...; :func:`kept_fields`)
+DERIVED = frozenset({"model_type", "rope_scaling", "attention_dropout", "vision_only", "torch_dtype", "dtype",
+                     "transformers_version", "_name_or_path", *MODEL_FIELDS, *IMPLEMENTED_VALUES, *OUR_FIELDS,
+                     *LEGACY_NAMES})
+
+
+def kept_fields(conf: dict) -> dict[str, Any]:
+    """The fields of an imported config.json that the trainer does not use, to be written back as they were."""
+    return {k: v for k, v in conf.items() if k not in DERIVED}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -110,22 +142,28 @@ def official_model_fields(m: ModelConfig) -> dict[str, Any]:
 
 
 def to_official(m: ModelConfig, *, dtype: str, vision_only: bool, vision_start_token_id: int,
-                vision_end_token_id: int, max_position_embeddings: int) -> dict[str, Any]:
+                vision_end_token_id: int, max_position_embeddings: int,
+                kept: dict[str, Any] | None = None) -> dict[str, Any]:
     """config.json fields of the official schema for model ``m`` (§6.9), plus ``vision_only``.
 
     ``dtype``: "bfloat16" or "float32" (``torch_dtype``). The vision start/end ids come from the tokenizer
     (the official schema declares them; GenLIP sequences never contain them) and ``max_position_embeddings``
-    from the packed row length."""
-    if not m.layer_scale_init > 0:
-        raise ConfigError(f"model.layer_scale_init={m.layer_scale_init}: the official schema reads ls_init_value 0 "
-                          "as LayerScale off, so this model cannot be exported as a GenLIP config")
+    from the packed row length. ``kept``: the unused fields of the config.json the model was imported from
+    (:func:`kept_fields`), written as they were (``architectures`` only for the full model). A LayerScale init
+    the official class would read as "no LayerScale" is written as :data:`LAYER_SCALE_STAND_IN`."""
     validate_model(m)
     out = {"architectures": ["GenLIPVisionModel" if vision_only else "GenLIPModel"], "model_type": "genlip"}
     out.update(official_model_fields(m))
+    if not m.layer_scale_init > LAYER_SCALE_MIN:
+        out["ls_init_value"] = LAYER_SCALE_STAND_IN
     out.update(IMPLEMENTED_VALUES)
     out.update(attention_dropout=TRAINER_ONLY_VALUES["attention_dropout"], torch_dtype=dtype,
                max_position_embeddings=max_position_embeddings, vision_start_token_id=vision_start_token_id,
                vision_end_token_id=vision_end_token_id, vision_only=vision_only, **PUBLISHED_INFO)
+    kept = {k: v for k, v in (kept or {}).items() if k not in DERIVED and not (vision_only and k == "architectures")}
+    if "num_key_value_heads" in kept:  # an import accepts only the heads themselves; they cannot have changed
+        kept["num_key_value_heads"] = m.num_attention_heads
+    out.update(kept)
     return out
 
 
@@ -193,6 +231,9 @@ def from_official(conf: dict, where: str = "config.json") -> ModelConfig:
         raise ConfigError(f"{where}: {e}") from None
     _implemented(conf, hf, where)
     values = {v: getattr(hf, k) for k, v in MODEL_FIELDS.items()}
+    recorded = _recorded_layer_scale_init(conf)
+    if recorded is not None and hf.ls_init_value == LAYER_SCALE_STAND_IN:
+        values["layer_scale_init"] = recorded  # our export of a run initialised at or below the threshold
     m = ModelConfig(**values, mrope_section=list(hf.mrope_section))
     try:
         validate_model(m)
@@ -200,6 +241,16 @@ def from_official(conf: dict, where: str = "config.json") -> ModelConfig:
         official = {v: k for k, v in MODEL_FIELDS.items()} | {"mrope_section": "rope_scaling.mrope_section"}
         raise ConfigError(f"{where}: " + re.sub(r"model\.(\w+)", lambda w: official.get(w[1], w[0]), str(e))) from None
     return m
+
+
+def _recorded_layer_scale_init(conf: dict) -> float | None:
+    """The LayerScale init our export recorded in genlip_training when it wrote the stand-in (else None)."""
+    training = conf.get("genlip_training")
+    model = ((training or {}).get("config") or {}).get("model") if isinstance(training, dict) else None
+    value = model.get("layer_scale_init") if isinstance(model, dict) else None
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and not value > LAYER_SCALE_MIN:
+        return float(value)
+    return None
 
 
 def check_gate_rows(q_proj_rows: int, m: ModelConfig, where: str) -> None:
