@@ -34,7 +34,6 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel import random as mcore_random
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
-from megatron_genlip import platform
 
 DEFAULT = "default-rng"  # megatron's name for "no fork active": torch's default generators
 # megatron-core's stream names (its private _DATA_PARALLEL_RNG_TRACKER_NAME / _MODEL_PARALLEL_RNG_TRACKER_NAME):
@@ -45,7 +44,8 @@ DP_SEED_STRIDE = 1000  # replicated seed = seed + 1000 * data-parallel rank (the
 
 
 def _cuda() -> bool:
-    return platform.current().cuda
+    """Whether there are CUDA generators whose states a stream must carry."""
+    return torch.cuda.is_available()
 
 
 def _current_states() -> dict:
@@ -101,13 +101,14 @@ class RNGStatesTracker(mcore_random.CudaRNGStatesTracker):
 
 
 def get_tracker() -> RNGStatesTracker:
-    """megatron-core's global tracker (``get_cuda_rng_tracker()``), which the start-up platform decision made an
-    :class:`RNGStatesTracker`."""
-    platform.current()
+    """megatron-core's global tracker (``get_cuda_rng_tracker()``), which the platform decision made an
+    :class:`RNGStatesTracker` (``platform.initialize``, which every entry point and every model build runs
+    first; this module does not import the platform, which imports the patches that import it)."""
     tracker = get_cuda_rng_tracker()
     if not isinstance(tracker, RNGStatesTracker):
         raise RuntimeError(f"megatron-core's RNG tracker is a {type(tracker).__name__}, not the project's "
-                           "RNGStatesTracker: something replaced it after megatron_genlip.platform.initialize()")
+                           "RNGStatesTracker: call megatron_genlip.platform.initialize() first (it installs it), "
+                           "and nothing may replace it afterwards")
     return tracker
 
 

@@ -412,23 +412,17 @@ def resumes_from_universal(cfg) -> bool:
 # load
 
 
-def load_checkpoint(engine, ckpt_dir: str | Path, tag: str, weights_only: bool = False, model_cfg=None,
+def load_checkpoint(engine, ckpt_dir: str | Path, tag: str, weights_only: bool = False,
                     manifest: dict | None = None) -> dict:
     """Load model, optimizer and scheduler state; restore this rank's RNG; return the client state.
 
-    ``weights_only``: only the model weights (the optimizer's fp32 master weights are refreshed from them);
-    optimizer, lr schedule and RNG start fresh. Full weights written by tools/convert_checkpoint.py (its marker
-    file) are split for this rank's layout (needs ``model_cfg``); a DeepSpeed checkpoint marked weights-only
-    loads its module files. A universal checkpoint needs an engine configured with ``load_universal``
-    (DeepSpeed then restores weights and optimizer state from its ``zero/`` folder). ``manifest``: the verified
-    manifest, against which this rank's RNG file is checked before it is read.
+    ``weights_only``: only the model weights of a DeepSpeed checkpoint marked weights-only (its module files);
+    optimizer, lr schedule and RNG start fresh. (Full weights written by tools/convert_checkpoint.py, with its
+    marker file, load through ``hf.convert.load_weights_only``.) A universal checkpoint needs an engine
+    configured with ``load_universal`` (DeepSpeed then restores weights and optimizer state from its ``zero/``
+    folder). ``manifest``: the verified manifest, against which this rank's RNG file is checked before it is read.
     """
     tag_dir = Path(ckpt_dir) / tag
-    if weights_only and (tag_dir / fmt.WEIGHTS_ONLY_MARKER).is_file():
-        from megatron_genlip.hf.convert import load_weights_only
-
-        load_weights_only(engine, tag_dir, model_cfg)
-        return {}
     if weights_only:
         path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_only=True,
                                                     load_optimizer_states=False, load_lr_scheduler_states=False)

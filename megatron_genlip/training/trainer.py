@@ -222,7 +222,12 @@ class Trainer:
         if problem:
             raise ConfigError(problem)
         if client.get("weights_only"):
-            ckpt.load_checkpoint(self.engine, directory, tag, weights_only=True, model_cfg=self.cfg.model)
+            if (directory / tag / fmt.WEIGHTS_ONLY_MARKER).is_file():  # full weights from convert_checkpoint.py
+                from megatron_genlip.hf.convert import load_weights_only  # transformers: imported only here
+
+                load_weights_only(self.engine, directory / tag, self.cfg.model)
+            else:
+                ckpt.load_checkpoint(self.engine, directory, tag, weights_only=True)
             return said + f"initialised from the weights of {directory / tag} ({what}); step 0, fresh optimizer"
         changes = stream_changes(client.get("config", {}), client.get("data_fingerprint"), self.cfg,
                                  self.train_rows.fingerprint())
