@@ -44,6 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--dry-run-world-size", type=int, default=None,
                     help="world size assumed by --dry-run (default: global_batch_size / micro_batch_size x TP x PP, "
                          "i.e. no gradient accumulation)")
+    ap.add_argument("--gpu-memory", type=float, default=80.0, metavar="GB",
+                    help="GPU memory (GiB) --dry-run checks the per-GPU memory plan against (default 80: H100/A100-80GB)")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None,
                     help="set by the deepspeed launcher; the trainer reads LOCAL_RANK from the environment")
     args = ap.parse_args(argv)
@@ -112,7 +114,7 @@ def _labelled(cfg: Config, num_text: int, prompt_tokens: int) -> int:
     return round(num_text * n_lab / n_txt)
 
 
-def dry_run(cfg: Config, world_size: int | None) -> dict:
+def dry_run(cfg: Config, world_size: int | None, gpu_memory: float = 80.0) -> dict:
     from megatron_genlip import platform
     from megatron_genlip.model.accounting import build_meta_model, count_parameters, flops_per_sample
     from megatron_genlip.training.ds_config import deepspeed_config
@@ -209,6 +211,12 @@ def dry_run(cfg: Config, world_size: int | None) -> dict:
           f"{_count(info['total_tokens'])} tokens, {info['total_flops']:.3e} FLOP, "
           f"~{hours_text} GPU-hours at 50% MFU of {t.peak_tflops:g} TFLOP/s "
           f"(samples and FLOPs from {basis})")
+    from megatron_genlip.training.memory import memory_report
+
+    # per-GPU memory (training/memory.py): as configured, then with activation checkpointing flipped
+    fractions = {"image_fraction": n_img / (n_img + n_txt)} if n_img + n_txt > 0 else {}
+    text, info["memory"] = memory_report(cfg, layout.world_size, gpu_memory, **fractions)
+    print(text)
     return info
 
 
@@ -226,7 +234,7 @@ def main(argv=None) -> dict:
     try:
         cfg = load_config(args.config, args.overrides)
         if args.dry_run:
-            return dry_run(cfg, args.dry_run_world_size)
+            return dry_run(cfg, args.dry_run_world_size, args.gpu_memory)
         from megatron_genlip.training.trainer import Trainer
 
         summary = Trainer(cfg).train()
