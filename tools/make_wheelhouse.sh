@@ -9,6 +9,12 @@
 #
 #   pip install --no-index --find-links TARGET_DIR -r requirements-cluster.txt
 #
+# * Install with the very interpreter that imports torch (`python3 -m pip install ...` of that python3). When it is
+#   itself a venv (the GPU machine's python3 is one), never make a venv from it: a venv of a venv, even with
+#   --system-site-packages, sees the BASE interpreter's packages, not the torch of the venv it was made from, and
+#   pip then finds no torch for megatron-core and DeepSpeed. benchmarks/gpu_run.py --wheelhouse installs into the
+#   interpreter itself with torch pinned to its installed build (or with --target + PYTHONPATH when its
+#   site-packages is read-only); add `-c` with a `torch==<installed version>` line to do the same by hand.
 # * Without --python/--platform the wheels are for the Python running this script, on this machine.
 # * With them, only binary wheels for that interpreter and platform are taken (--only-binary=:all:); a manylinux
 #   platform also accepts the older manylinux tags (a wheel built for glibc 2.17 runs on 2.28).
@@ -23,7 +29,7 @@
 #   script fails when it does not. It writes SHA256SUMS and prints the total size.
 set -euo pipefail
 
-usage() { sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 REQUIREMENTS=()

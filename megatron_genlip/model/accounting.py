@@ -45,10 +45,14 @@ def count_parameters(model: torch.nn.Module) -> ParamCounts:
 
 
 def build_meta_model(cfg: ModelConfig) -> torch.nn.Module:
+    """The model on the meta device, for counting. Built with the local backend and no FP8: the same parameters
+    and shapes (TE and torchao layers keep the weights' shapes), and no GPU or FP8 hardware needed to count them."""
+    from dataclasses import replace
+
     from megatron_genlip.model.genlip import GenLIPModel
 
     with torch.device("meta"):
-        return GenLIPModel(cfg)
+        return GenLIPModel(replace(cfg, fp8="none", backend="local"))
 
 
 def flops_per_sample(cfg: ModelConfig, num_image: int, num_text: int, num_labels: int) -> float:
