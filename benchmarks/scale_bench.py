@@ -13,12 +13,17 @@ buffer 4096) and the real readers. Loader images/s per worker come from benchmar
     python benchmarks/scale_bench.py                          # 1e7 samples, ~5 minutes on 2 cores
     python benchmarks/scale_bench.py --samples 1e9 --parts 100000 --epochs 8 --workers 32   # the real size
 
+It also measures what checking every stored byte costs (``verify_*``): the start-up check of every part (one
+process), the first touch of a pack-index chunk (sha256 of its 2^20 sample ids and its rows), a row lookup once
+its chunk is verified, a part's first open (sha256 of its .idx, sums and lengths rows) and a sample's crc32.
+
 The last line is one JSON object with every number (keys named in the issue).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import random
@@ -28,6 +33,7 @@ import sys
 import tempfile
 import time
 import tracemalloc
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -66,11 +72,20 @@ def write_part(prefix: str, text_tokens: np.ndarray, settings: dict, source: dic
     with open(prefix + ".bin", "wb") as f:
         f.truncate(int(lengths.sum()))
     grid = np.full(n, 14, dtype=np.uint16)
+    table = np.stack([grid, grid, text_tokens.astype(np.uint16)], axis=1)
     with open(prefix + ".lengths.npy", "wb") as f:
-        np.save(f, np.stack([grid, grid, text_tokens.astype(np.uint16)], axis=1))
+        np.save(f, table)
+    sample_bytes = 5 * text_tokens + image_bytes  # the sparse .bin reads as zeros: crc32 by sample size
+    crc = {int(b): zlib.crc32(bytes(int(b))) for b in np.unique(sample_bytes)}
+    sums = np.asarray([crc[int(b)] for b in sample_bytes], dtype=np.uint32)
+    with open(prefix + ".sums.npy", "wb") as f:
+        np.save(f, sums)
+    sha = lambda b: hashlib.sha256(b).hexdigest()  # noqa: E731
     report = {"shard": prefix, "written": n, "tokens": int(196 * n + text_tokens.sum()), "image_bytes": image_bytes * n,
               "skipped": {}, "skipped_samples": [], "settings": settings, "source": source, "duplicate_keys": [], "duplicate_key_count": 0, "fingerprint": os.urandom(8).hex(),
-              "bin_bytes": int(lengths.sum()), "idx_bytes": os.path.getsize(prefix + ".idx")}
+              "bin_bytes": int(lengths.sum()), "idx_bytes": os.path.getsize(prefix + ".idx"),
+              "idx_sha256": sha(Path(prefix + ".idx").read_bytes()), "sums_sha256": sha(sums.tobytes()),
+              "lengths_sha256": sha(table.tobytes())}
     Path(prefix + ".report.json").write_text(json.dumps(report))
     return report
 
@@ -191,6 +206,77 @@ print(json.dumps(out))
 '''
 
 
+VERIFY = r'''
+import json, sys, time, zlib
+sys.path.insert(0, sys.argv[1])
+import numpy as np
+from megatron_genlip.config import load_config
+from megatron_genlip.data.pack_index import PackIndex
+from megatron_genlip.data.packed_dataset import check_data_files, open_rows
+
+cfg = load_config(sys.argv[2], sys.argv[4:])
+rows = open_rows(sys.argv[3], cfg.data)
+index, ds = rows.index, rows.dataset
+out = {}
+t = time.perf_counter()
+check_data_files(rows)  # the start-up check (one process): every part's files exist with their sizes
+out["verify_startup_s"] = time.perf_counter() - t
+out["verify_startup_ms_per_part"] = out["verify_startup_s"] / len(ds.part_paths) * 1e3
+fresh = PackIndex(index.directory, rows.settings)  # first touch of every chunk of epoch 0 (hashes each once)
+meta = fresh.epoch_meta[0]
+starts = np.cumsum([0] + meta["chunk_rows"])
+t = time.process_time()
+for c in range(len(meta["chunk_rows"])):
+    fresh.row_samples(int(starts[c]))
+out["verify_chunk_ms"] = (time.process_time() - t) / len(meta["chunk_rows"]) * 1e3
+out["rows_per_chunk"] = float(np.mean(meta["chunk_rows"]))
+rng = np.random.default_rng(1)
+picks = rng.integers(0, int(starts[-1]), 5000)
+t = time.process_time()
+for g in picks:  # every chunk verified: what is left per row is a set lookup and a binary search
+    fresh.row_samples(int(g))
+out["verify_fetch_index_us_verified"] = (time.process_time() - t) / len(picks) * 1e6
+fresh._check_row = lambda *a: None
+t = time.process_time()
+for g in picks:
+    fresh.row_samples(int(g))
+out["verify_fetch_index_us_unchecked"] = (time.process_time() - t) / len(picks) * 1e6
+parts = rng.choice(len(ds.part_paths), min(200, len(ds.part_paths)), replace=False)
+t = time.process_time()
+for p in parts:  # first open of a part in a process: sizes, .idx sha256, sums sha256, its lengths rows
+    i = int(ds.part_starts[p])
+    ds.grid_and_text(i)
+    ds.raw(i)
+first = (time.process_time() - t) / len(parts)
+t = time.process_time()
+for p in parts:  # the same parts again (open, nothing checked): the difference is the first-open check
+    ds._parts.clear()
+    i = int(ds.part_starts[p])
+    ds.grid_and_text(i)
+    ds.raw(i)
+again = (time.process_time() - t) / len(parts)
+out["verify_part_first_open_ms"] = (first - again) * 1e3
+for size in (7_000, 50_000, 150_000):  # simulated stage-1 sample, an encoded photo, stage-1 pixels
+    data = np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8).tobytes()
+    t = time.perf_counter()
+    for _ in range(2000):
+        zlib.crc32(data)
+    out[f"verify_crc32_us_{size}"] = (time.perf_counter() - t) / 2000 * 1e6
+out["verify_crc32_mb_per_s"] = 150_000 / out["verify_crc32_us_150000"]
+print(json.dumps(out))
+'''
+
+
+def measure_verification(config: str, prefix: str, overrides: list[str]) -> dict:
+    """What checking every stored byte costs: the start-up part check, a pack-index chunk's first touch, a row
+    lookup once its chunk is verified, a part's first open, a sample's crc32 (a fresh process)."""
+    out = subprocess.run([sys.executable, "-c", VERIFY, str(Path(__file__).parent), config, prefix, *overrides],
+                         capture_output=True, text=True, cwd=ROOT)
+    if out.returncode:
+        raise RuntimeError(f"verification measurement failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 DATASET = r'''
 import sys
 sys.path.insert(0, sys.argv[1])
@@ -272,6 +358,17 @@ def extrapolate(m: dict, samples: int, parts: int, epochs: int) -> list[tuple[st
          f"{REAL_PARTS:,} parts: ~{m['finalize_seconds_per_part'] * REAL_PARTS / 60:.0f} min, "
          f"~{m['finalize_peak_mb'] + m['finalize_mb_per_part'] * (REAL_PARTS - parts):.0f} MB peak "
          "(O(parts); lengths streamed)"),
+        ("verification at start-up", f"{parts} parts: {m['verify_startup_s']:.2f} s "
+         f"({m['verify_startup_ms_per_part']:.3f} ms/part: listing + 2 stats per part, one process)",
+         f"{REAL_PARTS:,} parts: ~{m['verify_startup_ms_per_part'] * REAL_PARTS / 1e3:.0f} s on a local disk, "
+         "one process (rank 0) for the whole job"),
+        ("verification per row", f"chunk first touch {m['verify_chunk_ms']:.1f} ms per {m['rows_per_chunk']:.0f} "
+         f"rows; verified lookup {m['verify_fetch_index_us_verified']:.1f} us vs "
+         f"{m['verify_fetch_index_us_unchecked']:.1f} us unchecked",
+         "same per chunk (2^20 samples, fixed); per process, not per step"),
+        ("verification per sample", f"part first open {m['verify_part_first_open_ms']:.2f} ms; crc32 "
+         f"{m['verify_crc32_us_50000']:.0f} us per 50 kB photo ({m['verify_crc32_mb_per_s']:.0f} MB/s)",
+         "same (per part: ~10,000 samples; per sample: its own bytes)"),
         ("loader per worker", f"encoded {m['loader_images_per_s_encoded']:.0f}, pixels "
          f"{m['loader_images_per_s_pixels']:.0f} images/s", f"So16 at 50% MFU needs ~576 images/s per GPU: "
          f"{576 / m['loader_images_per_s_encoded']:.1f} encoded or {576 / m['loader_images_per_s_pixels']:.1f} pixel workers"),
@@ -309,6 +406,7 @@ def main() -> None:
         m.update(measure_pack(rows, args.epochs, args.workers))
         print(f"packed {args.epochs} epochs: {m['pack_us_per_sample']:.2f} us/sample")
         m.update(measure_reader(args.config, prefix, overrides))
+        m.update(measure_verification(args.config, prefix, overrides))
         few = measure_dataset_memory(args.config, small, overrides)
         many = measure_dataset_memory(args.config, prefix, overrides)
         k = max(1, args.parts // 10)

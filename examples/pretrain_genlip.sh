@@ -7,9 +7,10 @@
 #   deepspeed examples/pretrain_genlip.sh [--set KEY=VALUE ...] # also works: one rank per visible device
 #
 # With the defaults it generates the embedded synthetic dataset (if absent), preprocesses it into indexed
-# train/val datasets (if absent), trains the tiny config, evaluates on the held-out split, saves a
-# checkpoint and prints a summary. Environment variables:
-#   CONFIG         config file                                  (examples/configs/tiny.yaml)
+# train/val datasets (if absent), trains the tiny config, evaluates it (held-out loss and captions, and a linear
+# probe and zero-shot classification of single-shape scenes, also on the initial model), saves a checkpoint and
+# prints a summary. Environment variables:
+#   CONFIG         config file                                  (examples/configs/tiny-main.yaml)
 #   NPROC          processes on this machine                    (2)
 #   OUTPUT_DIR     checkpoints, logs, TensorBoard, summary      (outputs/tiny)
 #   DATA_DIR       embedded data: shards/ and indexed/          (data/tiny)
@@ -21,7 +22,7 @@
 # ---------------------------------------------------------------------------------------------------
 set -euo pipefail
 cd "$(dirname "$0")/.."
-CONFIG=${CONFIG:-examples/configs/tiny.yaml}
+CONFIG=${CONFIG:-examples/configs/tiny-main.yaml}
 NPROC=${NPROC:-2}
 OUTPUT_DIR=${OUTPUT_DIR:-outputs/tiny}
 DATA_DIR=${DATA_DIR:-data/tiny}
@@ -31,7 +32,8 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # compile/dynamo: the trainer's pl
 DATA_ARGS=()
 if [ "$EMBEDDED_DATA" = "1" ]; then
   python -m megatron_genlip.training.prepare --config "$CONFIG" --data-dir "$DATA_DIR"
-  DATA_ARGS=(--set "data.train_data=$DATA_DIR/indexed/train" --set "data.valid_data=$DATA_DIR/indexed/val")
+  while IFS= read -r line; do DATA_ARGS+=(--set "$line"); done < <(
+    python -m megatron_genlip.training.prepare --config "$CONFIG" --data-dir "$DATA_DIR" --print-overrides)
 fi
 exec deepspeed --num_gpus "$NPROC" --master_port "$PORT" examples/pretrain_genlip.py --config "$CONFIG" \
   "${DATA_ARGS[@]}" --output-dir "$OUTPUT_DIR" "$@"
@@ -49,15 +51,14 @@ def _run() -> None:
 
     platform.start_process()  # before the data preparation imports megatron-core
     from megatron_genlip.training.entry import run_and_exit
-    from megatron_genlip.training.prepare import prepare_default_data
+    from megatron_genlip.training.prepare import data_overrides, prepare_default_data
 
-    config = os.environ.get("CONFIG", "examples/configs/tiny.yaml")
+    config = os.environ.get("CONFIG", "examples/configs/tiny-main.yaml")
     data_dir = os.environ.get("DATA_DIR", "data/tiny")
     argv = ["--config", config, "--output-dir", os.environ.get("OUTPUT_DIR", "outputs/tiny")]
     if os.environ.get("EMBEDDED_DATA", "1") == "1":
         prepare_default_data(config, data_dir, quiet=os.environ.get("RANK", "0") != "0")  # file-locked, idempotent
-        argv += ["--set", f"data.train_data={data_dir}/indexed/train",
-                 "--set", f"data.valid_data={data_dir}/indexed/val"]
+        argv += [arg for item in data_overrides(config, data_dir) for arg in ("--set", item)]
     run_and_exit(argv + sys.argv[1:])
 
 

@@ -147,11 +147,16 @@ class TrainConfig:
     save_interval: int = 1000  # steps between checkpoints (and one at the end)
     save_final: bool = True  # the checkpoint at the last step (false: a benchmark run that keeps no multi-GB state)
     keep_last: int = 3  # complete checkpoints kept; older ones are deleted (0: keep all)
-    # keep the checkpoint of the best validation loss (saved at each new best, never deleted by keep_last;
-    # recorded in checkpoints/best.json); needs data.valid_data
+    # keep the checkpoint of the best train.best_metric (saved at each new best, never deleted by keep_last;
+    # recorded in checkpoints/best.json); needs an evaluator that reports it
     keep_best: bool = False
+    # the metric best.json and keep_best follow: "EVALUATOR/METRIC" (e.g. "probe/top1"); "" = the first
+    # validation_loss evaluator's val_loss
+    best_metric: str = ""
+    best_mode: str = ""  # "min" or "max"; "" = min for a loss, max otherwise
+    eval_at_start: bool = False  # run every evaluator once on the initial model (step 0), to compare with the trained
     load: str | None = None  # checkpoint directory to start from when output_dir has none
-    eval_interval: int = 1000  # steps between evaluations (and one at the end)
+    eval_interval: int = 1000  # steps between evaluations (and one at the end); an evaluator's own interval wins
     eval_rows: int = 8  # held-out packed rows for the validation loss
     eval_captions: int = 16  # held-out images captioned for exact-match / token accuracy
     max_new_tokens: int = 64  # generation limit for evaluation captions
@@ -180,6 +185,10 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    # evaluators (megatron_genlip/evaluation): a list of {name, type, interval, data, options}, or a mapping
+    # name -> {type, interval, data, options}; empty: "val" (validation_loss) and "captions" (captioning) on
+    # data.valid_data. Checked at start-up and by --dry-run.
+    evaluation: Any = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -371,8 +380,7 @@ def validate(cfg: Config) -> None:
     need(t.clip_grad >= 0, "train.clip_grad", ">= 0 (0: no clipping)")
     need(t.seed >= 0, "train.seed", ">= 0")
     need(t.keep_last >= 0, "train.keep_last", ">= 0 (0: keep every checkpoint)")
-    need(not t.keep_best or bool(d.valid_data), "train.keep_best", "false when data.valid_data is not set (no "
-         "validation loss to pick the best checkpoint by)")
+    need(t.best_mode in ("", "min", "max"), "train.best_mode", "'min', 'max' or '' (min for a loss, max otherwise)")
     need(t.eval_captions >= 0, "train.eval_captions", ">= 0")
     need(t.peak_tflops > 0, "train.peak_tflops", "> 0")
     need(t.max_consecutive_skips >= 0, "train.max_consecutive_skips", ">= 0 (0: never stop for skipped steps)")
@@ -390,6 +398,8 @@ def _float_fields(cfg: Config):
     """("section.key", value) of every float field (NaN and infinity pass every comparison test unnoticed)."""
     for section in dataclasses.fields(cfg):
         obj = getattr(cfg, section.name)
+        if not dataclasses.is_dataclass(obj):  # the evaluation list: checked by megatron_genlip.evaluation
+            continue
         hints = typing.get_type_hints(type(obj))
         for f in dataclasses.fields(obj):
             if hints[f.name] in (float, float | None):

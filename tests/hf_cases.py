@@ -45,7 +45,7 @@ def hf_validation_loss(model, val_prefix: str, rows: int = 4, per_row_mean: bool
     trainer's evaluation reports it: the token mean over the rows, or (``per_row_mean``, what the pipeline
     engine reports with one row per micro-batch) the mean of per-row token means."""
     from megatron_genlip.batch import normalize_pixels
-    from megatron_genlip.data.builder import tokenizer_fingerprint
+    from megatron_genlip.data.tokenizer import tokenizer_fingerprint
     from megatron_genlip.data.indexed import GenLIPIndexedDataset
     from megatron_genlip.data.packed_dataset import PackedRows
     from megatron_genlip.data.packing import stack_rows

@@ -18,7 +18,8 @@ import webdataset as wds
 from PIL import Image
 
 from megatron_genlip.config import load_config
-from megatron_genlip.data.builder import build_indexed_dataset, tokenizer_fingerprint
+from megatron_genlip.data.builder import build_indexed_dataset
+from megatron_genlip.data.tokenizer import tokenizer_fingerprint
 from megatron_genlip.data.indexed import DatasetMismatch, GenLIPIndexedDataset
 from megatron_genlip.data.packed_dataset import MicroBatchSampler, PackedRows, build_loader
 from megatron_genlip.data.streaming import StreamingPackedRows

@@ -227,6 +227,13 @@ def test_build_pack_index_tool_builds_and_verifies(tmp_path):
     verify = subprocess.run(cmd + ["--verify"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert verify.returncode == 1 and "epoch 2 chunk 0: checksum mismatch" in verify.stdout
     assert json.loads(meta.read_text())["rows"] > 0
+    (part,) = (tmp_path / "ds.parts").glob("000001-*.bin")  # --verify-data reads every sample of every part
+    data = bytearray(part.read_bytes())
+    data[len(data) // 3] ^= 0x40
+    part.write_bytes(bytes(data))
+    verify = subprocess.run(cmd + ["--verify-data"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert verify.returncode == 1 and re.search(r"000001-.*\.bin: sample \d+ .*does not match its checksum",
+                                                 verify.stdout), verify.stdout
 
 
 def dead_pid() -> int:

@@ -54,19 +54,42 @@ def test_best_is_the_lowest_finite_loss_and_the_kept_one_has_a_checkpoint():
     assert EvalHistory().best() is None and EvalHistory().is_new_best(1e9)
 
 
-def test_rising_note_needs_three_rises_in_a_row():
-    assert best_module.RISING_EVALS == 3
-    assert _history([6.0, 5.13, 6.0, 7.0]).rising() is None  # 5.13 -> 6 -> 7: two rises
-    assert _history([6.0, 5.13, 6.0, 7.0, 8.83]).rising() == (5.13, 8.83)
-    assert _history([4.9, 5.13, 6.0, 6.0, 8.83]).rising() is None  # a flat step breaks the run
-    assert _history([5.0, 4.0, float("nan"), 6.0, 7.0]).rising() is None
-    h = _history([4.98, 5.13, 6.0, 7.0, 8.83], {0: "iter_0000100", 1: "iter_0000200"})
-    assert h.rising_note(keep_best=True) == ("validation loss rose for the last 3 evaluations (5.13 -> 8.83): "
+def test_rising_note_needs_two_rises_in_a_row():
+    """Three evaluations suffice (a user saw 3.65 -> 5.58 -> 9.43 with no word): two rises in a row."""
+    assert best_module.RISING_EVALS == 2
+    assert _history([6.0, 5.13, 6.0]).rising() is None  # one rise
+    assert _history([3.65, 5.58, 9.43]).rising() == (3.65, 9.43)
+    assert _history([6.0, 5.13, 6.0, 8.83]).rising() == (5.13, 8.83)
+    assert _history([4.9, 5.13, 5.13, 8.83]).rising() is None  # a flat step breaks the run
+    assert _history([5.0, 4.0, float("nan"), 7.0]).rising() is None
+    h = _history([4.98, 5.13, 7.0, 8.83], {0: "iter_0000100", 1: "iter_0000200"})
+    assert h.rising_note(keep_best=True) == ("validation loss rose for the last 2 evaluations (5.13 -> 8.83): "
                                             "overfitting? best checkpoint: iter_0000100 (validation loss 4.98)")
-    assert h.rising_note(keep_best=False) == ("validation loss rose for the last 3 evaluations (5.13 -> 8.83): "
+    assert h.rising_note(keep_best=False) == ("validation loss rose for the last 2 evaluations (5.13 -> 8.83): "
                                              "overfitting? best validation loss 4.98 at step 100 (train.keep_best="
                                              "true keeps the checkpoint of the best evaluation)")
     assert _history([5.0, 4.0]).rising_note(keep_best=True) is None
+
+
+def test_a_higher_is_better_metric_and_the_first_is_best_note():
+    """train.best_metric on an accuracy (mode max): the best is the highest, the note says it fell; when the first
+    of several evaluations stays the best, the note says to evaluate more often."""
+    h = EvalHistory(key="probe/top1", mode="max")
+    for i, v in enumerate([0.6, 0.5, 0.4]):
+        h.add(100 * (i + 1), v, None)
+    assert h.best()["step"] == 100 and h.is_new_best(0.61) and not h.is_new_best(0.6)
+    assert h.rising_note(keep_best=False).startswith("probe/top1 fell for the last 2 evaluations (0.6 -> 0.4)")
+    assert "evaluate more often" in h.first_is_best_note() and "at step 100" in h.first_is_best_note()
+    assert _history([5.0, 4.0]).first_is_best_note() is None and _history([5.0]).first_is_best_note() is None
+
+
+def test_best_json_of_another_metric_is_not_read_back(tmp_path):
+    h = EvalHistory(key="probe/top1", mode="max")
+    h.add(100, 0.5, None)
+    h.save(tmp_path, keep_best=False)
+    assert json.loads((tmp_path / BEST_FILE).read_text())["metric"] == "probe/top1"
+    assert EvalHistory.load(tmp_path, 10**9, key="probe/top1", mode="max").evals == h.evals
+    assert EvalHistory.load(tmp_path, 10**9).evals == []  # the run now follows val_loss: a fresh history
 
 
 def test_the_history_file_survives_a_resume_up_to_its_step(tmp_path):
@@ -94,10 +117,24 @@ def test_the_summary_prints_the_best_checkpoint_and_the_note(capsys):
     assert f"note: {note}\n" in out
 
 
-def test_keep_best_needs_validation_data():
-    with pytest.raises(ConfigError, match=r"train.keep_best must be false when data.valid_data is not set"):
-        load_config(TINY, ["train.keep_best=true", "data.valid_data=null"])
-    assert load_config(TINY, ["train.keep_best=true"]).train.keep_best
+def test_keep_best_needs_a_metric_to_follow():
+    """train.keep_best follows train.best_metric (default: the validation loss): without a validation_loss
+    evaluator it must be named, and a name that is no evaluator's metric is refused listing what there is."""
+    from megatron_genlip.evaluation import build_evaluators
+    from megatron_genlip.training.best import resolve_metric
+
+    cfg = load_config(TINY, ["train.keep_best=true", "data.valid_data=null"])
+    with pytest.raises(ConfigError, match=r"train.keep_best: no validation_loss evaluator, so train.best_metric"):
+        resolve_metric(cfg, build_evaluators(cfg, None, cfg.evaluation))
+    cfg = load_config(TINY, ["train.keep_best=true"])
+    assert resolve_metric(cfg, build_evaluators(cfg, None, cfg.evaluation)) == ("val_loss", "min", "val/val_loss")
+    cfg = load_config(TINY, ["train.best_metric=captions/cider"])
+    assert resolve_metric(cfg, build_evaluators(cfg, None, cfg.evaluation)) == ("captions/cider", "max",
+                                                                                "captions/cider")
+    cfg = load_config(TINY, ["train.best_metric=captions/top1"])
+    with pytest.raises(ConfigError, match=r"train.best_metric: 'captions/top1' is not EVALUATOR/METRIC.*captions "
+                                          r"\(captioning: exact_match"):
+        resolve_metric(cfg, build_evaluators(cfg, None, cfg.evaluation))
 
 
 @pytest.fixture(scope="module")
@@ -143,10 +180,9 @@ def test_keep_best_survives_retention_and_resume_and_lines_carry_eta(tmp_path, d
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["best_val_loss"] == losses[best_step] and summary["best_val_step"] == best_step
     assert summary["best_checkpoint"] == str(ckpts / best_tag)
-    # the note on rising validation loss is the history's (this trajectory does not rise 3 times in a row at its
-    # end; the note's wording and printing are tested on their own)
+    # the note on rising validation loss is the history's (the note's wording and printing are tested on their own)
     assert summary["val_loss_rising"] == EvalHistory(doc["evaluations"]).rising_note(keep_best=True)
-    assert summary["val_loss_rising_evaluations"] == 3
+    assert summary["val_loss_rising_evaluations"] == best_module.RISING_EVALS
     assert f"best validation loss {losses[best_step]:.4f} at step {best_step}, checkpoint {ckpts / best_tag}" \
         in second.stdout
 

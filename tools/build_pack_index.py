@@ -10,6 +10,10 @@ command. For large datasets build it here, ahead, in parallel:
     # several machines: each builds epochs e with e % n == i (SLURM array: defaults from the environment)
     python tools/build_pack_index.py --config CONFIG --epochs 8 --epoch-shard-index 3 --num-epoch-shards 8
     python tools/build_pack_index.py --config CONFIG --verify      # recompute the stored checksums
+    python tools/build_pack_index.py --config CONFIG --verify-data # and read every sample of every part
+
+Training checks the same checksums lazily (each pack-index chunk and dataset part the first time a process
+touches it, each sample's crc32 when it is read); --verify finds damage before a run meets it.
 
 It reads data.train_data (or every dataset of data.train_blend) and data.valid_data (epoch 0), with
 data.seq_length, data.pack_buffer_size, data.seed and data.pack_index_dir, so pass the training config and
@@ -23,7 +27,8 @@ import os
 import sys
 
 from megatron_genlip.config import ConfigError, load_config
-from megatron_genlip.data.builder import shard_task_from_env, tokenizer_fingerprint
+from megatron_genlip.data.builder import shard_task_from_env
+from megatron_genlip.data.tokenizer import tokenizer_fingerprint
 from megatron_genlip.data.indexed import DatasetError, DatasetMismatch
 from megatron_genlip.data.pack_index import MissingEpochError, ensure_epoch
 from megatron_genlip.data.packed_dataset import BlendedRows, open_rows, open_train_rows
@@ -47,7 +52,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help=f"build only epochs e with e %% n == i (default: SLURM_ARRAY_TASK_ID, else 0; here {task_i})")
     ap.add_argument("--num-epoch-shards", type=int, default=task_n,
                     help=f"n of --epoch-shard-index (default: SLURM_ARRAY_TASK_COUNT, else 1; here {task_n})")
-    ap.add_argument("--verify", action="store_true", help="recompute the checksums of every built epoch and report")
+    ap.add_argument("--verify", action="store_true", help="recompute the checksums of every built epoch and report; "
+                    "also check that every dataset part exists with its recorded size")
+    ap.add_argument("--verify-data", action="store_true",
+                    help="--verify, and read every sample of every dataset part against its checksum (reads the "
+                         "whole dataset)")
     return ap.parse_args(argv)
 
 
@@ -78,22 +87,39 @@ def main(argv=None) -> int:
         print("error: --num-epoch-shards needs --epochs N (which epochs to split over the tasks)", file=sys.stderr)
         return 2
     problems = 0
+    args.verify = args.verify or args.verify_data
+    checked: set[int] = set()
     for name, rows, wanted, run_rows in sources:
         index = rows.index
         if args.verify:
-            index.refresh()
-            for e in range(index.epochs):
-                found = index.verify(e)
+            if id(rows.dataset) not in checked:
+                checked.add(id(rows.dataset))
+                found = rows.dataset.check_parts(limit=1000)
+                if args.verify_data and not found:
+                    found = [f for p in range(len(rows.dataset.part_paths)) if (f := rows.dataset.verify_part(p))]
                 problems += len(found)
-                print(f"{name} epoch {e}: {'; '.join(found) if found else 'intact'}")
+                print(f"{name} data ({len(rows.dataset.part_paths)} parts): "
+                      f"{'; '.join(found) if found else 'intact' if args.verify_data else 'every part present'}")
+            epoch = 0
+            while index._read_meta(epoch, marked=True) is not None:
+                found = index.verify(epoch)
+                if not found and (mark := index.damage_mark(epoch)):
+                    found = [f"epoch {epoch}: marked damaged by a reader ({mark}), now intact"]
+                problems += len(found)
+                print(f"{name} epoch {epoch}: {'; '.join(found) if found else 'intact'}")
+                epoch += 1
             continue
         log = (lambda msg, name=name: print(f"{name}: {msg}"))
         source = rows.dataset.lengths_source()
-        if wanted or args.epochs is not None:
-            for e in range(args.epoch_shard_index, wanted or args.epochs, args.num_epoch_shards):
-                ensure_epoch(rows.cache_dir, rows.settings, source, e, workers=args.workers, log=log)
-        else:  # every epoch the run reads from this source
-            rows.ensure(rows=run_rows, workers=args.workers, log=log)
+        try:
+            if wanted or args.epochs is not None:
+                for e in range(args.epoch_shard_index, wanted or args.epochs, args.num_epoch_shards):
+                    ensure_epoch(rows.cache_dir, rows.settings, source, e, workers=args.workers, log=log)
+            else:  # every epoch the run reads from this source
+                rows.ensure(rows=run_rows, workers=args.workers, log=log)
+        except (MissingEpochError, DatasetError, OSError) as e:
+            print(f"error: {name}: {e}", file=sys.stderr)
+            return 2
         try:
             index.refresh()
             print(f"{name}: epochs 0..{index.epochs - 1} built, {index.total_rows:,} rows in all ({rows.cache_dir})")

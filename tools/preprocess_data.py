@@ -2,7 +2,7 @@
 """Turn image+caption webdataset shards into an indexed multimodal dataset for training.
 
 Input shards: Recap-DataComp-1B layout (jpg + json {"caption": ...}), stage-2 json {"conversations": [...]},
-or plain txt captions. Output (OUTPUT_PREFIX = P): P.parts/NNNNNN-<shard>.{bin,idx,lengths.npy,report.json}
+or plain txt captions. Output (OUTPUT_PREFIX = P): P.parts/NNNNNN-<shard>.{bin,idx,lengths.npy,sums.npy,report.json}
 (one megatron-core indexed part per input shard; parts are the dataset and are never merged), P.lengths.npy,
 P.report.json (samples written, skipped per reason with shard and key, tokens, bytes) and the manifest P.json
 (build settings, parts, fingerprint; written last).

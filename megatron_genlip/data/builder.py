@@ -1,6 +1,7 @@
 """Build an indexed multimodal dataset from webdataset shards: parallel, across machines, resumable.
 
-Every input shard becomes one *part* (``OUT.parts/NNNNNN-<shard>.{bin,idx,lengths.npy,report.json}``, NNNNNN
+Every input shard becomes one *part* (``OUT.parts/NNNNNN-<shard>.{bin,idx,lengths.npy,sums.npy,report.json}``,
+``sums.npy`` the crc32 of every sample's bytes; the report records the sha256 of the ``.idx``, sums and lengths), NNNNNN
 its index among the sorted inputs), written under host- and process-unique temporary names and committed by
 writing its report last. Parts are the dataset: they are never merged. A build can be split over machines
 (``shard_index``/``num_shards``, e.g. a SLURM array job: task i builds shards i, i+n, i+2n, ...); a
@@ -30,20 +31,13 @@ import webdataset as wds
 from megatron_genlip.config import Config
 from megatron_genlip.data.files import TEMP_MARK, remove_dead_temporaries, replace_atomically, temp_name
 from megatron_genlip.data.indexed import (
-    LENGTHS_DTYPE, STORAGES, SampleWriter, build_settings, file_fingerprint, record_items,
+    LENGTHS_DTYPE, STORAGES, SampleWriter, build_settings, file_fingerprint, record_items, sha256_hex,
 )
 from megatron_genlip.data.records import SkipSample, decode_record, tokenize_record
-from megatron_genlip.data.tokenizer import load_tokenizer, resolve_asset
+from megatron_genlip.data.tokenizer import load_tokenizer
 
+CHECKSUM_KEYS = ("idx_sha256", "sums_sha256", "lengths_sha256")  # per part, recorded by the task that built it
 MAX_LOGGED_SKIPS = 1000  # skipped samples named per part and in the summary; the counters are always complete
-
-
-def tokenizer_fingerprint(kind: str, path: str | None) -> str:
-    """sha256 (16 hex) of the ranks file a tokenizer config resolves to."""
-    from megatron_genlip.data.tokenizer import QWEN_RANKS_PATH
-
-    file = QWEN_RANKS_PATH if path is None else resolve_asset(path)
-    return f"{kind}:" + hashlib.sha256(Path(file).read_bytes()).hexdigest()[:16]
 
 
 SHARD_PATTERNS = ("*.tar", "*.tar.gz", "*.tgz")
@@ -156,14 +150,14 @@ def build_part(task: dict) -> dict:
         written += 1
         tokens += grid[0] * grid[1] + len(ids)
         image_bytes += int(items[2][0].nbytes)
-    writer.finalize()
-    for ext in (".bin", ".idx", ".lengths.npy"):
+    checksums = writer.finalize()  # sha256 of the .idx, the per-sample crc32s and the lengths: read at training
+    for ext in (".bin", ".idx", ".lengths.npy", ".sums.npy"):
         os.replace(tmp + ext, part + ext)
     report = {"shard": shard, "written": written, "tokens": tokens, "image_bytes": image_bytes,
               "skipped": dict(counts), "skipped_samples": skipped, "settings": task["settings"], "source": source,
               "duplicate_keys": duplicate_keys[:MAX_LOGGED_SKIPS], "duplicate_key_count": len(duplicate_keys),
               "fingerprint": file_fingerprint([part + ".bin", part + ".idx", part + ".lengths.npy"]),
-              "bin_bytes": os.path.getsize(part + ".bin"), "idx_bytes": os.path.getsize(part + ".idx")}
+              "bin_bytes": os.path.getsize(part + ".bin"), "idx_bytes": os.path.getsize(part + ".idx"), **checksums}
     replace_atomically(part + ".report.json", json.dumps(report, indent=1))  # the commit point of this part
     return report
 
@@ -282,7 +276,8 @@ def finalize_dataset(inputs: list[str], output_prefix: str, cfg: Config, storage
             continue
         entries.append({"path": os.path.relpath(part, out.parent), "samples": report["written"],
                         "tokens": report["tokens"], "fingerprint": report["fingerprint"],
-                        "bin_bytes": report["bin_bytes"], "idx_bytes": report["idx_bytes"]})
+                        "bin_bytes": report["bin_bytes"], "idx_bytes": report["idx_bytes"],
+                        **{k: report[k] for k in CHECKSUM_KEYS if k in report}})  # absent: an older part
         skipped.update(report["skipped"])
         named += report["skipped_samples"][: MAX_LOGGED_SKIPS - len(named)]
         totals.update(written=report["written"], tokens=report["tokens"], image_bytes=report["image_bytes"],
@@ -303,7 +298,8 @@ def finalize_dataset(inputs: list[str], output_prefix: str, cfg: Config, storage
     for entry in entries:
         part = str(out.parent / entry["path"])
         piece = np.load(part + ".lengths.npy", mmap_mode="r")
-        if piece.shape != (entry["samples"], 3) or piece.dtype != LENGTHS_DTYPE:
+        if piece.shape != (entry["samples"], 3) or piece.dtype != LENGTHS_DTYPE or (
+                "lengths_sha256" in entry and sha256_hex(np.ascontiguousarray(piece).tobytes()) != entry["lengths_sha256"]):
             os.remove(tmp)
             raise ValueError(f"{part}.lengths.npy holds {piece.dtype} {piece.shape}, its report {entry['samples']} "
                              "samples: the part is damaged; delete its .report.json and rebuild it")

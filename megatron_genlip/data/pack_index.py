@@ -10,7 +10,14 @@ Files of one epoch ``e`` in ``DIR`` (``DIR`` = the cache directory / the setting
 
     epoch0003.order.npy   [N] uint32 (int64 above 2**32 samples): sample ids grouped by row, rows in order
     epoch0003.rows.npy    [R+1] int64: row r holds order[rows[r]:rows[r+1]]
-    epoch0003.json        rows, samples, tokens, per-chunk sha256 of ``order``; written last (the commit point)
+    epoch0003.json        rows, samples, tokens, per-chunk sha256 of ``order`` and of the chunk's slice of ``rows``;
+                          written last (the commit point)
+
+Every byte of an epoch is checked before it is used, at a cost that does not grow per step: the first time a
+process reads a row of chunk ``c``, that chunk's slice of ``order`` and of ``rows`` is hashed and compared with
+the metadata (one 4 MiB sha256 per 2**20 samples, remembered per process). A mismatch stops the reader with a
+:class:`PackIndexDamaged` naming the file; it also leaves ``epoch0003.damaged`` (tied to the damaged files'
+identity), so the next start-up rebuilds the epoch (or, with ``build=False``, says so) instead of trusting it.
 
 Readers open the arrays with ``mmap_mode="r"`` and map a global row to (epoch, row) by ``searchsorted`` on
 the small table of rows per epoch, so a row lookup costs the same at epoch 0 and epoch 7 and no process
@@ -21,6 +28,7 @@ once, under a file lock, by one process before training starts (:func:`ensure_ep
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import multiprocessing as mp
@@ -44,7 +52,38 @@ BUILD_COMMAND = "python tools/build_pack_index.py --config CONFIG --epochs N"
 
 
 class MissingEpochError(RuntimeError):
-    """A row beyond the epochs whose pack index has been built."""
+    """A row beyond the epochs whose pack index has been built (or a pack index that cannot be used)."""
+
+    def __init__(self, *args):
+        super().__init__(*(worker_message(a) if isinstance(a, str) else a for a in args))
+
+
+class PackIndexDamaged(MissingEpochError):
+    """An epoch's stored bytes do not match the checksums its metadata recorded when it was built."""
+
+
+class LengthsDamaged(MissingEpochError):
+    """A lengths file that the pack index would be built from does not match the lengths its parts recorded."""
+
+
+def array_sha256(arr: np.ndarray):
+    """sha256 of an array's bytes, read in place (a memory map is hashed from the page cache, not copied)."""
+    return hashlib.sha256(memoryview(np.ascontiguousarray(arr)).cast("B"))
+
+
+def worker_message(text: str) -> str:
+    """The original message of an exception that a DataLoader worker raised. PyTorch re-raises it in the trainer
+    as ``Caught X in DataLoader worker process N.\nOriginal Traceback ...\nmodule.X: <message>``: the traceback
+    belongs to the worker; the message says which file is wrong. Other text is returned as it is."""
+    if not text.startswith("Caught ") or "\nOriginal Traceback" not in text:
+        return text
+    where = text.split("\n", 1)[0].split(" in ", 1)[-1].rstrip(".")
+    lines = text.rstrip("\n").split("\n")
+    for k in range(len(lines) - 1, 0, -1):  # the exception line "module.Class: message" (the message may span lines)
+        name, sep, first = lines[k].partition(": ")
+        if sep and " " not in name and name.rsplit(".", 1)[-1].endswith(("Error", "Damaged", "Mismatch")):
+            return "\n".join([first] + lines[k + 1:]) + f" (in {where})"
+    return text
 
 
 # -------------------------------------------------------------------------------------------------
@@ -181,13 +220,32 @@ class LengthSource:
     """Tokens per sample in global sample order, from one or more ``[n, 3]`` lengths files (gh, gw, text
     tokens) concatenated; picklable (workers reopen the memory maps)."""
 
-    def __init__(self, files: list[str], sizes: list[int]):
+    def __init__(self, files: list[str], sizes: list[int], checks: list[tuple[int, int, bytes, str]] | None = None):
+        """``checks``: (first sample, end, sha256 digest prefix, part) of each part's rows, in global sample order
+        (:meth:`verify`); None: nothing to check against (a dataset built before they were recorded)."""
         self.files = list(files)
         self.starts = np.concatenate(([0], np.cumsum(sizes, dtype=np.int64)))
+        self.checks = checks
         self._maps: list[np.ndarray] | None = None
 
     def __getstate__(self) -> dict:
-        return {"files": self.files, "starts": self.starts, "_maps": None}
+        return {"files": self.files, "starts": self.starts, "checks": None, "_maps": None}
+
+    def verify(self) -> None:
+        """Every part's rows of the lengths files against the lengths that part was built with (one sequential
+        pass, done once per epoch build, before packing trusts them)."""
+        if not self.checks:
+            return
+        if self._maps is None:
+            self._maps = [np.load(f, mmap_mode="r") for f in self.files]
+        for lo, hi, digest, part in self.checks:
+            s = int(np.searchsorted(self.starts, lo, side="right")) - 1
+            rows = self._maps[s][lo - self.starts[s]:hi - self.starts[s]]
+            if array_sha256(rows).digest()[:len(digest)] != digest:
+                raise LengthsDamaged(f"lengths file {self.files[s]}: rows {lo - self.starts[s]}..{hi - self.starts[s]} "
+                                     f"(part {part}) do not match the lengths that part was built with: the file was "
+                                     "damaged or replaced; rerun tools/preprocess_data.py --finalize with the same "
+                                     "arguments (no pack index is built from it)")
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -229,7 +287,46 @@ def _stamp_path(directory: Path, epoch: int) -> Path:
 
 
 def _stamp_verified(directory: Path, epoch: int) -> None:
-    replace_atomically(_stamp_path(directory, epoch), json.dumps(_file_states(directory, epoch)))
+    try:
+        replace_atomically(_stamp_path(directory, epoch), json.dumps(_file_states(directory, epoch)))
+    except OSError:
+        pass  # a read-only folder: the start-up check is redone next time; reads check every chunk anyway
+
+
+def _identity(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_ino, st.st_size, st.st_mtime_ns]
+
+
+def _damage_path(directory: Path, epoch: int) -> Path:
+    return directory / f"epoch{epoch:04d}.damaged"
+
+
+def _mark_damaged(directory: Path, epoch: int, problem: str) -> None:
+    """Remember, beside the files, that this very version of the epoch's files is damaged (best effort)."""
+    paths = _epoch_paths(directory, epoch)
+    try:
+        mark = {"problem": problem, "order": _identity(paths["order"]), "rows": _identity(paths["rows"])}
+        replace_atomically(_damage_path(directory, epoch), json.dumps(mark))
+    except OSError:
+        pass  # read-only or vanished: the error raised names the file all the same
+
+
+def _marked_damaged(directory: Path, epoch: int) -> str | None:
+    """The problem recorded for the epoch's current files, or None (no mark, or the files changed since)."""
+    try:
+        mark = json.loads(_damage_path(directory, epoch).read_text())
+        paths = _epoch_paths(directory, epoch)
+        if mark["order"] == _identity(paths["order"]) and mark["rows"] == _identity(paths["rows"]):
+            return str(mark["problem"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
+
+
+def writable(directory: Path) -> bool:
+    """Whether this process can create files in ``directory`` (a read-only mount or folder: no)."""
+    return os.access(directory, os.W_OK | os.X_OK)
 
 
 def _stamp_valid(directory: Path, epoch: int) -> bool:
@@ -263,6 +360,7 @@ def build_epoch(directory: Path, settings: PackSettings, source: LengthSource, e
     paths = _epoch_paths(directory, epoch)
     n, size = settings.num_samples, settings.chunk_size
     chunks = (n + size - 1) // size
+    source.verify()
     tmp_order = temp_name(paths["order"])
     np.lib.format.open_memmap(tmp_order, mode="w+", dtype=order_dtype(n), shape=(n,)).flush()
     tasks = [(settings, source, epoch, c, str(tmp_order)) for c in range(chunks)]
@@ -284,14 +382,20 @@ def build_epoch(directory: Path, settings: PackSettings, source: LengthSource, e
     tmp_rows = temp_name(paths["rows"])
     with open(tmp_rows, "wb") as f:
         np.save(f, rows)
+    chunk_rows = [len(r[1]) for r in results]
+    first = np.concatenate(([0], np.cumsum(chunk_rows)))
     meta = {"epoch": epoch, "rows": int(len(row_sizes)), "samples": n, "tokens": sum(r[2] for r in results),
             "chunk_sha256": [r[3] for r in results], "rows_sha256": hashlib.sha256(rows.tobytes()).hexdigest(),
+            "chunk_rows": chunk_rows,
+            "chunk_rows_sha256": [hashlib.sha256(rows[first[c]:first[c + 1] + 1].tobytes()).hexdigest()
+                                  for c in range(chunks)],
             "settings": asdict(settings), "seconds": round(time.perf_counter() - start, 3)}
     for tmp in (tmp_order, tmp_rows):
         fsync_file(tmp)
     os.replace(tmp_order, paths["order"])
     os.replace(tmp_rows, paths["rows"])
     replace_atomically(paths["meta"], json.dumps(meta, indent=1))  # the commit point of the epoch
+    _damage_path(directory, epoch).unlink(missing_ok=True)
     _stamp_verified(directory, epoch)  # written by this process from these very arrays
     return meta
 
@@ -307,11 +411,13 @@ class PackIndex:
         self.directory = Path(directory)
         self.settings = settings
         self._open: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._checked: dict[int, set[int]] = {}  # epoch -> chunks whose bytes this process has verified
+        self._chunk_rows: dict[int, np.ndarray] = {}  # epoch -> first row of each chunk
         self.epoch_meta: list[dict] = []
         self.refresh()
 
-    def __getstate__(self) -> dict:  # DataLoader workers reopen their own memory maps
-        return dict(self.__dict__, _open={})
+    def __getstate__(self) -> dict:  # DataLoader workers reopen their own memory maps and verify what they read
+        return dict(self.__dict__, _open={}, _checked={}, _chunk_rows={})
 
     def refresh(self) -> None:
         """Extend the table of rows per epoch with the epochs committed since the last call (stops at the first
@@ -322,7 +428,9 @@ class PackIndex:
         self.row_starts = np.zeros(len(self.epoch_meta) + 1, dtype=np.int64)
         np.cumsum([m["rows"] for m in self.epoch_meta], out=self.row_starts[1:])
 
-    def _read_meta(self, epoch: int) -> dict | None:
+    def _read_meta(self, epoch: int, marked: bool = False) -> dict | None:
+        """An epoch's metadata if it is committed for these settings (``marked``: also when a reader found its
+        files damaged), else None."""
         paths = _epoch_paths(self.directory, epoch)
         try:
             meta = json.loads(paths["meta"].read_text())
@@ -330,6 +438,8 @@ class PackIndex:
             return None
         if meta.get("settings") != asdict(self.settings) or not all(p.is_file() for p in paths.values()):
             return None
+        if not marked and _damage_path(self.directory, epoch).exists() and _marked_damaged(self.directory, epoch):
+            return None  # found damaged by a reader: to be rebuilt
         return meta
 
     def built(self, epoch: int) -> bool:
@@ -377,6 +487,7 @@ class PackIndex:
             if len(self._open) >= OPEN_EPOCHS:
                 self._open.pop(next(iter(self._open)))
             self._open[epoch] = arrays
+            self._checked[epoch] = set()  # a new map may be of other files (a rebuild): verify again
         return arrays
 
     def _map(self, epoch: int, meta: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -395,12 +506,49 @@ class PackIndex:
     def row_samples(self, global_row: int) -> np.ndarray:
         epoch, r = self.locate(global_row)
         order, rows = self._arrays(epoch)
+        self._check_row(epoch, r, order, rows)
         return np.asarray(order[rows[r]:rows[r + 1]], dtype=np.int64)
+
+    def _check_row(self, epoch: int, r: int, order: np.ndarray, rows: np.ndarray) -> None:
+        """The chunk holding row ``r`` verified against the metadata's checksums, once per process and map."""
+        meta = self.epoch_meta[epoch]
+        checked = self._checked.setdefault(epoch, set())
+        if "chunk_rows" not in meta:  # an epoch built before per-chunk row checksums: the whole row table, once
+            if -1 not in checked:
+                if array_sha256(rows).hexdigest() != meta["rows_sha256"]:
+                    self._damaged(epoch, "rows", "the row table does not match its checksum")
+                checked.add(-1)
+            c = int(rows[r]) // self.settings.chunk_size
+        else:
+            starts = self._chunk_rows.get(epoch)
+            if starts is None:
+                starts = self._chunk_rows[epoch] = np.cumsum([0] + meta["chunk_rows"], dtype=np.int64)
+            c = int(np.searchsorted(starts, r, side="right")) - 1
+        if c in checked:
+            return
+        size = self.settings.chunk_size
+        if array_sha256(order[c * size:(c + 1) * size]).hexdigest() \
+                != meta["chunk_sha256"][c]:
+            self._damaged(epoch, "order", f"chunk {c} (samples {c * size:,}..) does not match its checksum")
+        if "chunk_rows" in meta:
+            lo, hi = int(starts[c]), int(starts[c + 1])
+            if array_sha256(rows[lo:hi + 1]).hexdigest() != meta["chunk_rows_sha256"][c]:
+                self._damaged(epoch, "rows", f"rows {lo:,}..{hi:,} (chunk {c}) do not match their checksum")
+        checked.add(c)
+
+    def _damaged(self, epoch: int, which: str, problem: str):
+        paths = _epoch_paths(self.directory, epoch)
+        _mark_damaged(self.directory, epoch, f"{paths[which].name}: {problem}")
+        self._open.pop(epoch, None)
+        raise PackIndexDamaged(
+            f"pack index file {paths[which]} is damaged: {problem} recorded in {paths['meta'].name} when it was "
+            f"built. Nothing was read from it; restarting rebuilds epoch {epoch} "
+            f"(data.build_missing_pack_index=true), or rebuild it ahead with `{BUILD_COMMAND}`")
 
     def verify(self, epoch: int) -> list[str]:
         """Recompute the checksums of one epoch (committed; earlier epochs need not be, e.g. when machines build
         different epochs); returns the problems found (empty: intact). Reads the files afresh, never a cached map."""
-        meta = self._read_meta(epoch)
+        meta = self._read_meta(epoch, marked=True)
         if meta is None:
             raise MissingEpochError(f"the pack index in {self.directory} lacks epoch {epoch}: build it with "
                                     f"`{BUILD_COMMAND}` (N > {epoch})")
@@ -408,12 +556,22 @@ class PackIndex:
         problems = []
         size = self.settings.chunk_size
         for c, want in enumerate(meta["chunk_sha256"]):
-            got = hashlib.sha256(np.ascontiguousarray(order[c * size:(c + 1) * size]).tobytes()).hexdigest()
+            got = array_sha256(order[c * size:(c + 1) * size]).hexdigest()
             if got != want:
                 problems.append(f"epoch {epoch} chunk {c}: checksum mismatch")
-        if hashlib.sha256(np.ascontiguousarray(rows).tobytes()).hexdigest() != meta["rows_sha256"]:
+        if "chunk_rows" in meta:
+            starts = np.cumsum([0] + meta["chunk_rows"], dtype=np.int64)
+            for c, want in enumerate(meta["chunk_rows_sha256"]):
+                piece = np.ascontiguousarray(rows[int(starts[c]):int(starts[c + 1]) + 1])
+                if array_sha256(piece).hexdigest() != want:
+                    problems.append(f"epoch {epoch} rows of chunk {c}: checksum mismatch")
+        if array_sha256(rows).hexdigest() != meta["rows_sha256"]:
             problems.append(f"epoch {epoch} row table: checksum mismatch")
         return problems
+
+    def damage_mark(self, epoch: int) -> str | None:
+        """What a reader found wrong with epoch ``epoch``'s current files (:meth:`row_samples`), or None."""
+        return _marked_damaged(self.directory, epoch)
 
 
 def ensure_epoch(directory: Path, settings: PackSettings, source: LengthSource, epoch: int, *, build: bool = True,
@@ -425,14 +583,36 @@ def ensure_epoch(directory: Path, settings: PackSettings, source: LengthSource, 
     Returns the metadata of an epoch this call built, else None; logs builds that take a while.
     ``index``: an open index of ``directory`` to extend (:func:`ensure_epochs`), ``clean=False``: the caller has
     already removed dead temporaries (both keep a loop over E epochs O(E), not O(E^2))."""
-    directory.mkdir(parents=True, exist_ok=True)
-    with exclusive_lock(directory / f"epoch{epoch:04d}.lock"):
+    _make_directory(directory)
+    lock = directory / f"epoch{epoch:04d}.lock"
+    if writable(directory):
+        try:
+            return _ensure_locked(directory, settings, source, epoch, lock, build, workers, log, index, clean)
+        except OSError as e:  # os.access said yes, yet the lock file cannot be made (root squash, ACLs)
+            if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS) or e.filename != str(lock):
+                raise
+    # built ahead into a folder this run may only read: no lock, no stamp, no mark
+    if index is None:
+        index = PackIndex(directory, settings)
+    if index.built(epoch):
+        return None  # every chunk is verified when a reader first touches it
+    mark = _marked_damaged(directory, epoch)
+    raise MissingEpochError(
+        f"pack index epoch {epoch} in {directory} is {'damaged (' + mark + ')' if mark else 'not built'} and "
+        f"that folder is not writable: build it there ahead with `{BUILD_COMMAND}` (N > {epoch}), or set "
+        "data.pack_index_dir to a writable folder")
+
+
+def _ensure_locked(directory: Path, settings: PackSettings, source: LengthSource, epoch: int, lock: Path,
+                   build: bool, workers: int, log, index: PackIndex | None, clean: bool) -> dict | None:
+    with exclusive_lock(lock):
         if clean:
             remove_dead_temporaries(str(directory / f"epoch{epoch:04d}.*{TEMP_MARK}*"))
         if index is None:
             index = PackIndex(directory, settings)
         else:
             index.refresh()  # epochs committed by others since (verify needs epochs up to this one)
+        mark = _marked_damaged(directory, epoch)
         if index.built(epoch):
             if _stamp_valid(directory, epoch):
                 return None
@@ -447,6 +627,14 @@ def ensure_epoch(directory: Path, settings: PackSettings, source: LengthSource, 
             index._open.pop(epoch, None)  # no map of the damaged files survives the rebuild
             for path in _epoch_paths(directory, epoch).values():
                 path.unlink(missing_ok=True)
+        elif mark is not None:  # a reader found the files damaged after they were built
+            if not build:
+                raise MissingEpochError(f"pack index epoch {epoch} in {directory} is damaged ({mark}): rebuild it "
+                                        f"with `{BUILD_COMMAND}`")
+            log(f"pack index epoch {epoch} in {directory} is damaged ({mark}): rebuilding it")
+            index._open.pop(epoch, None)
+            for path in _epoch_paths(directory, epoch).values():
+                path.unlink(missing_ok=True)
         elif not build:
             raise MissingEpochError(f"the pack index in {directory} lacks epoch {epoch}: build it ahead with "
                                     f"`{BUILD_COMMAND}` (N > {epoch}) or let the trainer build it "
@@ -458,6 +646,22 @@ def ensure_epoch(directory: Path, settings: PackSettings, source: LengthSource, 
         return meta
 
 
+def _make_directory(directory: Path) -> None:
+    """The index folder, created if missing; a clear error when a file is in its place or it cannot be made."""
+    for up in (directory, *directory.parents):
+        if up.exists():
+            if not up.is_dir():
+                raise NotADirectoryError(f"pack index folder {directory}: {up} is a file, not a folder (set "
+                                         "data.pack_index_dir to a folder, or leave it unset)")
+            break
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MissingEpochError(f"cannot create the pack index folder {directory} ({e.strerror}): build the pack "
+                                f"index ahead with `{BUILD_COMMAND}` where it can be written, or set "
+                                "data.pack_index_dir to a writable folder") from None
+
+
 def _efficiency(meta: dict, settings: PackSettings) -> float:
     return 100 * meta["tokens"] / (meta["rows"] * settings.seq_length)
 
@@ -467,8 +671,9 @@ def ensure_epochs(directory: str | Path, settings: PackSettings, source: LengthS
     """A pack index covering at least ``epochs`` epochs and ``rows`` global rows, every epoch of it verified
     (:func:`ensure_epoch`); safe to call from every rank at once."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    remove_dead_temporaries(str(directory / f"epoch*.*{TEMP_MARK}*"))  # once, not per epoch (a directory listing)
+    _make_directory(directory)
+    if writable(directory):
+        remove_dead_temporaries(str(directory / f"epoch*.*{TEMP_MARK}*"))  # once, not per epoch (a listing)
     index = PackIndex(directory, settings)
     built = []
     e = 0

@@ -40,6 +40,13 @@ class PackedRows(torch.utils.data.Dataset):
         self.seq_length = seq_length
         self.draft = draft
         self.settings = PackSettings(dataset.fingerprint(), len(dataset), seq_length, buffer_size, seed)
+        if cache_dir is not None:
+            for up in (Path(cache_dir), *Path(cache_dir).parents):
+                if up.exists():
+                    if not up.is_dir():
+                        raise ConfigError(f"data.pack_index_dir: {cache_dir} is not a folder ({up} is a file); "
+                                          "name a folder for the pack index, or leave it unset (beside the dataset)")
+                    break
         self.cache_dir = Path(cache_dir or dataset.prefix + ".packs") / self.settings.key()
         self.index = PackIndex(self.cache_dir, self.settings)
 
@@ -231,6 +238,24 @@ def check_rows_match(rows: PackedRows | BlendedRows, cfg) -> None:
             raise ConfigError(f"dataset {where} was built with the prompt {meta['prompt']!r}, tokenizer.prompt is "
                               f"{cfg.tokenizer.prompt!r} (captioning would use another prompt than training): set "
                               "tokenizer.prompt to the dataset's or rebuild the dataset")
+
+
+def check_data_files(*rows_list, threads: int = 16) -> None:
+    """Start-up check of every dataset part that ``rows_list`` (PackedRows / BlendedRows; None is skipped) read:
+    ``.bin``, ``.idx`` and ``.sums.npy`` exist with the manifest's sizes. Pure and collective-free, meant to run
+    on one process (the trainer: rank 0, its verdict broadcast). Raises DatasetError listing the problems."""
+    from megatron_genlip.data.indexed import DatasetError
+
+    problems: list[str] = []
+    seen: set[int] = set()
+    for rows in rows_list:
+        for src in getattr(rows, "sources", [rows] if rows is not None else []):
+            if id(src.dataset) not in seen:
+                seen.add(id(src.dataset))
+                problems += src.dataset.check_parts(threads=threads)
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise DatasetError("; ".join(problems[:3]) + more)
 
 
 def open_rows(spec: str | list[str], cfg, tokenizer_fingerprint: str | None = None) -> PackedRows:

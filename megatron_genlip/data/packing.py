@@ -79,8 +79,15 @@ def assemble_batch(rows: Sequence[tuple[object, np.ndarray]], seq_length: int, p
         for s, (i, (gh, gw, n_txt)) in enumerate(zip(ids, row_meta)):
             n_img = gh * gw
             if at + n_img + n_txt > seq_length:
-                raise ValueError(f"samples of row {r} do not fit a row of {seq_length} tokens")
+                raise _data_error(f"samples {[int(x) for x in ids[:8]]}{'...' if len(ids) > 8 else ''} packed into "
+                                  f"one row need {sum(g * w + t for g, w, t in row_meta)} tokens, more than a row of "
+                                  f"{seq_length}: the pack index does not belong to dataset {ds.prefix} or its "
+                                  "lengths file (check it with tools/build_pack_index.py --verify)")
             text, flags, image = ds.raw(int(i))
+            if len(text) != n_txt or len(flags) != n_txt:
+                raise _data_error(f"{ds.locate(int(i))} holds {len(text)} text tokens, the lengths file says "
+                                  f"{n_txt}: the lengths file of dataset {ds.prefix} does not belong to its parts; "
+                                  "rerun tools/preprocess_data.py --finalize")
             ds.image_patches(int(i), image, (gh, gw), np_patches[next_patch:next_patch + n_img], draft)
             next_patch += n_img
             img, txt = slice(at, at + n_img), slice(at + n_img, at + n_img + n_txt)
@@ -96,6 +103,12 @@ def assemble_batch(rows: Sequence[tuple[object, np.ndarray]], seq_length: int, p
             np_sid[r, at:at + n_img + n_txt] = s
             at += n_img + n_txt
     return batch
+
+
+def _data_error(text: str) -> Exception:
+    from megatron_genlip.data.indexed import DatasetError
+
+    return DatasetError(text)
 
 
 # -------------------------------------------------------------------------------------------------

@@ -211,6 +211,12 @@ def padded_vocab_size(n_vocab: int, multiple: int = VOCAB_MULTIPLE) -> int:
     return -(-n_vocab // multiple) * multiple
 
 
+def tokenizer_fingerprint(kind: str, path: str | None) -> str:
+    """sha256 (16 hex) of the ranks file a tokenizer config resolves to (datasets record it; training checks it)."""
+    file = QWEN_RANKS_PATH if path is None else resolve_asset(path)
+    return f"{kind}:" + hashlib.sha256(Path(file).read_bytes()).hexdigest()[:16]
+
+
 def tokenizer_description(tok_cfg) -> str:
     """"the tokenizer (tokenizer.kind=..., tokenizer.path=...)" of a ``TokenizerConfig``, for messages."""
     path = f", tokenizer.path={tok_cfg.path}" if tok_cfg.path else ""

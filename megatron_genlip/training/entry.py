@@ -59,7 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def checked_tokenizer(cfg: Config):
     """The configured tokenizer, its fingerprint, and the check that ``model.vocab_size`` holds all its ids
     (the trainer's start-up does the same)."""
-    from megatron_genlip.data.builder import tokenizer_fingerprint
+    from megatron_genlip.data.tokenizer import tokenizer_fingerprint
     from megatron_genlip.data.tokenizer import check_vocab_size, load_tokenizer, tokenizer_description
 
     with field_errors("tokenizer.path"):
@@ -114,6 +114,20 @@ def _labelled(cfg: Config, num_text: int, prompt_tokens: int) -> int:
     return round(num_text * n_lab / n_txt)
 
 
+def _checked_evaluators(cfg: Config, pipeline_parallel: int, tokenizer) -> list:
+    """The run's evaluators as the trainer will build them (their specs, the layout, train.best_metric); their data
+    is read only by the trainer."""
+    from megatron_genlip.evaluation import build_evaluators, check_layout
+    from megatron_genlip.training.best import resolve_metric
+
+    evaluators = build_evaluators(cfg, tokenizer, cfg.evaluation)
+    if not cfg.evaluation and pipeline_parallel > 1:
+        evaluators = [ev for ev in evaluators if not ev.needs_full_model]
+    check_layout(evaluators, pipeline_parallel)
+    resolve_metric(cfg, evaluators)
+    return evaluators
+
+
 def dry_run(cfg: Config, world_size: int | None, gpu_memory: float = 80.0) -> dict:
     from megatron_genlip import platform
     from megatron_genlip.model.accounting import build_meta_model, count_parameters, flops_per_sample
@@ -127,6 +141,7 @@ def dry_run(cfg: Config, world_size: int | None, gpu_memory: float = 80.0) -> di
     here = platform.decide(platform.Capabilities.probe(), t.compile)  # decided, not applied: no patch, no group
     counts = count_parameters(build_meta_model(cfg.model))
     tokenizer, fingerprint = checked_tokenizer(cfg)
+    evaluators = _checked_evaluators(cfg, layout.pipeline_parallel, tokenizer)
     check_wandb(t.wandb_project)
     datasets, why_not = dataset_statistics(cfg, fingerprint)
     seq = cfg.data.seq_length
@@ -159,6 +174,7 @@ def dry_run(cfg: Config, world_size: int | None, gpu_memory: float = 80.0) -> di
         data_info["datasets"].append(dict(st.as_dict(), row_fraction=fraction, steps_per_epoch=steps_per_epoch,
                                           epochs=t.train_steps / steps_per_epoch))
     info = {
+        "evaluators": [ev.spec.to_dict() for ev in evaluators],
         "layout": layout.__dict__,
         "deepspeed_config": deepspeed_config(cfg, layout, here),
         "platform": here.describe(),
@@ -187,6 +203,8 @@ def dry_run(cfg: Config, world_size: int | None, gpu_memory: float = 80.0) -> di
     print(f"parameters: encoder {counts.encoder / 1e6:.1f}M (without gate {counts.encoder_without_gate / 1e6:.1f}M), "
           f"text {counts.text / 1e6:.1f}M, total {counts.total / 1e6:.1f}M")
     print(f"tokenizer: {tokenizer.n_vocab:,} ids, model.vocab_size {cfg.model.vocab_size:,}")
+    print("evaluators: " + ("; ".join(f"{ev.name} ({ev.type_name}, every {ev.interval} steps, data "
+                                      f"{ev.spec.data or 'data.valid_data'})" for ev in evaluators) or "none"))
     if datasets:
         for fraction, st in datasets:
             share = f" ({100 * fraction:.1f}% of the rows)" if len(datasets) > 1 else ""
@@ -224,7 +242,9 @@ def main(argv=None) -> dict:
     from megatron_genlip import platform
 
     platform.start_process()  # before megatron-core and DeepSpeed are imported (below, and by the trainer)
+    from megatron_genlip.data.indexed import DatasetError
     from megatron_genlip.data.pack_index import MissingEpochError
+    from megatron_genlip.evaluation.data import EvalDataError
     from megatron_genlip.training.errors import RunAborted
     from megatron_genlip.training.signals import StopBeforeTraining, install_early_stop_handlers, watch_launcher
 
@@ -243,6 +263,12 @@ def main(argv=None) -> dict:
         raise SystemExit(2) from None
     except MissingEpochError as e:  # data.build_missing_pack_index=false and an epoch the run reads is not built
         _say(f"data error: {e}")
+        raise SystemExit(2) from None
+    except DatasetError as e:  # damaged data found while training: only the rank that read it knows
+        _say(f"data error: {e}", every_rank=True)
+        raise SystemExit(2) from None
+    except EvalDataError as e:  # an evaluator's data (its folder, shards or held-out set) cannot be used
+        _say(f"evaluation data error: {e}", every_rank=True)
         raise SystemExit(2) from None
     except RunAborted as e:
         _say(f"error: {e}", every_rank=e.per_rank)
@@ -312,5 +338,13 @@ def _print_summary(s: dict) -> None:
         print(f"note: {s['val_loss_rising']}")
     print(f"outputs: checkpoint {s['checkpoint']}\n         log {s['train_log']}\n         tensorboard "
           f"{s['tensorboard']}\n         summary {s['output_dir']}/summary.json")
+    if s.get("first_evaluation_best"):
+        print(f"note: {s['first_evaluation_best']}")
+    if s.get("step0"):  # train.eval_at_start: what training bought
+        print(f"what training bought (step 0 -> step {s['steps']}):")
+        for key, before in s["step0"].items():
+            after = s.get(key)
+            if isinstance(before, (int, float)) and isinstance(after, (int, float)):
+                print(f"  {key:32s} {before:10.4g} -> {after:10.4g}")
     if not math.isfinite(s["final_train_loss"]):
         print("warning: the final training loss is not finite")

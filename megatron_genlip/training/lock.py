@@ -17,9 +17,15 @@ import sys
 import time
 from pathlib import Path
 
-from megatron_genlip.training.errors import OutputDirBusy
+from megatron_genlip.training.errors import OutputDirBusy, RunAborted
 
 LOCK_FILE = ".genlip.lock"
+
+
+class OutputDirUnusable(RunAborted):
+    """The output directory (or its lock file) cannot be created or written: read-only, not a folder, ..."""
+
+    exit_code = 2
 
 
 class RunLock:
@@ -30,8 +36,22 @@ class RunLock:
         self._fd: int | None = None
 
     def acquire(self) -> "RunLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        where = self.path.parent
+        try:
+            where.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OutputDirUnusable(f"train.output_dir {where} cannot be created ({e.strerror or e}"
+                                    f"{': ' + e.filename if getattr(e, 'filename', None) else ''}): choose a writable "
+                                    "folder for checkpoints and logs") from None
+        if self.path.is_dir():
+            raise OutputDirUnusable(f"the lock file {self.path} of train.output_dir is a folder: remove it (rmdir "
+                                    f"{self.path}) and start again; it must be a file")
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise OutputDirUnusable(f"train.output_dir {where} is not writable: cannot create its lock file "
+                                    f"{self.path} ({e.strerror or e}); choose a writable folder for checkpoints "
+                                    "and logs") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -24,8 +24,9 @@ from megatron.core import parallel_state
 from megatron_genlip import compat, platform
 from megatron_genlip.batch import pipeline_inputs
 from megatron_genlip.config import Config, ConfigError, field_errors, resolve_layout
-from megatron_genlip.data.builder import tokenizer_fingerprint
-from megatron_genlip.data.packed_dataset import build_loader, check_rows_match, open_rows, open_train_rows
+from megatron_genlip.data.tokenizer import tokenizer_fingerprint
+from megatron_genlip.data.packed_dataset import (build_loader, check_data_files, check_rows_match, open_rows,
+                                                  open_train_rows)
 from megatron_genlip.data.tokenizer import check_vocab_size, load_tokenizer, tokenizer_description
 from megatron_genlip.model.genlip import build_model
 from megatron_genlip.model.stages import build_pipeline
@@ -33,12 +34,13 @@ from megatron_genlip.parallel import comm, rng, state
 from megatron_genlip.training import checkpoint as ckpt
 from megatron_genlip.training import ckpt_format as fmt
 from megatron_genlip.training import reshard
-from megatron_genlip.training.best import RISING_EVALS, EvalHistory
-from megatron_genlip.training.contact_sheet import SHEET_IMAGES, write_eval_sheet
+from megatron_genlip.evaluation import EvalContext, build_evaluators, check_layout, due, prefixed
+from megatron_genlip.evaluation.data import CaptionedImages
+from megatron_genlip.training.best import RISING_EVALS, VAL_LOSS, EvalHistory, resolve_metric
+from megatron_genlip.training.contact_sheet import write_eval_sheet
 from megatron_genlip.training.distributed import device, init_distributed
 from megatron_genlip.training.ds_config import deepspeed_config
 from megatron_genlip.training.errors import NonFiniteError, TooManySkips, check_batch
-from megatron_genlip.training.evaluate import caption_metrics, validation_loss
 from megatron_genlip.training.lock import lock_output_dir
 from megatron_genlip.training.metrics import RunLogger, batch_stats, check_wandb, format_step, memory_gb
 from megatron_genlip.training.profiling import StepProfiler, SyncCounter, phase
@@ -104,7 +106,9 @@ class Trainer:
         self.stop_agreed = False
         self._step_counts = {"samples": 0.0, "tokens": 0.0}  # this rank's micro-batches of the current step
         self._batch_checked = False  # the first micro-batch is checked against the packed-batch contract
-        self.history = EvalHistory()  # validation losses and their checkpoints (training/best.py)
+        self.history = EvalHistory()  # the best metric's evaluations and their checkpoints (training/best.py)
+        self.step0: dict = {}  # train.eval_at_start: the initial model's metrics
+        self._rising_said = False
         self.lock = lock_output_dir(self.out)  # before anything reads or writes the output directory
         self.resume = ckpt.choose_resume(cfg)  # rank 0 decides: every rank loads the same checkpoint
         # newest checkpoint saved (or resumed from) with no skipped step pending
@@ -137,6 +141,9 @@ class Trainer:
         d = cfg.data
         with field_errors("data.train_blend" if d.train_blend else "data.train_data"):
             self.train_rows = open_train_rows(d, fp)
+            # every part's files and sizes, checked by rank 0 alone (100,000 parts on a parallel file system are
+            # one process's stats, not every rank's), its verdict on every rank
+            ckpt.rank0_decides(lambda: check_data_files(self.train_rows))
         check_rows_match(self.train_rows, cfg)
         self._index_build = dict(build=d.build_missing_pack_index,
                                  workers=d.pack_index_workers or min(8, os.cpu_count() or 1),
@@ -145,9 +152,35 @@ class Trainer:
         if d.valid_data:
             with field_errors("data.valid_data"):
                 self.valid_rows = open_rows(d.valid_data, d, fp)
+                ckpt.rank0_decides(lambda: check_data_files(self.valid_rows))
                 check_rows_match(self.valid_rows, cfg)
                 self.valid_rows.ensure(epochs=1, **self._index_build)  # a sample longer than a row stops here
             self.valid = self.valid_rows.dataset
+        self._build_evaluators()
+
+    def _build_evaluators(self) -> None:
+        """The config's evaluators (default: ``val`` and ``captions`` on data.valid_data), checked against the
+        layout; those without data of their own get the held-out set opened above; the metric ``best.json``
+        follows. Their data is read in :meth:`train`, before the first step."""
+        cfg, pp = self.cfg, self.layout.pipeline_parallel
+        self.evaluators = build_evaluators(cfg, self.tokenizer, cfg.evaluation)
+        self.eval_note = None
+        if not cfg.evaluation and pp > 1:  # the default list: captioning needs the whole model on one rank
+            left = [ev.name for ev in self.evaluators if ev.needs_full_model]
+            self.evaluators = [ev for ev in self.evaluators if not ev.needs_full_model]
+            if left:
+                self.eval_note = (f"evaluation: the default {', '.join(left)} evaluator is left out at "
+                                  f"parallel.pipeline_parallel={pp} (it needs the whole model on one rank): run "
+                                  "tools/evaluate.py on a checkpoint for it")
+        check_layout(self.evaluators, pp)
+        for ev in self.evaluators:
+            if ev.spec.data is None and ev.type_name == "validation_loss" and self.valid_rows is not None:
+                ev.rows = self.valid_rows
+            if ev.spec.data is None and ev.type_name == "captioning" and self.valid is not None:
+                ev.data = CaptionedImages.wrap(self.valid)
+        key, mode, self.best_metric = resolve_metric(cfg, self.evaluators)
+        self.history = EvalHistory(key=key or VAL_LOSS, mode=mode)
+        self.best_key = key
 
     def _ensure_pack_index(self) -> None:
         """The pack index covers every row the rest of the run reads (from the resumed position), plus what the
@@ -241,7 +274,7 @@ class Trainer:
         for key in ("iteration", "consumed_samples", "skipped_steps", "samples_seen", "tokens_seen"):
             setattr(self, key, client[key])
         if what == ckpt.OWN_CHECKPOINTS:  # this run's evaluations up to here, and its best checkpoint
-            self.history = EvalHistory.load(self.ckpt_dir, self.iteration)
+            self.history = EvalHistory.load(self.ckpt_dir, self.iteration, self.history.key, self.history.mode)
         how = f" (resharded from {reshard.describe(client['resharded']['source_layout'])})" if r.universal else ""
         if changes:
             how += (f"; data.allow_new_stream=true: continuing at consumed row {self.consumed_samples} of a new data "
@@ -275,6 +308,13 @@ class Trainer:
             log.record("platform", self.iteration, dataclasses.asdict(self.platform))
             log.print(f"{self.resumed_from}; layout {dataclasses.asdict(self.layout)}; "
                       f"packing efficiency (epoch 0) {100 * efficiency:.2f}%")
+            if self.eval_note:
+                log.print(self.eval_note)
+            ctx = self._eval_context()
+            for ev in self.evaluators:  # every evaluator reads its data now: bad data stops the run before step 1
+                ev.prepare(ctx)
+            if t.eval_at_start and self.iteration == 0 and self.evaluators:
+                self.step0 = self.evaluate(log, self.evaluators)
             return self._loop(batches, log)
         finally:  # workers ignore SIGTERM (the trainer owns it), so they are stopped here, never signalled
             compat.stop_loader_workers(batches)
@@ -308,9 +348,12 @@ class Trainer:
                 log.print(f"stop signal received: checkpoint saved at step {self.iteration}; exiting")
                 stopped_by_signal = True
                 break
-            if self.valid is not None and (self.iteration % t.eval_interval == 0 or self.iteration == t.train_steps):
-                last_eval = self.evaluate(log)
-                self._track_best(last_eval["val_loss"], log)
+            due_now = [ev for ev in self.evaluators if due(ev, self.iteration, t.train_steps)]
+            if due_now:
+                last_eval = {**last_eval, **self.evaluate(log, due_now)}
+                if self.best_key is not None and self.best_key in last_eval and any(
+                        self.best_metric.startswith(ev.name + "/") for ev in due_now):
+                    self._track_best(last_eval[self.best_key], log)
             profiler.after_step(self.iteration)
         return self._summary(window, last_eval, stopped_by_signal)
 
@@ -445,20 +488,26 @@ class Trainer:
         log.print(f"saved checkpoint {self.ckpt_dir / tag}")
         log.record("checkpoint", self.iteration, {"tag": tag})
 
-    def _track_best(self, val_loss: float, log: RunLogger) -> None:
-        """Record an evaluation; with ``train.keep_best`` a new best validation loss gets a checkpoint (saved now
-        unless this step's was just saved), which retention then keeps until a better one replaces it."""
-        new_best = comm.any_rank(self.history.is_new_best(val_loss))  # the same loss on every rank; agreed anyway
+    def _track_best(self, value: float, log: RunLogger) -> None:
+        """Record an evaluation of the best metric; with ``train.keep_best`` a new best gets a checkpoint (saved now
+        unless this step's was just saved), which retention then keeps until a better one replaces it. The note on
+        a worsening metric is printed at the evaluation where it first holds."""
+        new_best = comm.any_rank(self.history.is_new_best(value))  # the same value on every rank; agreed anyway
         tag = fmt.tag_for(self.iteration) if self.saved_step == self.iteration else None
         if new_best and self.cfg.train.keep_best and tag is None:
             self.save(log)
             tag = fmt.tag_for(self.iteration)
-        self.history.add(self.iteration, val_loss, tag)
+        self.history.add(self.iteration, value, tag)
         if self.rank == 0:
             self.history.save(self.ckpt_dir, self.cfg.train.keep_best)
         if new_best:
             where = f": checkpoint {tag} kept (train.keep_best)" if self.cfg.train.keep_best else ""
-            log.print(f"new best validation loss {val_loss:.4f} at step {self.iteration}{where}")
+            what = "validation loss" if self.history.key == VAL_LOSS else self.history.key
+            log.print(f"new best {what} {value:.4f} at step {self.iteration}{where}")
+        note = self.history.rising_note(self.cfg.train.keep_best)
+        if note and not self._rising_said:
+            log.print(f"note: {note}")
+        self._rising_said = note is not None
 
     def _eval_model(self):
         """A model with full parameters: the engine's module, or a gathered copy under ZeRO-3."""
@@ -470,39 +519,46 @@ class Trainer:
             copy.load_state_dict({k: v.detach().clone() for k, v in params.items()}, strict=False)
         return copy.to(next(iter(params.values())).dtype)
 
-    def _pipeline_validation(self) -> dict:
-        """Validation loss through the pipeline schedule (mean over micro-batches of their token means).
-        Captioning needs the whole model on one rank: export the checkpoint for that under PP."""
-        t = self.cfg.train
-        n = max(1, min(t.eval_rows, self.valid_rows.rows_in_epoch(0)) // (t.micro_batch_size * self.dp_world))
-        loader = build_loader(self.valid_rows, 0, t.micro_batch_size, self.dp_rank, self.dp_world, limit=n)
-        feed = (pipeline_inputs({k: v.to(self.device) for k, v in b.items() if k != "row_index"}) for b in loader)
-        loss = float(self.engine.eval_batch(data_iter=feed, num_micro_batches=n))
-        return {"val_loss": loss, "val_rows": n * t.micro_batch_size * self.dp_world}
+    def _eval_context(self) -> EvalContext:
+        return EvalContext(device=self.device, dp_rank=self.dp_rank, dp_world=self.dp_world,
+                           dp_group=parallel_state.get_data_parallel_group(), tokenizer=self.tokenizer,
+                           prompt=self.cfg.tokenizer.prompt, step=self.iteration, seed=self.cfg.train.seed,
+                           pipeline_loss=self._pipeline_loss if self.pipelined else None)
 
-    def evaluate(self, log: RunLogger) -> dict:
-        t = self.cfg.train
-        if self.pipelined:
-            res = self._pipeline_validation()
-            self.engine.train()
-            log.print(f"eval step {self.iteration} | val loss {res['val_loss']:.4f} on {res['val_rows']} rows "
-                      "(caption evaluation needs parallel.pipeline_parallel=1)")
-            log.record("eval", self.iteration, res)
-            return res
-        model = self._eval_model()
+    def _pipeline_loss(self, loader) -> float:
+        """Mean loss of ``loader``'s packed batches through the pipeline schedule (validation_loss under PP)."""
+        feed = (pipeline_inputs({k: v.to(self.device) for k, v in b.items() if k != "row_index"}) for b in loader)
+        return float(self.engine.eval_batch(data_iter=feed, num_micro_batches=len(loader)))
+
+    def evaluate(self, log: RunLogger, evaluators: list) -> dict:
+        """Run ``evaluators`` (collective over every rank) and log their metrics as ``NAME/METRIC`` (console line,
+        JSONL, TensorBoard, W&B); the first validation_loss and captioning evaluators' metrics also keep their
+        historical names (``val_loss``, ``caption_exact_match``, ...). The first captioning evaluator's captions
+        go on the contact sheet. Returns the logged record (plus ``caption_examples``)."""
         start = time.perf_counter()
-        res = validation_loss(model, self.valid_rows, t.eval_rows, self.dp_rank, self.dp_world, self.device)
-        res.update(caption_metrics(model, self.valid, self.tokenizer, self.cfg.tokenizer.prompt, t.eval_captions,
-                                   t.max_new_tokens, self.dp_rank, self.dp_world, records=SHEET_IMAGES))
-        records = res.pop("caption_records")  # per image, for the contact sheet (not the logs)
-        res["eval_seconds"] = time.perf_counter() - start
+        ctx = self._eval_context()
+        full = any(ev.needs_full_model or not self.pipelined for ev in evaluators)
+        model = self._eval_model() if full else None
+        record: dict = {}
+        results = {}
+        for ev in evaluators:
+            began = time.perf_counter()
+            results[ev.name] = res = ev.run(model if (ev.needs_full_model or not self.pipelined) else None, ctx)
+            record.update(prefixed(ev.name, res.metrics))
+            record[f"{ev.name}/seconds"] = time.perf_counter() - began
         self.engine.train()
-        log.print(f"eval step {self.iteration} | val loss {res['val_loss']:.4f} | val token acc "
-                  f"{100 * res['val_token_accuracy']:.1f}% | captions: exact {100 * res['caption_exact_match']:.1f}% "
-                  f"token acc {100 * res['caption_token_accuracy']:.1f}% on {res['caption_images']} images")
-        log.record("eval", self.iteration, {k: v for k, v in res.items() if k != "caption_examples"})
-        write_eval_sheet(self.out / "eval", self.iteration, res, records, self.valid, log)
-        return res
+        record = {**_historical_names(evaluators, results), **record}
+        record["eval_seconds"] = time.perf_counter() - start
+        parts = [f"{ev.name}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in results[ev.name].metrics.items())
+                 for ev in evaluators]
+        log.print(f"eval step {self.iteration} | " + " | ".join(parts) + f" | {record['eval_seconds']:.1f} s")
+        examples = record.pop("caption_examples", None)
+        log.record("eval", self.iteration, record)
+        captioner = next((ev for ev in evaluators if ev.type_name == "captioning"), None)
+        if captioner is not None:
+            write_eval_sheet(self.out / "eval", self.iteration, record, results[captioner.name].records,
+                             _SheetImages(captioner.data), log)
+        return record if examples is None else {**record, "caption_examples": examples}
 
     def _summary(self, window: "_Window", last_eval: dict, stopped: bool) -> dict:
         s = {
@@ -520,9 +576,14 @@ class Trainer:
             "resumed_from": self.resumed_from,
         }
         s.update(last_eval)
+        if self.step0:  # train.eval_at_start: the initial model's metrics, beside the last evaluation's
+            s["step0"] = {f"{ev.name}/{k}": self.step0[f"{ev.name}/{k}"] for ev in self.evaluators
+                          for k in ev.metric_keys if f"{ev.name}/{k}" in self.step0}
         if self.history.evals:
             best = self.history.best()
-            s["best_val_loss"] = best["val_loss"] if best else None
+            key = self.history.key
+            s["best_metric"] = self.best_metric
+            s["best_val_loss" if key == VAL_LOSS else "best_value"] = best[key] if best else None
             s["best_val_step"] = best["step"] if best else None
             # train.keep_best: the kept checkpoint; otherwise the best evaluation's, while retention has left it
             kept = self.history.best_checkpointed() if self.cfg.train.keep_best else best
@@ -530,6 +591,7 @@ class Trainer:
                                     and (self.ckpt_dir / kept["checkpoint"]).is_dir() else None)
             s["val_loss_rising"] = self.history.rising_note(self.cfg.train.keep_best)
             s["val_loss_rising_evaluations"] = RISING_EVALS
+            s["first_evaluation_best"] = self.history.first_is_best_note()
         if self.rank == 0:
             (self.out / "summary.json").write_text(json.dumps(s, indent=1))
         return s
@@ -543,6 +605,45 @@ class Trainer:
         except (OSError, ValueError):
             summary = {"steps": self.resume.state.get("iteration"), "output_dir": str(self.out)}
         return dict(summary, already_finished=True, checkpoint=str(self.resume.tag_dir), summary_file=str(path))
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _historical_names(evaluators: list, results: dict) -> dict:
+    """The first validation_loss and captioning evaluators' metrics under the names logs, summaries and tools have
+    always used (``val_loss``, ``val_token_accuracy``, ``caption_exact_match``, ``caption_token_accuracy``,
+    ``caption_images``, ``caption_examples``)."""
+    out = {}
+    val = next((ev for ev in evaluators if ev.type_name == "validation_loss"), None)
+    if val is not None:
+        out.update({k: v for k, v in results[val.name].metrics.items() if k.startswith("val_")})
+    cap = next((ev for ev in evaluators if ev.type_name == "captioning"), None)
+    if cap is not None:
+        m = results[cap.name].metrics
+        out.update(caption_exact_match=m["exact_match"], caption_token_accuracy=m["token_accuracy"],
+                   caption_images=int(m["images"]))
+        out["caption_examples"] = [{k: r[k] for k in ("index", "reference", "generated")}
+                                   for r in results[cap.name].records[:4]]
+    return out
+
+
+class _SheetImages:
+    """A captioning evaluator's images by index, as the contact sheet reads them (``.patches``, ``.grid``)."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def __getitem__(self, i):
+        patches, grid, _ = self.data.get(i)
+        return _Sample(patches, grid)
+
+
+@dataclasses.dataclass
+class _Sample:
+    patches: torch.Tensor
+    grid: tuple
 
 
 def _loss_terms(loss: torch.Tensor) -> torch.Tensor:
