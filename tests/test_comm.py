@@ -220,3 +220,20 @@ def test_trainer_collectives_run_on_a_world_that_serves_cuda_only(tmp_path):
         assert out["any"] == [True, False] and out["decision"] == "rank0's choice"
         assert out["gathered"] == ([0, 10] if r == 0 else None)
 
+
+
+def test_a_cpu_tensor_on_a_cuda_only_group_is_routed_or_refused_in_process():
+    """Fast: in this process's world, a group registered as cuda:gloo (what NCCL is to a CPU tensor) gets a CPU
+    tensor: without a gloo twin, our error says what to do (not torch's 'No backend type'); a device-typed check
+    routes CPU tensors of a group that serves the CPU straight to it."""
+    import torch.distributed as dist
+
+    from megatron_genlip.parallel import comm, state
+
+    state.ensure_initialized(1, 1)
+    cuda_only = dist.new_group(ranks=[0], backend="cuda:gloo")
+    assert comm.served_device_types(cuda_only) == {"cuda"} and comm.serves(None, "cpu")
+    with pytest.raises(RuntimeError, match="has no gloo twin: reduce a device tensor on it instead"):
+        comm.all_reduce(torch.ones(1), group=cuda_only)
+    assert comm.all_reduce(torch.ones(2)).tolist() == [1.0, 1.0]  # the world serves the CPU here: no routing
+    assert comm.host_group(None) is None and comm.all_gather_object({"a": 1}) == [{"a": 1}]
