@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import random
+import resource
 import struct
 import subprocess
 import sys
@@ -51,6 +52,85 @@ def anonymous_bytes() -> int:
         if line.startswith("Anonymous:"):
             return int(line.split()[1]) * 1024
     raise RuntimeError("no Anonymous line in /proc/self/smaps_rollup")
+
+
+def resident() -> dict:
+    """This process's resident memory by kind, in MB (/proc/self/status): ``anon`` (private heap: what the
+    process itself holds), ``file`` (pages of files it has memory-mapped: the kernel's page cache, shared
+    and reclaimable, dropped under memory pressure and on unmap), ``shmem``, and ``hwm`` (peak of the sum)."""
+    out = {}
+    names = {"RssAnon": "anon", "RssFile": "file", "RssShmem": "shmem", "VmHWM": "hwm"}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in names:
+            out[names[key]] = int(value.split()[0]) / 1024
+    return out
+
+
+def cgroup_memory() -> dict:
+    """This container's (cgroup's) memory in MB, when readable: ``cgroup_anon`` (private memory of every process in
+    it) and ``cgroup_cache`` (page cache charged to it: every file it wrote or read, mapped or not; what a
+    container's "memory usage" shows, and what the kernel reclaims first). Empty when no cgroup file is readable."""
+    for path, anon, cache in (("/sys/fs/cgroup/memory.stat", "anon", "file"),
+                              ("/sys/fs/cgroup/memory/memory.stat", "total_rss", "total_cache")):
+        try:
+            stat = dict(line.split() for line in Path(path).read_text().splitlines())
+            return {"cgroup_anon": int(stat[anon]) / 2**20, "cgroup_cache": int(stat[cache]) / 2**20}
+        except (OSError, KeyError, ValueError):
+            continue
+    return {}
+
+
+RESIDENT_PROBE = """
+import atexit, json, sys
+sys.path.insert(0, sys.argv[1])
+from scale_bench import resident
+atexit.register(lambda: print("RESIDENT " + json.dumps(resident()), file=sys.stderr))
+"""
+
+
+def child_resident(stderr: str) -> dict:
+    """The resident memory a bench subprocess reported at its exit (RESIDENT_PROBE)."""
+    for line in reversed(stderr.splitlines()):
+        if line.startswith("RESIDENT "):
+            return json.loads(line[len("RESIDENT "):])
+    return {}
+
+
+class ResidentSampler:
+    """Peak anonymous and file-backed resident memory of this process per phase (sampled every 50 ms), so a peak
+    of resident memory can be told apart: private memory the bench holds, or memory-mapped files (page cache)."""
+
+    def __init__(self):
+        import threading
+
+        self.phases: dict[str, dict] = {}
+        self._peak = {"anon": 0.0, "file": 0.0, "cgroup_anon": 0.0, "cgroup_cache": 0.0}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            self._sample()
+
+    def _sample(self) -> None:
+        now = {**resident(), **cgroup_memory()}
+        for k in self._peak:
+            self._peak[k] = max(self._peak[k], now.get(k, 0.0))
+
+    def phase(self, name: str, children: dict | None = None) -> None:
+        """Close phase ``name``: its peaks (and a subprocess's own resident memory at its exit)."""
+        self._sample()
+        self.phases[name] = {f"peak_{k}_mb": round(v, 1) for k, v in self._peak.items()}
+        if children:
+            self.phases[name].update({f"child_{k}_mb": round(v, 1) for k, v in children.items()})
+        self._peak = dict.fromkeys(self._peak, 0.0)
+        self._sample()
+
+    def stop(self) -> dict:
+        self._stop.set()
+        return self.phases
 
 
 def stage1_tokens(n: int, rng: np.random.Generator) -> np.ndarray:
@@ -270,11 +350,11 @@ print(json.dumps(out))
 def measure_verification(config: str, prefix: str, overrides: list[str]) -> dict:
     """What checking every stored byte costs: the start-up part check, a pack-index chunk's first touch, a row
     lookup once its chunk is verified, a part's first open, a sample's crc32 (a fresh process)."""
-    out = subprocess.run([sys.executable, "-c", VERIFY, str(Path(__file__).parent), config, prefix, *overrides],
-                         capture_output=True, text=True, cwd=ROOT)
+    out = subprocess.run([sys.executable, "-c", RESIDENT_PROBE + VERIFY, str(Path(__file__).parent), config, prefix,
+                          *overrides], capture_output=True, text=True, cwd=ROOT)
     if out.returncode:
         raise RuntimeError(f"verification measurement failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return {**json.loads(out.stdout.strip().splitlines()[-1]), "resident": child_resident(out.stderr)}
 
 
 DATASET = r'''
@@ -295,18 +375,19 @@ print(anonymous_bytes() - base)
 '''
 
 
-def measure_dataset_memory(config: str, prefix: str, overrides: list[str]) -> int:
-    """Private bytes of an opened dataset after 5000 random sample reads (parts opened, LRU full)."""
-    out = subprocess.run([sys.executable, "-c", DATASET, str(Path(__file__).parent), config, prefix, *overrides],
-                         capture_output=True, text=True, cwd=ROOT, check=True)
-    return int(out.stdout.strip().splitlines()[-1])
+def measure_dataset_memory(config: str, prefix: str, overrides: list[str]) -> tuple[int, dict]:
+    """Private bytes of an opened dataset after 5000 random sample reads (parts opened, LRU full), and the
+    subprocess's resident memory at its exit."""
+    out = subprocess.run([sys.executable, "-c", RESIDENT_PROBE + DATASET, str(Path(__file__).parent), config, prefix,
+                          *overrides], capture_output=True, text=True, cwd=ROOT, check=True)
+    return int(out.stdout.strip().splitlines()[-1]), child_resident(out.stderr)
 
 
 def measure_reader(config: str, prefix: str, overrides: list[str]) -> dict:
     """Resume and fetch costs and per-rank private memory, in a fresh process (a clean memory baseline)."""
-    out = subprocess.run([sys.executable, "-c", READER, str(Path(__file__).parent), config, prefix, *overrides],
-                         capture_output=True, text=True, cwd=ROOT, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    out = subprocess.run([sys.executable, "-c", RESIDENT_PROBE + READER, str(Path(__file__).parent), config, prefix,
+                          *overrides], capture_output=True, text=True, cwd=ROOT, check=True)
+    return {**json.loads(out.stdout.strip().splitlines()[-1]), "resident": child_resident(out.stderr)}
 
 
 def measure_loader(config: str, samples: int) -> dict:
@@ -340,6 +421,12 @@ def extrapolate(m: dict, samples: int, parts: int, epochs: int) -> list[tuple[st
          f"{cpu_h:.1f} CPU-h for 8 epochs: {cpu_h * 60 / 32 / 8:.0f} min per epoch on 32 cores"),
         ("pack build peak memory", f"{m['pack_peak_mb']:.0f} MB ({m['pack_peak_bytes_per_sample']:.2f} B/sample)",
          f"{m['pack_peak_mb']:.0f} MB per process (one 2^20-sample chunk at a time: independent of N)"),
+        ("resident memory", f"bench process: private {m['resident_peak_anon_mb']:.0f} MB, memory-mapped files "
+         f"{m['resident_peak_file_mb']:.0f} MB (peaks); readers: private {m['resident_children_peak_anon_mb']:.0f} MB, "
+         f"mapped {m['resident_children_peak_file_mb']:.0f} MB; container: private {m['cgroup_peak_anon_mb']:.0f} MB, "
+         f"page cache {m['cgroup_peak_cache_mb'] / 1024:.1f} GiB",
+         "private: same (independent of N); mapped files and page cache grow with N (the files written and "
+         "memory-mapped: lengths, .idx, pack index) and are reclaimable, not held"),
         ("pack index on disk", f"{m['index_bytes_per_epoch'] / 2**20:.0f} MB/epoch",
          f"{m['index_bytes_per_epoch'] * scale * 8 / 2**30:.0f} GiB for 8 epochs (memory-mapped, shared page cache)"),
         ("packing efficiency", f"{100 * m['packing_efficiency']:.2f}%", "same (a property of the lengths)"),
@@ -396,23 +483,41 @@ def main() -> None:
     overrides = ["data.valid_data=null"]
     cfg = load_config(args.config, overrides)
     m: dict = {"samples": samples, "parts": args.parts, "epochs": args.epochs}
+    sampler = ResidentSampler()
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         t = time.perf_counter()
         inputs, prefix = simulate(Path(tmp), samples, args.parts, cfg)
         print(f"simulated {samples:,} samples in {args.parts} parts in {time.perf_counter() - t:.0f} s")
+        sampler.phase("simulate")
         m.update(measure_finalize(inputs, prefix, cfg))
+        sampler.phase("finalize")
         small = m.pop("subset_prefix")
         rows = open_rows(prefix, cfg.data)
         m.update(measure_pack(rows, args.epochs, args.workers))
+        sampler.phase("pack")
         print(f"packed {args.epochs} epochs: {m['pack_us_per_sample']:.2f} us/sample")
-        m.update(measure_reader(args.config, prefix, overrides))
-        m.update(measure_verification(args.config, prefix, overrides))
-        few = measure_dataset_memory(args.config, small, overrides)
-        many = measure_dataset_memory(args.config, prefix, overrides)
+        reader = measure_reader(args.config, prefix, overrides)
+        sampler.phase("reader", reader.pop("resident"))
+        m.update(reader)
+        verify = measure_verification(args.config, prefix, overrides)
+        sampler.phase("verify", verify.pop("resident"))
+        m.update(verify)
+        few, _ = measure_dataset_memory(args.config, small, overrides)
+        many, there = measure_dataset_memory(args.config, prefix, overrides)
+        sampler.phase("dataset", there)
         k = max(1, args.parts // 10)
         m["dataset_bytes_per_part"] = max(0.0, (many - few) / max(1, args.parts - k))
         m["dataset_bytes"] = many
     m.update(measure_loader(args.config, args.photo_samples))
+    sampler.phase("loader")
+    m["resident_phases"] = sampler.stop()
+    m["resident_peak_anon_mb"] = max(p["peak_anon_mb"] for p in m["resident_phases"].values())
+    m["resident_peak_file_mb"] = max(p["peak_file_mb"] for p in m["resident_phases"].values())
+    m["resident_children_peak_anon_mb"] = max([p.get("child_anon_mb", 0.0) for p in m["resident_phases"].values()])
+    m["resident_children_peak_file_mb"] = max([p.get("child_file_mb", 0.0) for p in m["resident_phases"].values()])
+    m["cgroup_peak_anon_mb"] = max(p["peak_cgroup_anon_mb"] for p in m["resident_phases"].values())
+    m["cgroup_peak_cache_mb"] = max(p["peak_cgroup_cache_mb"] for p in m["resident_phases"].values())
+    m["children_maxrss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # pack workers too
     last = 7 if args.epochs > 7 else args.epochs - 1
     m.setdefault("resume_ms_epoch7", m[f"resume_ms_epoch{last}"])
     m.setdefault("fetch_index_us_epoch7", m[f"fetch_index_us_epoch{last}"])

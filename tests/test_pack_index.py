@@ -282,3 +282,116 @@ def test_building_many_epochs_reads_each_epoch_metadata_a_bounded_number_of_time
     reads.clear()
     ensure_epochs(tmp_path, settings_for(len(lengths)), src, epochs=epochs, log=lambda *_: None)  # all built
     assert len(reads) <= 5 * epochs, len(reads)
+
+
+# sha256 over an epoch's .npy files and its metadata (less "seconds") as the former builder wrote them (kept every
+# chunk's row sizes in the parent, then np.save of the whole row table): the streaming builder writes the same bytes
+FORMER_BUILDER_SHA256 = {
+    (5000, 1500, 1024, 0): "4e00a09df2ae54eae876563b1aadb8a58f5f0e9138d8e55ca3003f79d1089ba5",
+    (5000, 1500, 1024, 1): "cd11eace9c0b24818c338530d66bcc392f2d6b49853f0afc15642044d0a53609",
+    (6000, 1500, 1024, 0): "01f06e2b2c051355edc311dfe0e650db2a33a3ce5e56f8d337624dd7287fa71a",  # chunks divide N
+    (5000, 8192, 1024, 1): "7faf728b7ac1005b3c15c3e3e1f521625066b81937c133afc3b48a7474f64331",  # one chunk
+    (20000, 1000, 300, 0): "d994ddabe1622bac33bb76cc3722063f867bf9bdb9f4a3223c6cf6e10c5907e9",
+}
+
+
+def epoch_digest(directory: Path, meta: dict) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(p.name for p in directory.glob("epoch*.npy")):
+        h.update(name.encode())
+        h.update((directory / name).read_bytes())
+    h.update(json.dumps({k: v for k, v in meta.items() if k != "seconds"}, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("case,workers", [(c, 1) for c in FORMER_BUILDER_SHA256] + [((5000, 1500, 1024, 1), 2)])
+def test_epoch_files_are_byte_identical_to_the_former_builder(tmp_path, case, workers):
+    n, chunk, seq, epoch = case
+    src = write_lengths(tmp_path / "lengths.npy", stage1_lengths(n, seed=1) // 8)
+    meta = build_epoch(tmp_path / "idx", PackSettings("fp", n, seq, 64, seed=3, chunk_size=chunk), src, epoch,
+                       workers=workers)
+    assert epoch_digest(tmp_path / "idx", meta) == FORMER_BUILDER_SHA256[case]
+    assert sorted(p.name for p in (tmp_path / "idx").iterdir()) == [
+        f"epoch{epoch:04d}.{x}" for x in ("json", "order.npy", "rows.npy", "verified")]  # no chunk file left
+
+
+def test_build_memory_of_the_building_process_does_not_grow_with_samples(tmp_path):
+    """The process building an epoch holds a few numbers per chunk, never every chunk's row sizes nor the whole
+    row table: its traced peak grows by well under a byte per sample (the former builder: ~6 B/sample with ~3
+    samples per row, ~180 MB at 10^9 real samples)."""
+    import tracemalloc
+
+    peaks = {}
+    for n in (5_000, 25_000):
+        src = write_lengths(tmp_path / f"lengths{n}.npy", stage1_lengths(n, seed=1) // 8)
+        s = PackSettings("fp", n, 100, 64, seed=3, chunk_size=4096)  # ~3 samples per row: many rows
+        tracemalloc.start()
+        meta = build_epoch(tmp_path / f"idx{n}", s, src, 0, workers=1)
+        peaks[n] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert meta["rows"] > n // 4
+    growth = (peaks[25_000] - peaks[5_000]) / 20_000
+    assert growth < 1.5, f"{growth:.2f} B per sample ({peaks})"
+
+
+def count_pools(monkeypatch) -> list:
+    import multiprocessing.pool
+
+    made = []
+    real = multiprocessing.pool.Pool.__init__
+    monkeypatch.setattr(multiprocessing.pool.Pool, "__init__",
+                        lambda self, *a, **k: made.append(a[0] if a else k.get("processes")) or real(self, *a, **k))
+    return made
+
+
+def test_one_pool_of_workers_builds_every_epoch(tmp_path, source, monkeypatch):
+    """Several epochs built with workers > 1 start one pool (each spawned worker's start-up paid once), not one per
+    epoch; the files are those of a serial build."""
+    src, lengths = source
+    s = settings_for(len(lengths))
+    made = count_pools(monkeypatch)
+    ensure_epochs(tmp_path / "pooled", s, src, epochs=3, workers=2, log=lambda *_: None)
+    assert made == [2]
+    with pi.shared_pool(2):  # what tools/build_pack_index.py does around all its datasets and epochs
+        for e in range(3):
+            pi.ensure_epoch(tmp_path / "shared", s, src, e, workers=2, log=lambda *_: None)
+        ensure_epochs(tmp_path / "shared", s, src, epochs=4, workers=2, log=lambda *_: None)  # nested: same pool
+    assert made == [2, 2]
+    ensure_epochs(tmp_path / "serial", s, src, epochs=4, log=lambda *_: None)
+    for e in range(4):
+        for ext in ("order.npy", "rows.npy"):
+            name = f"epoch{e:04d}.{ext}"
+            assert (tmp_path / "shared" / name).read_bytes() == (tmp_path / "serial" / name).read_bytes()
+
+
+@pytest.mark.slow
+def test_build_pack_index_tool_starts_one_pool_and_light_workers(tmp_path, monkeypatch):
+    """tools/build_pack_index.py --epochs 3 --workers 2: one pool for the three epochs, and a spawned worker, which
+    re-runs the tool's module first, imports neither torch nor the datasets' modules there."""
+    import importlib.util
+
+    from megatron_genlip.config import load_config
+    from megatron_genlip.data.builder import build_indexed_dataset
+    from megatron_genlip.data.synthetic import write_shards
+
+    tiny = ROOT / "examples/configs/tiny.yaml"
+    shards = write_shards(str(tmp_path / "shards"), "train", 60, 30, seed=1, image_size=48)
+    build_indexed_dataset(shards, str(tmp_path / "ds"), load_config(tiny), progress=False)
+    monkeypatch.setattr(PackSettings.__init__, "__defaults__", (16, pi.PACK_VERSION))  # 16-sample chunks: 4 chunks
+    made = count_pools(monkeypatch)
+    spec = importlib.util.spec_from_file_location("build_pack_index_tool", ROOT / "tools/build_pack_index.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    code = tool.main(["--config", str(tiny), "--set", f"data.train_data={tmp_path / 'ds'}", "--set",
+                      "data.valid_data=null", "--epochs", "3", "--workers", "2"])
+    assert code == 0 and made == [2]
+    (key,) = (tmp_path / "ds.packs").iterdir()
+    assert [json.loads((key / f"epoch{e:04d}.json").read_text())["settings"]["chunk_size"] for e in range(3)] == [16] * 3
+    probe = ("import runpy, sys; runpy.run_path(sys.argv[1], run_name='__mp_main__'); "
+             "import megatron_genlip.data.pack_index; print(sorted(m for m in ('torch', 'webdataset', "
+             "'megatron_genlip.data.packed_dataset', 'megatron_genlip.config') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe, str(ROOT / "tools/build_pack_index.py")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", (out.stdout, out.stderr)

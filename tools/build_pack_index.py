@@ -26,15 +26,15 @@ import argparse
 import os
 import sys
 
-from megatron_genlip.config import ConfigError, load_config
-from megatron_genlip.data.builder import shard_task_from_env
-from megatron_genlip.data.tokenizer import tokenizer_fingerprint
-from megatron_genlip.data.indexed import DatasetError, DatasetMismatch
-from megatron_genlip.data.pack_index import MissingEpochError, ensure_epoch
-from megatron_genlip.data.packed_dataset import BlendedRows, open_rows, open_train_rows
+# Only the standard library at module level: the pack workers are spawned processes, and a spawned process
+# first re-runs this file (as __mp_main__); what it imports is what each worker pays for at start-up. The
+# datasets' modules (torch, webdataset, the tokenizer) are imported by main(), in this process only; a worker
+# imports numpy and megatron_genlip.data.pack_index. All epochs share one pool of workers (shared_pool).
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from megatron_genlip.data.builder import shard_task_from_env
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="the training config (its data section names the datasets)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -63,6 +63,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def _sources(cfg) -> list[tuple[str, object, int | None, int]]:
     """(name, packed rows, fixed epochs or None, rows the run reads) for the training data (each blend source)
     and the validation data (epoch 0)."""
+    from megatron_genlip.data.packed_dataset import BlendedRows, open_rows, open_train_rows
+    from megatron_genlip.data.tokenizer import tokenizer_fingerprint
+
     fp = tokenizer_fingerprint(cfg.tokenizer.kind, cfg.tokenizer.path)
     train = open_train_rows(cfg.data, fp)
     run_rows = cfg.train.train_steps * cfg.train.global_batch_size
@@ -76,6 +79,10 @@ def _sources(cfg) -> list[tuple[str, object, int | None, int]]:
 
 
 def main(argv=None) -> int:
+    from megatron_genlip.config import ConfigError, load_config
+    from megatron_genlip.data.indexed import DatasetError, DatasetMismatch
+    from megatron_genlip.data.pack_index import shared_pool
+
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
@@ -86,8 +93,16 @@ def main(argv=None) -> int:
     if args.num_epoch_shards > 1 and args.epochs is None:
         print("error: --num-epoch-shards needs --epochs N (which epochs to split over the tasks)", file=sys.stderr)
         return 2
-    problems = 0
     args.verify = args.verify or args.verify_data
+    with shared_pool(args.workers):  # one pool of workers for every epoch of every dataset, started when needed
+        return _build_or_verify(args, sources)
+
+
+def _build_or_verify(args, sources) -> int:
+    from megatron_genlip.data.indexed import DatasetError
+    from megatron_genlip.data.pack_index import MissingEpochError, ensure_epoch
+
+    problems = 0
     checked: set[int] = set()
     for name, rows, wanted, run_rows in sources:
         index = rows.index

@@ -30,11 +30,10 @@ import json
 import sys
 
 from megatron_genlip.config import ConfigError, load_config
-from megatron_genlip.data.builder import (
-    build_indexed_dataset, finalize_dataset, shard_task_from_env, tokenizer_fingerprint,
-)
+from megatron_genlip.data.builder import build_indexed_dataset, finalize_dataset, shard_task_from_env
 from megatron_genlip.data.indexed import STORAGES, DatasetError
 from megatron_genlip.data.packed_dataset import open_rows
+from megatron_genlip.data.tokenizer import tokenizer_fingerprint
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -28,6 +28,7 @@ once, under a file lock, by one process before training starts (:func:`ensure_ep
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -336,10 +337,12 @@ def _stamp_valid(directory: Path, epoch: int) -> bool:
         return False
 
 
-def _pack_chunk(task: tuple) -> tuple[int, np.ndarray, int, str]:
-    """Worker: pack chunk ``c`` of an epoch into its slice of the (preallocated) order file.
-    Returns (chunk, row sizes, tokens, sha256 of the slice)."""
-    settings, source, epoch, c, order_path = task
+def _pack_chunk(task: tuple) -> tuple[int, int, int, str, str]:
+    """Worker: pack chunk ``c`` of an epoch into its slice of the (preallocated) order file, and the chunk's row
+    boundaries into a file of its own (``rows_path``: raw int64, every boundary but the last); the parent
+    gathers those in order. Returns (chunk, rows, tokens, sha256 of the order slice, sha256 of the chunk's
+    boundaries including the last: its slice of the row table)."""
+    settings, source, epoch, c, order_path, rows_path = task
     start = c * settings.chunk_size
     stop = min(start + settings.chunk_size, settings.num_samples)
     ids = shuffle_positions(np.arange(start, stop), settings.num_samples, settings.seed, epoch)
@@ -350,46 +353,140 @@ def _pack_chunk(task: tuple) -> tuple[int, np.ndarray, int, str]:
     out[start:stop] = chunk
     out.flush()
     del out
-    return c, row_sizes, int(tokens.sum()), hashlib.sha256(chunk.tobytes()).hexdigest()
+    bounds = np.empty(len(row_sizes) + 1, dtype=np.int64)
+    bounds[0] = start
+    np.cumsum(row_sizes, out=bounds[1:])
+    bounds[1:] += start
+    with open(rows_path, "wb") as f:
+        f.write(memoryview(bounds[:-1]).cast("B"))
+    return (c, len(row_sizes), int(tokens.sum()), hashlib.sha256(chunk.tobytes()).hexdigest(),
+            hashlib.sha256(bounds.tobytes()).hexdigest())
+
+
+_shared: list = []  # the pool of the outermost active shared_pool(): [workers, Pool or None, its processes]
+
+
+def _new_pool(processes: int):
+    """A pool of ``processes`` spawned workers (spawn: safe beside threads, CUDA and open memory maps)."""
+    return mp.get_context("spawn").Pool(processes)
+
+
+class shared_pool:  # noqa: N801 (used as a context manager, like open())
+    """One process pool for every epoch built inside ``with shared_pool(workers):`` (:func:`build_epoch` with
+    ``workers > 1``), started when first needed, instead of one pool (and one start-up of every worker) per
+    epoch. It grows (a new pool) only when an epoch has more chunks than the pool has processes and fewer than
+    ``workers``. Nested uses share the outer pool."""
+
+    def __init__(self, workers: int):
+        self.workers = workers
+        self._owner = False
+
+    def __enter__(self):
+        if not _shared:
+            _shared.append([self.workers, None, 0])
+            self._owner = True
+        return self
+
+    def __exit__(self, *exc):
+        if self._owner:
+            _, pool, _ = _shared.pop()
+            if pool is not None:
+                pool.terminate() if exc[0] is not None else pool.close()
+                pool.join()
+        return False
+
+
+def _pool_for(workers: int, chunks: int):
+    """(pool, close it after the epoch?) for an epoch of ``chunks`` chunks built with ``workers`` processes."""
+    want = min(workers, chunks)
+    if not _shared:
+        return _new_pool(want), True
+    slot = _shared[-1]
+    want = min(max(workers, slot[0]), chunks)
+    if slot[1] is None or slot[2] < want:
+        if slot[1] is not None:
+            slot[1].close()
+            slot[1].join()
+        slot[1], slot[2] = _new_pool(want), want
+    return slot[1], False
+
+
+def _npy_header(dtype, length: int) -> bytes:
+    """The .npy header np.save writes for a 1-D array of ``length`` items of ``dtype``."""
+    import io
+
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        buf, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": (length,)})
+    return buf.getvalue()
 
 
 def build_epoch(directory: Path, settings: PackSettings, source: LengthSource, epoch: int, workers: int = 1,
                 progress=None) -> dict:
-    """Pack one epoch into ``directory`` (chunks in ``workers`` processes); returns its metadata."""
+    """Pack one epoch into ``directory`` (chunks in ``workers`` processes: the pool of an active
+    :class:`shared_pool`, else one for this epoch); returns its metadata.
+
+    What this process holds does not grow with the number of samples: workers write the order file in place
+    and each chunk's row boundaries to a temporary of their own; this process keeps a few numbers per chunk
+    and then streams the chunks' boundaries, in order, into the row table (one chunk in memory at a time)."""
     directory.mkdir(parents=True, exist_ok=True)
     paths = _epoch_paths(directory, epoch)
     n, size = settings.num_samples, settings.chunk_size
     chunks = (n + size - 1) // size
     source.verify()
     tmp_order = temp_name(paths["order"])
-    np.lib.format.open_memmap(tmp_order, mode="w+", dtype=order_dtype(n), shape=(n,)).flush()
-    tasks = [(settings, source, epoch, c, str(tmp_order)) for c in range(chunks)]
-    results: list = [None] * chunks
-    start = time.perf_counter()
-    if workers > 1 and chunks > 1:
-        with mp.get_context("spawn").Pool(min(workers, chunks)) as pool:
-            for res in pool.imap_unordered(_pack_chunk, tasks):
-                results[res[0]] = res
-                progress is not None and progress(1)
-    else:
-        for task in tasks:
-            res = _pack_chunk(task)
-            results[res[0]] = res
-            progress is not None and progress(1)
-    row_sizes = np.concatenate([r[1] for r in results])
-    rows = np.zeros(len(row_sizes) + 1, dtype=np.int64)
-    np.cumsum(row_sizes, out=rows[1:])
     tmp_rows = temp_name(paths["rows"])
-    with open(tmp_rows, "wb") as f:
-        np.save(f, rows)
-    chunk_rows = [len(r[1]) for r in results]
-    first = np.concatenate(([0], np.cumsum(chunk_rows)))
-    meta = {"epoch": epoch, "rows": int(len(row_sizes)), "samples": n, "tokens": sum(r[2] for r in results),
-            "chunk_sha256": [r[3] for r in results], "rows_sha256": hashlib.sha256(rows.tobytes()).hexdigest(),
-            "chunk_rows": chunk_rows,
-            "chunk_rows_sha256": [hashlib.sha256(rows[first[c]:first[c + 1] + 1].tobytes()).hexdigest()
-                                  for c in range(chunks)],
+    chunk_file = lambda c: f"{tmp_rows}.c{c:06d}"  # noqa: E731 (a temporary of this process: see temp_name)
+    np.lib.format.open_memmap(tmp_order, mode="w+", dtype=order_dtype(n), shape=(n,)).flush()
+    tasks = ((settings, source, epoch, c, str(tmp_order), chunk_file(c)) for c in range(chunks))
+    results: list = [None] * chunks  # per chunk: (rows, tokens, order sha256, rows sha256)
+    start = time.perf_counter()
+    try:
+        if workers > 1 and chunks > 1:
+            pool, own = _pool_for(workers, chunks)
+            try:
+                for res in pool.imap_unordered(_pack_chunk, tasks):
+                    results[res[0]] = res[1:]
+                    progress is not None and progress(1)
+            except BaseException:
+                if own:
+                    pool.terminate()
+                raise
+            finally:
+                if own:
+                    pool.close()
+                    pool.join()
+        else:
+            for task in tasks:
+                res = _pack_chunk(task)
+                results[res[0]] = res[1:]
+                progress is not None and progress(1)
+        total = sum(r[0] for r in results)
+        whole = hashlib.sha256()
+        with open(tmp_rows, "wb") as f:
+            f.write(_npy_header(np.int64, total + 1))
+            for c in range(chunks):
+                with open(chunk_file(c), "rb") as part:
+                    piece = part.read()
+                if len(piece) != 8 * results[c][0]:
+                    raise OSError(f"{chunk_file(c)}: {len(piece)} bytes, {8 * results[c][0]} expected")
+                f.write(piece)
+                whole.update(piece)
+                os.remove(chunk_file(c))
+            last = np.asarray([n], dtype=np.int64).tobytes()
+            f.write(last)
+            whole.update(last)
+    except BaseException:
+        for c in range(chunks):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(chunk_file(c))
+        raise
+    meta = {"epoch": epoch, "rows": int(total), "samples": n, "tokens": sum(r[1] for r in results),
+            "chunk_sha256": [r[2] for r in results], "rows_sha256": whole.hexdigest(),
+            "chunk_rows": [int(r[0]) for r in results],
+            "chunk_rows_sha256": [r[3] for r in results],
             "settings": asdict(settings), "seconds": round(time.perf_counter() - start, 3)}
+    del results
     for tmp in (tmp_order, tmp_rows):
         fsync_file(tmp)
     os.replace(tmp_order, paths["order"])
@@ -677,13 +774,14 @@ def ensure_epochs(directory: str | Path, settings: PackSettings, source: LengthS
     index = PackIndex(directory, settings)
     built = []
     e = 0
-    while e < epochs or index.row_starts[e] < rows:  # epoch e is read iff rows before it < rows
-        meta = ensure_epoch(directory, settings, source, e, build=build, workers=workers, log=log, index=index,
-                            clean=False)
-        if meta is not None:
-            built.append(meta)
-        index.refresh()  # epochs 0..e are built now, so row_starts[e + 1] exists
-        e += 1
+    with shared_pool(workers):  # one pool of workers for all the epochs built here (none if nothing is built)
+        while e < epochs or index.row_starts[e] < rows:  # epoch e is read iff rows before it < rows
+            meta = ensure_epoch(directory, settings, source, e, build=build, workers=workers, log=log, index=index,
+                                clean=False)
+            if meta is not None:
+                built.append(meta)
+            index.refresh()  # epochs 0..e are built now, so row_starts[e + 1] exists
+            e += 1
     if built:
         eff = [_efficiency(m, settings) for m in built]
         log(f"built pack index epochs {built[0]['epoch']}..{built[-1]['epoch']} ({len(built)} epochs, "
