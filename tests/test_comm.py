@@ -93,6 +93,9 @@ def test_served_device_types_are_read_from_the_backend_config(monkeypatch):
 def test_sync_counter_counts_only_sync_warnings_and_passes_the_rest_on():
     from megatron_genlip.training.profiling import SYNC_WARNING, SyncCounter
 
+    def other():  # one place in the code that warns at every step
+        warnings.warn("something else", UserWarning)
+
     modes = []
     counter = SyncCounter(True, set_mode=modes.append)  # torch.cuda's mode switch is CUDA-only
     with warnings.catch_warnings(record=True) as outside:
@@ -100,16 +103,21 @@ def test_sync_counter_counts_only_sync_warnings_and_passes_the_rest_on():
         with counter.step():
             for _ in range(3):
                 warnings.warn(SYNC_WARNING, UserWarning)
-            warnings.warn("something else", UserWarning)
+            other()
     assert counter.last == 3 and modes == ["warn", "default"]
     assert [str(w.message) for w in outside] == ["something else"]
+    with warnings.catch_warnings(record=True) as again:
+        warnings.simplefilter("always")
+        with counter.step():
+            other()  # the same place: shown once, not every step
+    assert again == [] and counter.last == 0
     with counter.step():  # a step without synchronisation counts zero
         pass
     assert counter.last == 0
     off = SyncCounter(False, set_mode=modes.append)
     with warnings.catch_warnings(record=True), off.step():
         warnings.warn(SYNC_WARNING, UserWarning)
-    assert off.last == 0 and modes == ["warn", "default", "warn", "default"]
+    assert off.last == 0 and modes == ["warn", "default"] * 3  # three enabled steps switched the mode, not the off one
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -168,7 +176,8 @@ def _cuda_only_world(rank: int, world: int, store_path: str, results: str) -> No
     trainer = SimpleNamespace(stop_requested=rank == 0, iteration=4, cfg=SimpleNamespace(
         train=SimpleNamespace(nan_policy="skip", train_steps=10, global_batch_size=2, peak_tflops=1.0)),
         step_nonfinite=None, stop_agreed=None, samples_seen=0.0, tokens_seen=0.0, world=world, dp_world=world,
-        skipped_steps=0, consumed_samples=8, _step_counts={"samples": 2.0 + rank, "tokens": 100.0})
+        skipped_steps=0, consumed_samples=8, _step_counts={"samples": 2.0 + rank, "tokens": 100.0},
+        platform=SimpleNamespace(pin_memory=False))
     losses = _loss_terms(torch.tensor(float("nan") if rank == 1 else 2.0)) + _loss_terms(torch.tensor(4.0))
     Trainer._decide(trainer, losses, "rows [..]")
     out["decided"] = [trainer.step_nonfinite, trainer.stop_agreed, trainer.samples_seen, trainer.tokens_seen]

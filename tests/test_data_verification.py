@@ -335,3 +335,26 @@ def test_a_worker_re_raised_data_error_keeps_only_its_message():
             wrapped.reraise()
         assert str(caught.value) == ("part /d/x.parts/000003-a.bin of dataset /d/x is missing: rebuild that part "
                                      "(in DataLoader worker process 1)")
+
+
+def test_a_part_without_samples_is_no_damage():
+    """A shard that yielded no sample leaves a part of 0 rows (its lengths hash recorded as no bytes): its check
+    passes, at the end of the last lengths file too, instead of failing on the empty slice."""
+    import hashlib
+
+    import numpy as np
+
+    from megatron_genlip.data.pack_index import LengthSource, array_sha256
+
+    assert array_sha256(np.zeros((0, 3), np.uint16)).hexdigest() == hashlib.sha256(b"").hexdigest()
+    rows = np.arange(12, dtype=np.uint16).reshape(4, 3)
+    assert array_sha256(rows).hexdigest() == hashlib.sha256(rows.tobytes()).hexdigest()
+    assert array_sha256(rows[1:3]).hexdigest() == hashlib.sha256(rows[1:3].tobytes()).hexdigest()
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        path = f"{d}/x.lengths.npy"
+        np.save(path, rows)
+        full = hashlib.sha256(rows.tobytes()).digest()
+        empty = hashlib.sha256(b"").digest()
+        src = LengthSource([path], [4], checks=[(0, 4, full, "p0"), (4, 4, empty, "p1-empty")])
+        src.verify()  # no exception: the empty part at the end is no damage

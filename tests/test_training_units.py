@@ -226,7 +226,7 @@ def test_one_optimizer_step_advances_the_data_position_by_the_global_batch(tmp_p
 
     trainer = Trainer.__new__(Trainer)
     trainer.cfg, trainer.engine, trainer.layout, trainer.device = cfg, engine, layout, torch.device("cpu")
-    trainer.pipelined, trainer.dp_world, trainer.stop_requested = False, 1, False
+    trainer.pipelined, trainer.dp_world, trainer.stop_requested, trainer.platform = False, 1, False, here
     trainer.iteration = trainer.consumed_samples = trainer.skipped_steps = trainer.consecutive_skips = 0
     trainer.samples_seen = trainer.tokens_seen = 0.0
     trainer._step_counts, trainer._batch_checked = {"samples": 0.0, "tokens": 0.0}, False

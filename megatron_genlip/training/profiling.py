@@ -119,6 +119,7 @@ class SyncCounter:
     def __init__(self, enabled: bool, set_mode=None):
         self.enabled = enabled
         self.last = 0
+        self._shown: set = set()
         self._set_mode = set_mode or (lambda mode: torch.cuda.set_sync_debug_mode(mode))
 
     @contextlib.contextmanager
@@ -134,6 +135,8 @@ class SyncCounter:
             finally:
                 self._set_mode("default")
         self.last = sum(SYNC_WARNING in str(w.message) for w in caught)
-        for w in caught:  # anything else raised in the step is shown as usual
-            if SYNC_WARNING not in str(w.message):
+        for w in caught:  # anything else raised in the step is shown as usual: once per place, as Python would
+            key = (str(w.message), w.category, w.filename, w.lineno)
+            if SYNC_WARNING not in key[0] and key not in self._shown:
+                self._shown.add(key)
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)

@@ -173,6 +173,11 @@ class Trainer:
                                   f"parallel.pipeline_parallel={pp} (it needs the whole model on one rank): run "
                                   "tools/evaluate.py on a checkpoint for it")
         check_layout(self.evaluators, pp)
+        for ev in self.evaluators:  # DeepSpeed's pipeline keeps the activation shapes of the first batch it sends
+            if pp > 1 and ev.type_name == "validation_loss" and ev.micro != cfg.train.micro_batch_size:
+                raise ConfigError(f"evaluation.{ev.name}.options.micro_batch_size ({ev.micro}) must equal "
+                                  f"train.micro_batch_size ({cfg.train.micro_batch_size}) with "
+                                  f"parallel.pipeline_parallel={pp}: the pipeline stages exchange fixed shapes")
         for ev in self.evaluators:
             if ev.spec.data is None and ev.type_name == "validation_loss" and self.valid_rows is not None:
                 ev.rows = self.valid_rows
@@ -436,15 +441,15 @@ class Trainer:
         non-finite loss, did any rank get a stop signal. Under ``train.nan_policy=stop`` a non-finite loss stops
         the run here, before the optimizer applies the step (pipeline: after, as DeepSpeed's schedule owns it)."""
         with phase("agree"):
-            flags = torch.zeros(5, dtype=torch.float64, device=step_losses.device)
-            flags[0] = step_losses[2]
-            flags[1] = 1.0 if self.stop_requested else 0.0
             # the step's samples and tokens, counted by every rank that read this step's rows: TP peers (and the
             # first and last pipeline stage) read the same rows, so the world's sum holds each DP rank's counts
-            # equally often; ``counted`` says how often
+            # equally often; ``counted`` says how often. The host values travel in one copy that does not wait for
+            # the device (pinned memory on CUDA; an item-by-item store into a device tensor would wait each time)
             counts = self._step_counts
-            flags[2], flags[3] = counts["samples"], counts["tokens"]
-            flags[4] = 1.0 if counts["samples"] > 0 else 0.0
+            host = torch.tensor([1.0 if self.stop_requested else 0.0, counts["samples"], counts["tokens"],
+                                 1.0 if counts["samples"] > 0 else 0.0], dtype=torch.float64,
+                                pin_memory=self.platform.pin_memory)
+            flags = torch.cat([step_losses[2:3], host.to(step_losses.device, non_blocking=True)])
             nonfinite, stop, samples, tokens, counted = comm.all_reduce(flags).tolist()
         self.step_nonfinite, self.stop_agreed = nonfinite > 0, stop > 0
         if counted > 0:  # the checkpointed counters advance with the step, whatever is logged
@@ -673,7 +678,7 @@ class _Window:
     def add_step(self, losses: torch.Tensor, grad_norm, lr: float) -> None:
         """``losses`` on the device (no wait); ``grad_norm`` as DeepSpeed reports it (a device tensor, a float or
         None), read when the window is logged."""
-        self.loss = self.loss.to(losses.device) + losses
+        self.loss = losses.clone() if self.steps == 0 else self.loss + losses  # stays on the device
         self.grad_norm, self.lr = grad_norm, lr
         self.steps += 1
 
