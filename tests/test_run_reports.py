@@ -278,3 +278,10 @@ def test_run_logger_sends_wandb_the_tensorboard_scalars(tmp_path, monkeypatch):
     RunLogger(tmp_path, False, False, None, wandb={"project": "genlip"}).close()  # other ranks: nothing
     RunLogger(tmp_path, True, False, None, wandb={"project": ""}).close()  # not asked: nothing
     assert calls == []
+
+
+def test_the_summary_names_another_best_metric(capsys):
+    _print_summary({"steps": 10, "stopped_by_signal": False, "skipped_steps": 0, "final_train_loss": 1.0,
+                    "best_metric": "probe/top1", "best_value": 0.8, "best_val_step": 5, "best_checkpoint": "ck",
+                    "checkpoint": "c", "train_log": "l", "tensorboard": "t", "output_dir": "o"})
+    assert "best probe/top1 0.8 at step 5, checkpoint ck\n" in capsys.readouterr().out

@@ -334,6 +334,9 @@ def _print_summary(s: dict) -> None:
     if s.get("best_val_loss") is not None:
         kept = f", checkpoint {s['best_checkpoint']}" if s.get("best_checkpoint") else ""
         print(f"best validation loss {s['best_val_loss']:.4f} at step {s['best_val_step']}{kept}")
+    elif s.get("best_value") is not None:  # train.best_metric names another metric
+        kept = f", checkpoint {s['best_checkpoint']}" if s.get("best_checkpoint") else ""
+        print(f"best {s['best_metric']} {s['best_value']:.4g} at step {s['best_val_step']}{kept}")
     if s.get("val_loss_rising"):
         print(f"note: {s['val_loss_rising']}")
     print(f"outputs: checkpoint {s['checkpoint']}\n         log {s['train_log']}\n         tensorboard "
