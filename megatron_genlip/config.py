@@ -44,7 +44,11 @@ class ModelConfig:
     gated_attention: bool = True
     backend: str = "local"  # layer classes: "local" (megatron-core TP layers) | "te" (Transformer Engine, GPU)
     attention: str = "sdpa"  # attention kernel: "sdpa" (dense prefix-LM mask reference) | "flex" (FlexAttention)
-    loss_chunk_size: int = 0  # labelled positions per LM-head/cross-entropy chunk, recomputed in backward (0: one pass)
+    # labelled positions per LM-head/cross-entropy chunk (0: all at once): bounds the [chunk, V/TP] fp32 logits
+    loss_chunk_size: int = 0
+    # "fused": LM head + cross-entropy in one pass, logits once per chunk, gradients computed in the forward
+    # (model/fused_loss.py) | "reference": megatron-core's vocab-parallel cross-entropy, chunks recomputed in backward
+    loss_impl: str = "fused"
     # FP8 on the transformer-block projections (embeddings and LM head stay bf16); needs train.precision=bf16 and CUDA:
     # "none" | Transformer Engine recipes (model.backend=te) "delayed" | "current" | "mxfp8"
     # | torchao float8 (model.backend=local, parallel.tensor_parallel=1) "torchao-tensorwise" | "torchao-rowwise"
@@ -140,8 +144,13 @@ class TrainConfig:
     adam_eps: float = 1e-8
     clip_grad: float = 1.0  # global gradient-norm clipping
     precision: str = "bf16"  # "bf16" (fp32 master weights and optimizer state) or "fp32"; fp16 is not offered
-    activation_checkpointing: bool = False  # recompute each transformer block in backward (RNG replayed)
-    compile: bool = True  # torch.compile the FlexAttention kernels on CUDA (megatron_genlip/platform.py); CPU: never
+    # what backward recomputes of each transformer block (model/recompute.py; RNG replayed): "none" (keep every
+    # activation: fastest, most memory) | "selective" (keep GEMM and attention outputs, recompute the element-wise
+    # ops: no GEMM runs twice) | "full" (keep only the block input, recompute the whole block); true/false = full/none
+    activation_checkpointing: bool | str = "none"
+    # CUDA: torch.compile each transformer block (its element-wise ops fused into few kernels, FP8 casts fused into
+    # their producers) and the FlexAttention kernels (megatron_genlip/platform.py). CPU: never
+    compile: bool = True
     seed: int = 42
     log_interval: int = 1  # steps between log lines
     save_interval: int = 1000  # steps between checkpoints (and one at the end)
@@ -176,6 +185,9 @@ class TrainConfig:
     progress_bar: str = "auto"  # "auto" (when stderr is a terminal), "always" or "never"
     wandb_project: str = ""  # Weights & Biases project to log the TensorBoard scalars to ("" = off; pip install wandb)
     wandb_mode: str = ""  # "online", "offline" (no network; `wandb sync` later) or "disabled"; "" = $WANDB_MODE or online
+
+    def __post_init__(self) -> None:
+        self.activation_checkpointing = checkpointing_mode(self.activation_checkpointing)
 
 
 @dataclass
@@ -390,6 +402,8 @@ def validate(cfg: Config) -> None:
     need(warmup_steps(t) < t.train_steps, "train.warmup_steps", f"shorter than train.train_steps ({t.train_steps}) "
          "(train.warmup_ratio x train.train_steps when train.warmup_steps is null)")
     need(t.wandb_mode in WANDB_MODES, "train.wandb_mode", f"one of {', '.join(map(repr, WANDB_MODES))}")
+    need(t.activation_checkpointing in CHECKPOINTING_MODES, "train.activation_checkpointing",
+         f"one of {', '.join(CHECKPOINTING_MODES)} (or true = full, false = none)")
     if errors:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
 
@@ -407,6 +421,18 @@ def _float_fields(cfg: Config):
 
 
 WANDB_MODES = ("", "online", "offline", "disabled")
+CHECKPOINTING_MODES = ("none", "selective", "full")
+LOSS_IMPLS = ("fused", "reference")  # model.loss_impl  # train.activation_checkpointing (model/recompute.py)
+
+
+def checkpointing_mode(value) -> str:
+    """``train.activation_checkpointing`` as one of :data:`CHECKPOINTING_MODES`: YAML true/false (the setting's
+    older form) mean full/none; other values are returned as they are (``validate`` names a wrong one)."""
+    if value is True:
+        return "full"
+    if value is False or value is None:
+        return "none"
+    return value
 FP8_TE_RECIPES = ("delayed", "current", "mxfp8")
 FP8_TORCHAO_RECIPES = ("torchao-tensorwise", "torchao-rowwise")
 
@@ -430,6 +456,8 @@ def validate_model(m: ModelConfig, train: TrainConfig | None = None, parallel: P
         raise ConfigError(f"model.backend must be 'local' or 'te', got {m.backend!r}")
     if m.attention not in ("sdpa", "flex"):
         raise ConfigError(f"model.attention must be 'sdpa' or 'flex', got {m.attention!r}")
+    if m.loss_impl not in LOSS_IMPLS:
+        raise ConfigError(f"model.loss_impl must be one of {', '.join(LOSS_IMPLS)}, got {m.loss_impl!r}")
     if m.loss_chunk_size < 0:
         raise ConfigError(f"model.loss_chunk_size must be >= 0 (0 = no chunking), got {m.loss_chunk_size}")
     _validate_fp8(m, train, parallel)

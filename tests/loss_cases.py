@@ -10,13 +10,14 @@ from megatron_genlip.parallel import state
 from tp_cases import full_gradients, packed_batch
 
 
-def tp2_chunked_matches_tp1_plain(rank: int, world: int, chunk: int, result_file: str) -> None:
-    """TP=2 with the chunked vocab-parallel loss vs TP=1 with the one-pass loss: relative errors to rank 0's file."""
+def tp2_chunked_matches_tp1_plain(rank: int, world: int, chunk: int, result_file: str, impl: str = "reference") -> None:
+    """TP=2 with the chunked vocab-parallel loss (``model.loss_impl`` = ``impl``) vs TP=1 with the one-pass reference
+    loss: relative errors to rank 0's file."""
     batch = packed_batch()
     results = {}
-    for tp, chunk_size in ((2, chunk), (1, 0)):
+    for tp, chunk_size, loss_impl in ((2, chunk, impl), (1, 0, "reference")):
         state.reinitialize(tp)
-        model = build_model(small_model_config(loss_chunk_size=chunk_size), tp, seed=0).train()
+        model = build_model(small_model_config(loss_chunk_size=chunk_size, loss_impl=loss_impl), tp, seed=0).train()
         out = model(batch)
         out.loss.backward()
         results[tp] = (out.loss.detach(), out.token_losses.detach(), full_gradients(model))

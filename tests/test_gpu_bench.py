@@ -266,7 +266,7 @@ def test_torchao_spec_converts_only_the_block_projections():
     megatron-core's init gives; the LM head stays a plain linear."""
     from torchao.float8.float8_linear import Float8Linear
 
-    from megatron_genlip.model.fp8 import TorchLinear, torchao_layer_spec
+    from megatron_genlip.model.fp8 import TorchLinear, TorchLMHead, torchao_layer_spec
 
     cfg = small_model_config(fp8="torchao-tensorwise")
     spec = torchao_layer_spec(cfg, LOCAL_SPEC)
@@ -285,4 +285,4 @@ def test_torchao_spec_converts_only_the_block_projections():
             assert torch.equal(ours[name], tensor), f"{name}: torchao spec init differs from megatron-core's"
     head = spec.lm_head(cfg.text_embed_dim, cfg.vocab_size, bias=False, init_method=lambda w: None,
                         config=pconfig, tp_group=group)
-    assert type(head) is TorchLinear
+    assert type(head) is TorchLMHead and isinstance(head, TorchLinear)  # plain bf16 nn.Linear + the fused loss

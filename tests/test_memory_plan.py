@@ -120,12 +120,17 @@ def test_dry_run_and_model_info_print_the_table(capsys):
 
     info = entry.main(["--config", SO16, "--dry-run", "--gpu-memory", "80"])
     out = capsys.readouterr().out
-    assert "memory per GPU" in out and "activation checkpointing on" in out and "activation checkpointing off" in out
+    assert "memory per GPU" in out and all(f"activation checkpointing {m})" in out for m in ("none", "selective", "full"))
     mem = info["memory"]
     assert mem["gpu_memory_gb"] == 80 and mem["fits"] is True and mem["max_micro_batch_size"] >= 16
     assert {"parameters", "gradients", "optimizer_states", "master_weights", "activations", "attention_workspace",
             "lm_head", "pipeline_in_flight", "loader_pinned"} <= set(mem["components"])
-    assert mem["flipped"]["activation_checkpointing"] is False and mem["flipped"]["fits"] is False
+    assert mem["activation_checkpointing"] == "full" and mem["flipped"]["activation_checkpointing"] == "none"
+    assert mem["flipped"]["fits"] is False and set(mem["alternatives"]) == {"none", "selective"}
+    # selective keeps GEMM outputs: between full and none
+    full, sel, none = (mem["components"]["activations"], mem["alternatives"]["selective"]["components"]["activations"],
+                       mem["flipped"]["components"]["activations"])
+    assert full < sel < none
     sys.path.insert(0, os.path.join(ROOT, "tools"))
     import model_info
 
@@ -447,7 +452,7 @@ def measure(cfg, world: int, rank: int = 0, bucket: int | None = None) -> dict:
 
 def compare(cfg, world, measured) -> dict[str, tuple[float, float]]:
     """(estimated, measured) of every component the measurement separates."""
-    ckpt = cfg.train.activation_checkpointing
+    ckpt = cfg.train.activation_checkpointing  # none | selective | full
     bucket = measured["bucket"] if measured["bucket"] is not None else memory.BUCKET_ELEMENTS
     plan = estimate_memory(cfg, world, activation_checkpointing=ckpt, on_cuda=False, bucket_elements=bucket,
                            labelled_fraction=measured["labelled_fraction"], image_fraction=measured["image_fraction"])
@@ -462,19 +467,21 @@ def compare(cfg, world, measured) -> dict[str, tuple[float, float]]:
         pairs["gradients"] = (c["gradients"] + (c["gradient_buckets"] if zero == 3 else 0), st["gradients"])
     reg = measured["saved_by_region"]
     n_layers = measured["layers_here"]
-    if not ckpt and n_layers and pp == 1:
+    if ckpt == "none" and n_layers and pp == 1:
         pairs["per_layer_activations"] = (plan.per_layer_activation_bytes, reg.get("layers", 0) / n_layers)
     if pp == 1:
         if "lm_head_saved" in det:
             pairs["lm_head_saved"] = (det["lm_head_saved"], reg.get("head", 0))
-        if cfg.model.attention == "sdpa" and not ckpt:
+        if cfg.model.attention == "sdpa" and ckpt == "none":
             # the per-layer additive masks SDPA saves (the bool mask itself is not saved)
             mask_saved = c["attention_workspace"] - cfg.train.micro_batch_size * cfg.data.seq_length ** 2
             pairs["attention_saved_masks"] = (mask_saved, reg.get("mask", 0))
         # everything retained from forward to backward (the profiler, not the hooks)
         est = c["activations"] + det.get("lm_head_saved", 0)
-        if ckpt:  # the recomputed block is not alive between forward and backward; its input is
+        if ckpt != "none":  # the recomputed block is not alive between forward and backward; what it keeps is
             est -= plan.per_layer_activation_bytes
+            if ckpt == "selective":
+                est += memory.kept_layer_bytes(cfg, cfg.train.micro_batch_size, ckpt)
             est += cfg.train.micro_batch_size * cfg.data.seq_length ** 2 if cfg.model.attention == "sdpa" else 0
         else:  # the saved masks / BlockMask (not the uncompiled flex kernel's transient scores)
             est += c["attention_workspace"] - det.get("attention_cpu_transient", 0) - (
@@ -497,7 +504,7 @@ def compare(cfg, world, measured) -> dict[str, tuple[float, float]]:
     else:
         # live peak of saved activations over the 1F1B schedule: this stage's micro-batches in flight
         stage_saved = c["activations"] + c["pipeline_in_flight"]
-        if cfg.model.attention == "sdpa" and not ckpt:
+        if cfg.model.attention == "sdpa" and ckpt == "none":
             stage_saved += c["attention_workspace"] - cfg.train.micro_batch_size * cfg.data.seq_length ** 2
         if measured["stage"] == pp - 1:
             stage_saved = None
@@ -541,6 +548,8 @@ ONE_RANK = {
     "tiny-default-bucket": (BASE, None),
     "small-bf16-flex": (BASE + SMALL, 1e5),
     "small-bf16-flex-ckpt": (BASE + SMALL + ["train.activation_checkpointing=true"], 2 ** 21),
+    "tiny-selective": (BASE + ["train.activation_checkpointing=selective"], 1e5),
+    "small-bf16-flex-selective": (BASE + SMALL + ["train.activation_checkpointing=selective"], 1e5),
 }
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from unittest import mock
+
 import pytest
 import torch
 
@@ -84,23 +86,42 @@ def test_learning_rate_formula_at_chosen_steps():
         low + (peak - low) * 0.5 * (1 + math.cos(math.pi * (s - W) / (N - W))), rel=1e-12)
 
 
-def test_activation_checkpointing_replays_drop_path(qwen_tokenizer):
-    """With DropPath active, recomputation in backward drops the same rows: loss and every gradient equal."""
-    cfg = small_model_config(drop_path_rate=0.5, num_layers=3)
+@pytest.mark.parametrize("attention", ["sdpa", "flex"])
+def test_activation_checkpointing_replays_drop_path(qwen_tokenizer, attention):
+    """With DropPath active, recomputation in backward drops the same rows: loss and every gradient of full and
+    selective checkpointing equal no checkpointing bitwise (same ops, same order, same RNG draws); selective
+    checkpointing really saves GEMM/attention outputs and recomputes the element-wise rest (counted)."""
+    from megatron_genlip.model import recompute as rc
+
+    cfg = small_model_config(drop_path_rate=0.5, num_layers=3, attention=attention)
     rows = [[build_sample(qwen_tokenizer, random_image((2, 3), r), (2, 3), f"caption number {r} is here.")]
             for r in range(6)]
     batch = collate_batch(rows, 40)
-    results = []
-    for recompute in (False, True):
+    results, decisions = [], []
+
+    policy_of = rc.selective_policy
+
+    def counting(ctx, op, *args, **kwargs):
+        policy = policy_of(ctx, op, *args, **kwargs)
+        decisions.append(policy)
+        return policy
+
+    for mode in ("none", "full", "selective", True):
         model = build_model(cfg, seed=0).train()
-        model.activation_checkpointing = recompute
+        model.activation_checkpointing = mode
         torch.manual_seed(123)
-        out = model(batch)
-        out.loss.backward()
+        with mock.patch.object(rc, "selective_policy", counting):
+            out = model(batch)
+            out.loss.backward()
         results.append((out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
-    (l0, g0), (l1, g1) = results
-    assert torch.equal(l0, l1)
-    assert all(torch.equal(g0[n], g1[n]) for n in g0)
+    l0, g0 = results[0]
+    for loss, grads in results[1:]:
+        assert torch.equal(l0, loss)
+        assert all(torch.equal(g0[n], grads[n]) for n in g0)
+    saved = sum(d == rc.CheckpointPolicy.MUST_SAVE for d in decisions)
+    # per block: q, gate, k, v, o, fc1, gate_fc, fc2 (addmm/mm) + the attention kernel; the rest recomputed
+    assert saved == 3 * 9, saved
+    assert len(decisions) - saved > 3 * 20
     # and DropPath really was active: a different seed changes the loss
     model = build_model(cfg, seed=0).train()
     torch.manual_seed(124)

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
         "train_flops_per_stage1_sample": ideal,
         "train_flops_per_stage1_sample_lm_head_everywhere": everywhere,
     }
-    # per-GPU memory plan (megatron_genlip/training/memory.py), as configured and with activation checkpointing flipped
+    # per-GPU memory plan (megatron_genlip/training/memory.py): activation checkpointing as configured, then the other modes
     memory_text, info["memory"] = memory_report(full, args.world_size, args.gpu_memory, args.micro_batch_size)
     if args.json:
         print(json.dumps(info, indent=2))

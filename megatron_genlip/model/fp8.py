@@ -23,6 +23,7 @@ import torch
 
 from megatron_genlip import platform
 from megatron_genlip.config import FP8_TE_RECIPES, ConfigError, ModelConfig
+from megatron_genlip.model.fused_loss import FusedLossHead
 
 MIN_FP8_CAPABILITY = (8, 9)
 
@@ -69,6 +70,10 @@ class TorchLinear(torch.nn.Linear):
         """No nn.Linear default init (it would draw from the RNG): ``__init__`` initialises from ``init_method``."""
 
 
+class TorchLMHead(FusedLossHead, TorchLinear):
+    """The LM head of the torchao path: a plain bf16 ``nn.Linear`` with the fused loss (``model/fused_loss.py``)."""
+
+
 def float8_config(cfg: ModelConfig):
     """torchao's Float8LinearConfig for ``model.fp8`` (torchao-tensorwise | torchao-rowwise)."""
     return _torchao_float8().Float8LinearConfig.from_recipe_name(cfg.fp8.removeprefix("torchao-"))
@@ -82,4 +87,4 @@ def torchao_layer_spec(cfg: ModelConfig, base):
     def float8_linear(in_features, out_features, **kw) -> torch.nn.Module:
         return float8.convert_to_float8_training(TorchLinear(in_features, out_features, **kw), config=config)
 
-    return replace(base, column_linear=float8_linear, row_linear=float8_linear, lm_head=TorchLinear)
+    return replace(base, column_linear=float8_linear, row_linear=float8_linear, lm_head=TorchLMHead)

@@ -27,10 +27,11 @@ from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
 from megatron_genlip.batch import KIND_IMAGE, normalize_pixels, predicts_label
 from megatron_genlip.config import ModelConfig
+from megatron_genlip.model import recompute
 from megatron_genlip.model.layers import KVCache, TransformerBlock, normal_init
 from megatron_genlip.model.rope import MultimodalRotaryEmbedding
 from megatron_genlip.model.spec import get_layer_spec, parallel_config
-from megatron_genlip.parallel import rng, state
+from megatron_genlip.parallel import state
 from megatron_genlip.parallel.sequence import SequenceParallel
 
 
@@ -134,7 +135,9 @@ class HeadMixin:
         self.proj = torch.nn.Linear(d, e) if e != d else None
         self.lm_head = spec.lm_head(e, cfg.vocab_size, bias=False, init_method=normal_init(cfg.init_std),
                                     config=pconfig, tp_group=tp_group)
+        self.lm_head.loss_tp_group = tp_group  # its vocabulary shard's group, for the fused loss
         self.loss_chunk_size = cfg.loss_chunk_size  # labelled positions per LM-head chunk (0: all at once)
+        self.loss_impl = cfg.loss_impl  # "fused" (model/fused_loss.py) | "reference"
         if self.proj is not None:
             with torch.no_grad():
                 torch.nn.init.normal_(self.proj.weight, std=cfg.init_std)
@@ -154,12 +157,20 @@ class HeadMixin:
     def loss_from_hidden(self, h: torch.Tensor, labels: torch.Tensor, sample_ids: torch.Tensor) -> LossOutput:
         """Next-token loss from ln_post output h [B, L, d]; the LM head runs only where a label follows.
 
-        With ``model.loss_chunk_size`` = C > 0 the labelled positions go through proj, the LM head and the
-        cross-entropy C at a time, each chunk recomputed in backward (non-reentrant checkpoint), so at most one
-        chunk's [C, V/TP] logits (and their gradient) exist at any moment instead of [N_lab, V/TP].
+        ``model.loss_impl=fused`` (the default): proj, then the LM head and cross-entropy in one pass, gradients
+        computed in the forward (``model/fused_loss.py``), ``model.loss_chunk_size`` positions at a time.
+        ``reference``: with ``model.loss_chunk_size`` = C > 0 the labelled positions go through proj, the LM head
+        and the cross-entropy C at a time, each chunk recomputed in backward (non-reentrant checkpoint), so at most
+        one chunk's [C, V/TP] logits (and their gradient) exist at any moment instead of [N_lab, V/TP].
         """
         hidden, target, selected = select_labelled(h, labels)
         chunk = self.loss_chunk_size
+        rows = torch.arange(h.shape[0], device=h.device)[:, None].expand_as(selected)[selected]
+        if self.loss_impl == "fused":
+            if self.proj is not None:
+                hidden = self.proj(hidden)
+            loss, token_losses = self.lm_head(hidden, targets=target, chunk=chunk)
+            return LossOutput(loss, token_losses, rows, sample_ids[:, 1:][selected])
         if chunk <= 0 or hidden.shape[0] <= chunk:
             token_losses = self._token_losses(hidden, target)
         else:
@@ -168,7 +179,6 @@ class HeadMixin:
                                                   use_reentrant=False)
                 for i in range(0, hidden.shape[0], chunk)
             ])
-        rows = torch.arange(h.shape[0], device=h.device)[:, None].expand_as(selected)[selected]
         loss = token_losses.mean() if token_losses.numel() else h.sum() * 0.0
         return LossOutput(loss, token_losses, rows, sample_ids[:, 1:][selected])
 
@@ -183,7 +193,7 @@ class GenLIPModel(EmbeddingMixin, HeadMixin, torch.nn.Module):
         tensor_parallel = state.group_size(tp_group)
         self.cfg = cfg
         self.sp = SequenceParallel(tp_group, sequence_parallel)  # blocks run on sequence slices when enabled
-        self.activation_checkpointing = False  # per-block recomputation in backward (set by the trainer)
+        self.activation_checkpointing = "none"  # none | selective | full (model/recompute.py; set by the trainer)
         spec = get_layer_spec(cfg)
         pconfig = parallel_config(cfg, tensor_parallel, sequence_parallel)
         with component_rng(seed, 0):
@@ -204,14 +214,11 @@ class GenLIPModel(EmbeddingMixin, HeadMixin, torch.nn.Module):
         Under sequence parallelism the blocks run on this rank's L/TP slice (rotary tables and mask stay full
         length: attention sees the whole sequence) and the output is gathered before ln_post."""
         cos, sin = self.rotary(positions, x.dtype)
-        recompute = self.activation_checkpointing and self.training and cache is None
+        mode = recompute.normalize(self.activation_checkpointing) if self.training and cache is None else "none"
         with self.sp.region(self, x.shape[0], cache is not None) as sp:
             x = sp.scatter(x)
-            for layer in self.layers:
-                if recompute:  # non-reentrant; the RNG streams are replayed, so DropPath drops the same rows
-                    x = rng.checkpoint(layer, x, cos, sin, mask, None)
-                else:
-                    x = layer(x, cos, sin, mask, cache)
+            for layer in self.layers:  # checkpointed: the RNG streams are replayed, DropPath drops the same rows
+                x = recompute.run_block(layer, mode, x, cos, sin, mask, cache)
             x = sp.gather(x)
         return self.ln_post(x)
 

@@ -10,7 +10,9 @@ Uniform signatures of the spec's classes:
   row_linear(in, out, *, bias, init_method, config, tp_group)     -> y[..., out]      (input sharded, sums over TP)
   vocab_embedding(vocab, dim, *, init_method, config, tp_group)   -> [..., dim]
   lm_head(dim, vocab, *, bias, init_method, config, tp_group)     -> logits[..., vocab/TP] (column-parallel; never
-                                                                     FP8: it stays in the activation dtype)
+                                                                     FP8: it stays in the activation dtype); called
+                                                                     (x, targets=t, chunk=C): (mean loss, token
+                                                                     losses), model/fused_loss.py
   layer_norm(dim, eps)
   attention(q, k, v, mask) -> [B, heads, L, head_dim]             (mask: what attention.build_mask returns)
   attention.build_mask(sample_ids, token_kinds) -> mask           (built once per forward, shared by all layers)
@@ -28,6 +30,7 @@ from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParall
 from megatron_genlip import platform
 from megatron_genlip.config import FP8_TORCHAO_RECIPES, ConfigError, ModelConfig
 from megatron_genlip.model.attention import SdpaAttention, get_attention
+from megatron_genlip.model.fused_loss import FusedLossHead
 
 
 class ColumnLinear(ColumnParallelLinear):
@@ -56,6 +59,11 @@ class RowLinear(RowParallelLinear):
         return super().forward(x)[0]
 
 
+class LMHead(FusedLossHead, ColumnLinear):
+    """The column-parallel LM head; ``head(x, targets=t, chunk=C)`` is the fused linear + cross-entropy
+    (``model/fused_loss.py``)."""
+
+
 class VocabEmbedding(VocabParallelEmbedding):
     """megatron-core vocab-parallel embedding."""
 
@@ -80,7 +88,7 @@ LOCAL_SPEC = BackendSpec(
     column_linear=ColumnLinear,
     row_linear=RowLinear,
     vocab_embedding=VocabEmbedding,
-    lm_head=ColumnLinear,
+    lm_head=LMHead,
     layer_norm=torch.nn.LayerNorm,
     attention=SdpaAttention(),
 )

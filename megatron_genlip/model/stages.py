@@ -28,11 +28,12 @@ from deepspeed.pipe import LayerSpec, PipelineModule
 
 from megatron_genlip.batch import PIPELINE_INPUTS
 from megatron_genlip.config import ModelConfig
+from megatron_genlip.model import recompute
 from megatron_genlip.model.genlip import EmbeddingMixin, HeadMixin, component_rng
 from megatron_genlip.model.layers import TransformerBlock
 from megatron_genlip.model.rope import MultimodalRotaryEmbedding
 from megatron_genlip.model.spec import get_layer_spec, parallel_config
-from megatron_genlip.parallel import rng, state
+from megatron_genlip.parallel import state
 from megatron_genlip.parallel.pipeline import pipeline_module
 from megatron_genlip.parallel.sequence import SequenceParallel, check_supported
 
@@ -86,7 +87,7 @@ class BlockStage(TransformerBlock):
     micro-batch for all blocks of the stage)."""
 
     def __init__(self, cfg: ModelConfig, tp_group, seed: int, index: int,
-                 activation_checkpointing: bool = False, sequence_parallel: bool = False):
+                 activation_checkpointing: bool | str = "none", sequence_parallel: bool = False):
         with component_rng(seed, 1 + index):
             super().__init__(cfg, *_common(cfg, tp_group, sequence_parallel), index)
         self.rotary = MultimodalRotaryEmbedding(cfg.head_dim, cfg.mrope_section, cfg.rope_theta)
@@ -96,10 +97,8 @@ class BlockStage(TransformerBlock):
     def forward(self, inputs: tuple) -> tuple:
         x, positions, sample_ids, token_kinds, labels = inputs
         cos, sin, mask = _TABLES.get(self, positions, sample_ids, token_kinds, x.dtype)
-        if self.activation_checkpointing and self.training:  # RNG replayed: DropPath drops the same rows
-            x = rng.checkpoint(super().forward, x, cos, sin, mask, None)
-        else:
-            x = super().forward(x, cos, sin, mask)
+        mode = recompute.normalize(self.activation_checkpointing) if self.training else "none"
+        x = recompute.run_block(super().forward, mode, x, cos, sin, mask, None)  # RNG replayed when recomputed
         return x, positions, sample_ids, token_kinds, labels
 
 
@@ -120,7 +119,7 @@ class HeadStage(HeadMixin, torch.nn.Module):
 
 
 def build_pipeline(cfg: ModelConfig, tensor_parallel: int, pipeline_parallel: int, seed: int,
-                   activation_checkpointing: bool = False, sequence_parallel: bool = False) -> PipelineModule:
+                   activation_checkpointing: bool | str = "none", sequence_parallel: bool = False) -> PipelineModule:
     """The GenLIP pipeline on megatron-core's groups, which must exist (TP x PP as given)."""
     check_supported(tensor_parallel, sequence_parallel)
     sp, group = sequence_parallel, state.tensor_parallel_group()

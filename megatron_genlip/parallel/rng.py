@@ -169,7 +169,23 @@ def _tracker_replay():
     return forward(), recompute()
 
 
-def checkpoint(function, *args):
+def checkpoint(function, *args, policy=None):
     """Non-reentrant activation checkpointing that replays every stream: torch's default generators (torch
-    does that) and the tracker's forked streams (``_tracker_replay``)."""
-    return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False, context_fn=_tracker_replay)
+    does that) and the tracker's forked streams (``_tracker_replay``). ``policy``: a selective-checkpointing
+    policy (``torch.utils.checkpoint.create_selective_checkpoint_contexts``'s argument: the outputs of the ops it
+    saves are kept from the forward, everything else is recomputed); None recomputes the whole function."""
+    if policy is None:
+        return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False, context_fn=_tracker_replay)
+
+    def contexts():
+        saving, replaying = torch.utils.checkpoint.create_selective_checkpoint_contexts(policy)
+        forward, recompute = _tracker_replay()
+        return _both(saving, forward), _both(replaying, recompute)
+
+    return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False, context_fn=contexts)
+
+
+@contextlib.contextmanager
+def _both(first, second):
+    with first, second:
+        yield

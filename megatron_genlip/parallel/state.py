@@ -48,6 +48,11 @@ def group_size(group) -> int:
     return 1 if group is None else dist.get_world_size(group)
 
 
+def group_rank(group) -> int:
+    """This rank's index in ``group``; None counts as a group of one."""
+    return 0 if group is None else dist.get_rank(group)
+
+
 def tensor_parallel_group() -> dist.ProcessGroup:
     if not parallel_state.model_parallel_is_initialized():
         ensure_initialized()

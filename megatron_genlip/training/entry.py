@@ -231,7 +231,7 @@ def dry_run(cfg: Config, world_size: int | None, gpu_memory: float = 80.0) -> di
           f"(samples and FLOPs from {basis})")
     from megatron_genlip.training.memory import memory_report
 
-    # per-GPU memory (training/memory.py): as configured, then with activation checkpointing flipped
+    # per-GPU memory (training/memory.py): activation checkpointing as configured, then its other two modes
     fractions = {"image_fraction": n_img / (n_img + n_txt)} if n_img + n_txt > 0 else {}
     text, info["memory"] = memory_report(cfg, layout.world_size, gpu_memory, **fractions)
     print(text)

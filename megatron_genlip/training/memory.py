@@ -38,7 +38,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from megatron_genlip.config import Config
+from megatron_genlip.config import CHECKPOINTING_MODES, Config, checkpointing_mode
 from megatron_genlip.parallel.sharding import partition_dim
 
 GIB = 1024**3
@@ -146,7 +146,7 @@ class MemoryPlan:
     total_bytes: int
     per_layer_activation_bytes: int
     micro_batch_size: int
-    activation_checkpointing: bool
+    activation_checkpointing: str  # none | selective | full
     world_size: int
     layout: dict = field(default_factory=dict)
     stage: int = 0  # the pipeline stage reported (the one with the larger total)
@@ -169,7 +169,7 @@ class MemoryPlan:
                 f"{lay.get('tensor_parallel', 1)}, DP {lay.get('data_parallel', 1)}, ZeRO-{lay.get('zero_stage', 0)}, "
                 f"{lay.get('precision', '')}{', FP8 ' + lay['fp8'] if lay.get('fp8', 'none') != 'none' else ''}; "
                 f"micro_batch_size {self.micro_batch_size} x {lay.get('seq_length', 0):,} tokens; activation "
-                f"checkpointing {'on' if self.activation_checkpointing else 'off'})")
+                f"checkpointing {self.activation_checkpointing})")
         lines = [head]
         for key in ORDER:
             if key in self.components and (self.components[key] or key in ("activations", "parameters")):
@@ -224,6 +224,33 @@ def layer_activation_bytes(cfg: Config, rows: int, precision: str | None = None)
     if m.drop_path_rate > 0:
         total += 2 * rows * a
     return int(total)
+
+
+def selective_layer_bytes(cfg: Config, rows: int, precision: str | None = None) -> int:
+    """Bytes one ``TransformerBlock`` keeps under selective checkpointing (model/recompute.py): its input
+    [T r, d] (the recomputation starts there) and the outputs of its GEMMs and attention kernel, which the
+    recomputation reuses: q, gate, k, v (column-parallel: T d/TP each, in the activation dtype also under FP8:
+    ``_scaled_mm`` returns bf16), the attention output (T d/TP) and its softmax statistics (as without
+    checkpointing), o's and fc2's matmul outputs (row-parallel: the full-width partial sums [T, d] before their
+    reduction), fc1's and gate_fc's outputs (T f/TP each). The DropPath mask is recomputed from the replayed RNG."""
+    m, p = cfg.model, cfg.parallel
+    a = _dtype_bytes(precision or cfg.train.precision)
+    t = p.tensor_parallel
+    T = rows * cfg.data.seq_length
+    d, f, h = m.hidden_size, m.ffn_hidden_size, m.num_attention_heads
+    total = _layer_input_bytes(cfg, rows, a)
+    total += T * a * ((4 if m.gated_attention else 3) * d / t + d / t + 2 * d + 2 * f / t)
+    total += T * (h / t) * 4 * (2 if m.attention == "flex" else 1)  # softmax statistics
+    return int(total)
+
+
+def kept_layer_bytes(cfg: Config, rows: int, mode: str) -> int:
+    """What one block keeps from its forward until its backward under checkpointing ``mode``."""
+    if mode == "full":
+        return _layer_input_bytes(cfg, rows, _dtype_bytes(cfg.train.precision))
+    if mode == "selective":
+        return selective_layer_bytes(cfg, rows)
+    return layer_activation_bytes(cfg, rows)
 
 
 def _layer_input_bytes(cfg: Config, rows: int, a: int) -> int:
@@ -299,32 +326,42 @@ def _model_states(cfg: Config, params: list[tuple[str, int, int]], dp: int, on_c
 def lm_head_bytes(cfg: Config, rows: int, labelled_fraction: float) -> tuple[int, int]:
     """(saved, transient) bytes of ln_post + proj + LM head + cross-entropy (genlip.HeadMixin) on the last stage.
 
-    Saved: ln_post's gathered, full-length input (+ fp32 stats); the labelled rows h[:, :-1][selected], a copy
-    [N, d] kept for backward (by proj / lm_head, or as the chunks' checkpoint inputs); boolean indexing's int64
-    indices (2 per position); unchunked (``model.loss_chunk_size`` 0 or >= N): proj's output [N, e] and the fp32
-    softmax [N, V/TP] that megatron-core's vocab_parallel_cross_entropy computes in place and saves.
-    Transient: a chunk recomputed in backward holds its own softmax [C, V/TP] fp32 (+ proj output); in bf16 the bf16
-    logits (forward) or the bf16 gradient of ``.float()`` (backward) exist beside the fp32 ones."""
+    Both paths save ln_post's gathered, full-length input (+ fp32 stats) and boolean indexing's int64 indices (2 per
+    position); proj (when e != d) saves its input, the labelled rows h[:, :-1][selected] [N, d].
+    ``model.loss_impl=fused`` (model/fused_loss.py) saves the two gradients it computed in the forward: the hidden
+    states' [N, e] and the head weight's [V/TP, e] (in the parameters' dtype); transient during the forward: one
+    chunk's fp32 logits [C, V/TP] (C = ``model.loss_chunk_size``, or N), their copy in the activation dtype (bf16),
+    and the weight gradient's fp32 accumulator (bf16 parameters).
+    ``reference``: the labelled rows are kept also without proj (by the LM head, or as the chunks' checkpoint
+    inputs); unchunked (``model.loss_chunk_size`` 0 or >= N): proj's output [N, e] and the fp32 softmax [N, V/TP]
+    that megatron-core's vocab_parallel_cross_entropy computes in place and saves. Transient: a chunk recomputed
+    in backward holds its own softmax [C, V/TP] fp32 (+ proj output); in bf16 the bf16 logits (forward) or the bf16
+    gradient of ``.float()`` (backward) exist beside the fp32 ones."""
     m, a = cfg.model, _dtype_bytes(cfg.train.precision)
+    a_p = 2 if cfg.train.precision == "bf16" else 4
     d, e = m.hidden_size, m.text_embed_dim
     T = rows * cfg.data.seq_length
     n_lab = int(T * labelled_fraction)
     vloc = m.vocab_size // cfg.parallel.tensor_parallel
-    saved = T * d * a + 2 * T * 4 + n_lab * d * a + 16 * n_lab
     chunk = m.loss_chunk_size
+    live = n_lab if chunk <= 0 or n_lab <= chunk else chunk
+    saved = T * d * a + 2 * T * 4 + 16 * n_lab
     transient = 0
-    if chunk <= 0 or n_lab <= chunk:
-        live = n_lab
+    if m.loss_impl == "fused":
+        saved += (n_lab * d * a if e != d else 0) + n_lab * e * a + vloc * e * a_p
+        transient += live * vloc * 4 + (live * vloc * a if a != 4 else 0) + (vloc * e * 4 if a_p != 4 else 0)
+        return int(saved), int(transient)
+    saved += n_lab * d * a
+    if live == n_lab:
         saved += (n_lab * e * a if e != d else 0) + n_lab * vloc * 4
     else:
-        live = chunk
         transient += live * vloc * 4 + (live * e * a if e != d else 0)
     if a != 4:
         transient += live * vloc * a
     return int(saved), int(transient)
 
 
-def _stage_plan(cfg: Config, stage: int, dp: int, rows: int, ckpt: bool, grad_accumulation: int,
+def _stage_plan(cfg: Config, stage: int, dp: int, rows: int, ckpt: str, grad_accumulation: int,
                 image_fraction: float, labelled_fraction: float, on_cuda: bool,
                 bucket_elements: int = BUCKET_ELEMENTS) -> tuple[dict[str, int], int, dict]:
     m, p, t_cfg = cfg.model, cfg.parallel, cfg.train
@@ -341,7 +378,15 @@ def _stage_plan(cfg: Config, stage: int, dp: int, rows: int, ckpt: bool, grad_ac
 
     per_layer = layer_activation_bytes(cfg, rows)
     # activations of one micro-batch on this stage
-    blocks = layers * _layer_input_bytes(cfg, rows, a) + per_layer if ckpt else layers * per_layer
+    # checkpointed: every block keeps what its mode keeps, and the block in backward holds its whole recomputed
+    # forward (per_layer) beside it (full: its input is counted twice, within the measured tolerance)
+    kept = kept_layer_bytes(cfg, rows, ckpt)
+    if ckpt == "full":
+        blocks = layers * kept + per_layer
+    elif ckpt == "selective":
+        blocks = (layers - 1) * kept + per_layer
+    else:
+        blocks = layers * per_layer
     # rotary tables cos/sin [B, L, head_dim] in the activation dtype, built once per forward (per stage under PP)
     # and saved by every layer's RoPE multiply (one storage)
     shared = 2 * T * m.head_dim * a
@@ -354,13 +399,13 @@ def _stage_plan(cfg: Config, stage: int, dp: int, rows: int, ckpt: bool, grad_ac
             embed += T * e * a
     comp["activations"] = int(blocks + shared + embed)
     details.update(blocks=int(blocks), rope_tables=int(shared), embedding=int(embed),
-                   checkpoint_inputs=int(layers * _layer_input_bytes(cfg, rows, a)) if ckpt else 0)
+                   checkpoint_inputs=int(layers * _layer_input_bytes(cfg, rows, a)) if ckpt != "none" else 0)
 
     # attention: SDPA takes the dense bool mask [B, 1, L, L] (built once per forward) and converts it to an additive
     # mask in the activation dtype inside every call, which it saves for backward (CPU flash / CUDA efficient);
     # FlexAttention keeps a BlockMask (4 int32 tables [B, 1, L/128, L/128] + counts) and no L x L tensor (compiled)
     if m.attention == "sdpa":
-        saved_masks = 1 if ckpt else layers
+        saved_masks = 1 if ckpt != "none" else layers  # selective recomputes the mask conversion too
         comp["attention_workspace"] = int(rows * s * s * (1 + a * saved_masks))
     else:
         nb = math.ceil(s / FLEX_BLOCK)
@@ -384,8 +429,8 @@ def _stage_plan(cfg: Config, stage: int, dp: int, rows: int, ckpt: bool, grad_ac
     in_flight = min(pp - stage, grad_accumulation) if pp > 1 else 1
     r = 1 / tp if p.sequence_parallel else 1.0
     boundary = int(T * r * d * a + T * 6 * 8) if pp > 1 else 0
-    saved_mb = blocks - (per_layer if ckpt else 0) + shared + embed
-    if m.attention == "sdpa" and not ckpt:
+    saved_mb = layers * kept + shared + embed
+    if m.attention == "sdpa" and ckpt == "none":
         saved_mb += rows * s * s * a * layers
     comp["pipeline_in_flight"] = int((in_flight - 1) * (saved_mb + boundary) + (in_flight * boundary if pp > 1 else 0))
 
@@ -432,7 +477,7 @@ def default_world_size(cfg: Config) -> int:
 
 
 def estimate_memory(cfg: Config, world_size: int | None = None, micro_batch_size: int | None = None,
-                    activation_checkpointing: bool | None = None, *, image_fraction: float | None = None,
+                    activation_checkpointing: bool | str | None = None, *, image_fraction: float | None = None,
                     labelled_fraction: float | None = None, on_cuda: bool = True,
                     bucket_elements: int = BUCKET_ELEMENTS) -> MemoryPlan:
     """The per-GPU memory plan of ``cfg`` (None: from the config; ``world_size`` None: as ``--dry-run``).
@@ -441,7 +486,8 @@ def estimate_memory(cfg: Config, world_size: int | None = None, micro_batch_size
     (overlap_comm double buffers); ``bucket_elements``: DeepSpeed's ``reduce_bucket_size``."""
     t, p = cfg.train, cfg.parallel
     rows = t.micro_batch_size if micro_batch_size is None else micro_batch_size
-    ckpt = t.activation_checkpointing if activation_checkpointing is None else activation_checkpointing
+    ckpt = checkpointing_mode(t.activation_checkpointing if activation_checkpointing is None
+                              else activation_checkpointing)
     if world_size is None:
         world_size = default_world_size(cfg)
     tp, pp = p.tensor_parallel, p.pipeline_parallel
@@ -469,7 +515,7 @@ def estimate_memory(cfg: Config, world_size: int | None = None, micro_batch_size
 
 
 def max_micro_batch_size(cfg: Config, world_size: int | None = None, gpu_gib: float = 80.0,
-                         activation_checkpointing: bool | None = None, limit: int = 4096, **fractions) -> int:
+                         activation_checkpointing: bool | str | None = None, limit: int = 4096, **fractions) -> int:
     """The largest micro_batch_size whose plan fits ``gpu_gib`` (0: not even one row). The world size is held
     fixed (the data-parallel size does not change with the micro-batch)."""
     if world_size is None:
@@ -492,16 +538,17 @@ def max_micro_batch_size(cfg: Config, world_size: int | None = None, gpu_gib: fl
 
 def memory_report(cfg: Config, world_size: int | None = None, gpu_gib: float = 80.0,
                   micro_batch_size: int | None = None, **fractions) -> tuple[str, dict]:
-    """The printed tables (checkpointing as configured, then flipped) and the JSON of ``--dry-run`` /
-    ``tools/model_info.py``: plan.as_dict() | gpu_memory_gb, fits, max_micro_batch_size, and ``flipped`` (the same
-    for the other activation-checkpointing setting)."""
+    """The printed tables (activation checkpointing as configured, then the other two modes) and the JSON of
+    ``--dry-run`` / ``tools/model_info.py``: plan.as_dict() | gpu_memory_gb, fits, max_micro_batch_size;
+    ``alternatives`` (the same for the other modes) and ``flipped`` (none <-> full; selective -> none)."""
     ckpt = cfg.train.activation_checkpointing
-    texts, infos = [], []
-    for c in (ckpt, not ckpt):
+    modes = [ckpt] + [m for m in CHECKPOINTING_MODES if m != ckpt]
+    texts, infos = [], {}
+    for c in modes:
         plan = estimate_memory(cfg, world_size, micro_batch_size, c, **fractions)
         mmb = max_micro_batch_size(cfg, world_size, gpu_gib, c, **fractions)
         texts.append(plan.table(gpu_gib) + f"\n  largest micro_batch_size that fits {gpu_gib:g} GB: {mmb}")
-        infos.append(plan.as_dict() | {"gpu_memory_gb": gpu_gib, "fits": plan.fits(gpu_gib),
-                                       "max_micro_batch_size": mmb})
-    info = infos[0] | {"flipped": infos[1]}
+        infos[c] = plan.as_dict() | {"gpu_memory_gb": gpu_gib, "fits": plan.fits(gpu_gib), "max_micro_batch_size": mmb}
+    others = {c: infos[c] for c in modes[1:]}
+    info = infos[ckpt] | {"alternatives": others, "flipped": others["full" if ckpt == "none" else "none"]}
     return "\n".join(texts), info

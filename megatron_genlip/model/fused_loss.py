@@ -1,0 +1,109 @@
+"""The LM head and the token-mean cross-entropy in one pass over the labelled positions (``model.loss_impl=fused``).
+
+The reference path (``model.loss_impl=reference``: ``HeadMixin._token_losses`` under per-chunk checkpointing)
+materialises each chunk's fp32 logits twice, once in forward and again when backward recomputes the chunk, and
+runs the head's GEMM four times (forward, recompute, two gradient GEMMs). The loss is the last op of the forward
+and a scalar, so its gradient is known up to one factor when the forward runs: this function computes, chunk by
+chunk, the logits once (``[C, V/TP]`` fp32, then freed), the per-token losses and the gradients of the loss mean
+with respect to the hidden states and the head weight (3 GEMMs per chunk in all; Liger-Kernel's fused linear
+cross-entropy does the same). Backward only scales those gradients by the incoming scalar gradient (the loss
+scale, the gradient-accumulation factor). Cost: the weight's gradient [V/TP, e] (fp32 while accumulated over
+chunks, then the weight's dtype) lives from the head's forward to its backward: ``training/memory.py`` counts it.
+
+Arithmetic follows megatron-core's ``vocab_parallel_cross_entropy`` op for op (max over the vocabulary, all-reduced
+over the tensor-parallel group; ``log(sum exp(z - max)) - (z_target - max)``; the softmax minus the one-hot of
+the target as the logits' gradient), so the loss and gradients equal the reference path's within rounding
+(``tests/test_fused_loss.py`` states the tolerances). Under tensor parallelism the weight is the rank's vocabulary
+shard (megatron-core's ``VocabUtility`` ranges), the max, the sum of exponentials and the target logit are
+all-reduced, and the hidden states' gradient (a partial sum over the vocabulary shards) is all-reduced once, in the
+forward: column-parallel semantics, as ``ColumnParallelLinear``'s input gradient. All reductions go through
+``parallel/comm.py`` on device tensors (no host synchronisation).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_genlip.parallel import comm, state
+
+
+def _vocab_range(weight: torch.Tensor, tp_group) -> tuple[int, int]:
+    rows = weight.shape[0]
+    start = state.group_rank(tp_group) * rows
+    return start, start + rows
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    """(hidden [N, e], weight [V/TP, e], targets [N]) -> (mean loss, per-token losses [N], not differentiable)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk, tp_group):
+        n = hidden.shape[0]
+        tp = state.group_size(tp_group)
+        start, end = _vocab_range(weight, tp_group)
+        grad_hidden = torch.empty_like(hidden)
+        acc = torch.promote_types(weight.dtype, torch.float32)  # fp32 accumulation (fp64 stays fp64)
+        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+        losses = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        step = chunk if chunk > 0 else max(n, 1)
+        for i in range(0, n, step):
+            h, t = hidden[i:i + step], targets[i:i + step]
+            logits = (h @ weight.t()).float()  # [C, V/TP], what the reference head's .float() makes
+            top = logits.max(dim=-1)[0]
+            if tp > 1:
+                comm.all_reduce(top, op=comm.MAX, group=tp_group)
+            logits -= top[:, None]
+            outside = (t < start) | (t >= end)
+            local_t = torch.where(outside, torch.zeros_like(t), t - start)
+            rows = torch.arange(t.shape[0], device=t.device)
+            picked = torch.where(outside, torch.zeros_like(top), logits[rows, local_t])
+            logits.exp_()
+            sum_exp = logits.sum(dim=-1)
+            if tp > 1:
+                both = torch.stack((picked, sum_exp))
+                comm.all_reduce(both, group=tp_group)
+                picked, sum_exp = both[0], both[1]
+            losses[i:i + step] = torch.log(sum_exp) - picked
+            # d(mean loss)/d logits = (softmax - onehot(target)) / N
+            logits /= sum_exp[:, None]
+            logits[rows, local_t] -= (~outside).to(logits.dtype)
+            logits *= 1.0 / n  # as the mean's backward: (softmax - onehot) x fp32(1/N)
+            g = logits.to(hidden.dtype)
+            grad_hidden[i:i + step] = g @ weight
+            grad_weight += (g.t() @ h).to(acc)  # the GEMM in the activation dtype, summed over chunks in fp32
+            del logits, g
+        if tp > 1 and n:
+            comm.all_reduce(grad_hidden, group=tp_group)
+        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+        ctx.mark_non_differentiable(losses)
+        loss = losses.mean() if n else hidden.sum() * 0.0
+        return loss, losses
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_losses):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_loss.to(grad_hidden.dtype), grad_weight * grad_loss.to(grad_weight.dtype), \
+            None, None, None
+
+
+def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 0,
+                               tp_group=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy of ``hidden @ weight.T`` against ``targets`` and the per-token losses (no gradient),
+    ``chunk`` positions at a time (0: all at once); ``weight`` is this rank's vocabulary shard under TP."""
+    return _FusedLinearCrossEntropy.apply(hidden, weight, targets, chunk, tp_group)
+
+
+class FusedLossHead:
+    """Mixin for an LM-head linear (bias-free, [V/TP, e] weight): ``head(x)`` gives logits as the linear does;
+    ``head(x, targets=t, chunk=C)`` gives (mean loss, per-token losses) through :func:`fused_linear_cross_entropy`
+    on the vocabulary shard of ``loss_tp_group`` (set by the model). The loss runs inside the module's own forward,
+    so ZeRO-3 gathers the weight for it as for a plain call."""
+
+    loss_tp_group = None
+
+    def forward(self, x, targets=None, chunk: int = 0):  # noqa: D102
+        if targets is None:
+            return super().forward(x)
+        if getattr(self, "bias", None) is not None:
+            raise ValueError("the fused LM-head loss takes a head without bias (GENLIP_SPEC.md: lm_head has none)")
+        return fused_linear_cross_entropy(x, self.weight, targets, chunk, self.loss_tp_group)

@@ -1,0 +1,68 @@
+"""Activation checkpointing of the transformer blocks: ``train.activation_checkpointing`` = none | selective | full.
+
+* ``none``: autograd keeps everything each block's backward needs (fastest, the most memory:
+  ``training/memory.py`` ``layer_activation_bytes``).
+* ``full``: a block keeps only its input; backward runs the whole block forward again (every GEMM twice: the
+  step executes 4/3 of the block FLOPs that MFU credits).
+* ``selective``: a block keeps its input and the outputs of its matrix multiplications and of the attention
+  kernel (:data:`SAVED_OPS`: the expensive, FLOP-bound work); backward recomputes only the cheap, memory-bound
+  element-wise ops between them (layer norms, RoPE, sigmoid gate, SiLU x up, LayerScale, DropPath, bias adds,
+  residual adds). No GEMM runs twice, and the memory is the GEMM outputs instead of every element-wise
+  intermediate (torchtitan's op-level SAC policy and Megatron's selective recompute follow the same idea;
+  ``memory.selective_layer_bytes`` counts it).
+
+Both checkpointing modes go through ``parallel.rng.checkpoint``: non-reentrant ``torch.utils.checkpoint``, which
+restores torch's default generators before recomputing (DropPath draws the same rows: its draw is
+recomputed, not saved) and replays the tensor-parallel tracker's streams. Selective checkpointing is torch's
+``create_selective_checkpoint_contexts`` with the policy below; under ``torch.compile`` the same policy becomes
+the partitioner's save/recompute decision (torch tags the traced nodes with it).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch.utils.checkpoint import CheckpointPolicy
+
+from megatron_genlip.config import CHECKPOINTING_MODES, checkpointing_mode
+from megatron_genlip.parallel import rng
+
+MODES = CHECKPOINTING_MODES
+
+# aten ops whose outputs selective checkpointing keeps (those present in this torch build); the
+# FlexAttention higher-order op is added by :func:`saved_ops`
+_SAVED_ATEN = ("mm", "addmm", "bmm", "baddbmm", "_scaled_mm",
+               "_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_for_cpu",
+               "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+               "_flash_attention_forward", "_efficient_attention_forward")
+
+
+def normalize(value) -> str:
+    """``activation_checkpointing`` as one of :data:`MODES` (true/false: full/none); raises on anything else."""
+    mode = checkpointing_mode(value)
+    if mode not in MODES:
+        raise ValueError(f"activation checkpointing {value!r}: expected one of {', '.join(MODES)} (or true/false)")
+    return mode
+
+
+@functools.cache
+def saved_ops() -> frozenset:
+    """The ops whose outputs selective checkpointing saves: GEMMs and attention kernels."""
+    ops = {getattr(torch.ops.aten, name).default for name in _SAVED_ATEN if hasattr(torch.ops.aten, name)}
+    flex = getattr(torch.ops.higher_order, "flex_attention", None)
+    if flex is not None:
+        ops.add(flex)
+    return frozenset(ops)
+
+
+def selective_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    """Keep GEMM and attention outputs; recompute everything else."""
+    return CheckpointPolicy.MUST_SAVE if op in saved_ops() else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def run_block(block, mode: str, *args):
+    """``block(*args)`` under the checkpointing ``mode`` (callers pass ``none`` outside training)."""
+    if mode == "none":
+        return block(*args)
+    return rng.checkpoint(block, *args, policy=selective_policy if mode == "selective" else None)
