@@ -7,9 +7,10 @@ function :func:`decide` turns it and the config's ``train.compile`` into a :clas
                        CUDA                                       CPU (development, CI)
 =====================  =========================================  =========================================
 device                 ``cuda:LOCAL_RANK``                        ``cpu``
-compile                on (FlexAttention and its block mask are   off: dynamo is switched off for the whole
-                       ``torch.compile``d; ``train.compile=false``  process (``torch.compiler.set_stance``
-                       turns it off), needs Triton                ``("force_eager")``), every compile runs eager;
+compile                on (every transformer block, FlexAttention off: dynamo is switched off for the whole
+                       and its block mask are ``torch.compile``d:  process (``torch.compiler.set_stance``
+                       model/recompute.py; ``train.compile=false`` ``("force_eager")``), every compile runs eager;
+                       turns it off), needs Triton
                                                                   :func:`start_process` makes the libraries'
                                                                   import-time compiles no-ops
 DataLoader             pinned memory                               no pinning
@@ -70,7 +71,7 @@ class Platform:
     torch_version: str
     device_type: str  # "cuda" or "cpu"
     device_name: str
-    compile: bool  # torch.compile the attention kernels (FlexAttention, create_block_mask)
+    compile: bool  # torch.compile the transformer blocks and the attention kernels (FlexAttention, create_block_mask)
     dynamo_disabled: bool  # every torch.compile in the process runs eagerly
     pin_memory: bool
     fused_adamw: bool

@@ -31,7 +31,7 @@ from megatron_genlip.model import recompute
 from megatron_genlip.model.layers import KVCache, TransformerBlock, normal_init
 from megatron_genlip.model.rope import MultimodalRotaryEmbedding
 from megatron_genlip.model.spec import get_layer_spec, parallel_config
-from megatron_genlip.parallel import state
+from megatron_genlip.parallel import rng, state
 from megatron_genlip.parallel.sequence import SequenceParallel
 
 
@@ -215,6 +215,8 @@ class GenLIPModel(EmbeddingMixin, HeadMixin, torch.nn.Module):
         length: attention sees the whole sequence) and the output is gathered before ln_post."""
         cos, sin = self.rotary(positions, x.dtype)
         mode = recompute.normalize(self.activation_checkpointing) if self.training and cache is None else "none"
+        if self.training:
+            rng.check_replicated()  # DropPath draws from the default generators, outside any per-rank fork
         with self.sp.region(self, x.shape[0], cache is not None) as sp:
             x = sp.scatter(x)
             for layer in self.layers:  # checkpointed: the RNG streams are replayed, DropPath drops the same rows

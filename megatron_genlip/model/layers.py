@@ -18,7 +18,7 @@ from megatron.core.model_parallel_config import ModelParallelConfig
 from megatron_genlip.config import ModelConfig
 from megatron_genlip.model.rope import apply_rotary
 from megatron_genlip.model.spec import BackendSpec
-from megatron_genlip.parallel import rng, sequence
+from megatron_genlip.parallel import sequence
 
 
 def normal_init(std: float):
@@ -41,9 +41,11 @@ def xavier_uniform_init(fan_in: int, fan_out: int):
 class DropPath(torch.nn.Module):
     """Stochastic depth per packed row (batch element); rescales kept rows by 1/keep.
 
-    The keep/drop decisions come from the replicated random stream (``rng.replicated_generator``), identical
-    on the ranks of a tensor-parallel group: under sequence parallelism each rank holds a slice of every row,
-    and all slices of a row must be dropped together."""
+    The keep/drop decisions come from the replicated random stream (torch's default generator of the device,
+    ``rng.replicated_generator``), identical on the ranks of a tensor-parallel group: under sequence parallelism
+    each rank holds a slice of every row, and all slices of a row must be dropped together. The model checks once
+    per forward that no per-rank stream is forked (``rng.check_replicated``), outside any compiled block: a draw
+    with an explicit generator argument would break the block's graph under ``torch.compile``."""
 
     def __init__(self, rate: float):
         super().__init__()
@@ -54,7 +56,7 @@ class DropPath(torch.nn.Module):
             return x
         keep = 1.0 - self.rate
         mask = torch.empty((1, x.shape[1], 1), dtype=x.dtype, device=x.device)
-        mask.bernoulli_(keep, generator=rng.replicated_generator(x.device))
+        mask.bernoulli_(keep)  # the default generator of x's device: the replicated stream (checked by the model)
         return x * mask / keep
 
 

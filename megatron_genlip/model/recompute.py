@@ -62,7 +62,55 @@ def selective_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
 
 
 def run_block(block, mode: str, *args):
-    """``block(*args)`` under the checkpointing ``mode`` (callers pass ``none`` outside training)."""
+    """``block(*args)`` under the checkpointing ``mode`` (callers pass ``none`` outside training); through the
+    block's compiled runner when :func:`compile_block` gave it one and no KV cache is passed (the last argument)."""
+    compiled = getattr(block, "compiled_runs", None)
+    if compiled is not None and args[-1] is None:
+        return compiled[mode](*args[:-1])
     if mode == "none":
         return block(*args)
     return rng.checkpoint(block, *args, policy=selective_policy if mode == "selective" else None)
+
+
+def _sac_context():
+    return torch.utils.checkpoint.create_selective_checkpoint_contexts(selective_policy)
+
+
+def _runner(block, mode: str):
+    """What one compiled unit runs: the block's forward (not its ``__call__``: module hooks stay outside the
+    graph), inside torch's checkpoint when recomputing. Under ``torch.compile`` the selective policy tags the traced
+    ops and the partitioner saves exactly the GEMM and attention outputs; random ops (DropPath) are saved, not
+    recomputed (the partitioner never recomputes them). No tracker replay inside the graph: no op of a block draws
+    from a forked stream (DropPath draws from the replicated default generator)."""
+    forward = type(block).forward
+
+    def plain(x, cos, sin, mask):
+        return forward(block, x, cos, sin, mask, None)
+
+    # one function (code object) per mode: dynamo caches graphs per code object, and a shared one whose closure
+    # differs by mode would count as a recompilation
+    def selective(x, cos, sin, mask):
+        return torch.utils.checkpoint.checkpoint(plain, x, cos, sin, mask, use_reentrant=False,
+                                                 context_fn=_sac_context)
+
+    def full(x, cos, sin, mask):
+        return torch.utils.checkpoint.checkpoint(plain, x, cos, sin, mask, use_reentrant=False)
+
+    return {"none": plain, "selective": selective, "full": full}[mode]
+
+
+def compile_block(block, **options) -> None:
+    """Give ``block`` one ``torch.compile``d runner per checkpointing mode (each compiled on its first call, with
+    static shapes: every micro-batch has the same [L, B] rows, so one graph serves the whole run;
+    ``tests/test_compile.py`` counts them). Parameters, their names and the state dict are the block's own: nothing
+    is wrapped. ``options``: torch.compile's keyword arguments (tests pass ``backend``)."""
+    options = {"dynamic": False, **options}
+    runs = {mode: torch.compile(_runner(block, mode), **options) for mode in MODES}
+    object.__setattr__(block, "compiled_runs", runs)  # a plain attribute: not a submodule, not in the state dict
+
+
+def blocks_of(model) -> list:
+    """The transformer blocks of a model or of this rank's pipeline stages."""
+    from megatron_genlip.model.layers import TransformerBlock
+
+    return [m for m in model.modules() if isinstance(m, TransformerBlock)]

@@ -58,6 +58,16 @@ class RowLinear(RowParallelLinear):
     def forward(self, x):  # noqa: D102
         return super().forward(x)[0]
 
+    def _forward_impl(self, input, weight, *args, **kwargs):
+        """megatron-core 0.16.1's forward passes ``tp_group=None`` here on every call, and the linear function then
+        warns on rank 0 (``get_tensor_model_parallel_group_if_none``) and looks up the default group. The group is
+        unused on this path (no sequence-parallel gather, no dgrad all-reduce: the reduction follows it), so the
+        layer's own group is passed: same result, no warning, and no graph break under torch.compile (dynamo
+        cannot trace ``warnings.warn``)."""
+        if kwargs.get("tp_group", 0) is None:
+            kwargs["tp_group"] = self.tp_group
+        return super()._forward_impl(input, weight, *args, **kwargs)
+
 
 class LMHead(FusedLossHead, ColumnLinear):
     """The column-parallel LM head; ``head(x, targets=t, chunk=C)`` is the fused linear + cross-entropy

@@ -33,7 +33,7 @@ from megatron_genlip.model.genlip import EmbeddingMixin, HeadMixin, component_rn
 from megatron_genlip.model.layers import TransformerBlock
 from megatron_genlip.model.rope import MultimodalRotaryEmbedding
 from megatron_genlip.model.spec import get_layer_spec, parallel_config
-from megatron_genlip.parallel import state
+from megatron_genlip.parallel import rng, state
 from megatron_genlip.parallel.pipeline import pipeline_module
 from megatron_genlip.parallel.sequence import SequenceParallel, check_supported
 
@@ -98,6 +98,8 @@ class BlockStage(TransformerBlock):
         x, positions, sample_ids, token_kinds, labels = inputs
         cos, sin, mask = _TABLES.get(self, positions, sample_ids, token_kinds, x.dtype)
         mode = recompute.normalize(self.activation_checkpointing) if self.training else "none"
+        if self.training:
+            rng.check_replicated()  # DropPath draws from the default generators, outside any per-rank fork
         x = recompute.run_block(super().forward, mode, x, cos, sin, mask, None)  # RNG replayed when recomputed
         return x, positions, sample_ids, token_kinds, labels
 

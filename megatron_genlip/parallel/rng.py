@@ -146,6 +146,12 @@ def replicated_generator(device: torch.device | str | None = None) -> torch.Gene
     return torch.default_generator
 
 
+def check_replicated() -> None:
+    """Raise when a per-TP-rank stream is forked (draws of the replicated stream, e.g. DropPath, must agree over
+    the tensor-parallel group and come from torch's default generators)."""
+    replicated_generator()
+
+
 def _tracker_replay():
     """``context_fn`` for torch.utils.checkpoint: remember the tracker's streams when the forward runs and
     rewind them to that point around the recomputation (then put back where backward found them)."""

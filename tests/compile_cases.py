@@ -1,0 +1,74 @@
+"""The body of tests/test_compile.py, run in a fresh interpreter with dynamo enabled (the test session's platform
+decision switches dynamo off for the CPU): compiled transformer blocks (model/recompute.py ``compile_block``, the
+inductor backend: C++ kernels on CPU) against the same model eager, in every checkpointing mode, over several
+packed micro-batches; recompilations are errors. Prints one JSON line of results."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+os.environ.pop("TORCHDYNAMO_DISABLE", None)
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+torch._dynamo.config.error_on_recompile = True  # a second graph for the same runner fails the run
+torch._inductor.config.fallback_random = True  # DropPath's draws as eager torch makes them
+
+sys.path.insert(0, os.path.dirname(__file__))
+from conftest import random_image, small_model_config  # noqa: E402
+from megatron_genlip.data.packing import collate_batch  # noqa: E402
+from megatron_genlip.data.sample import build_sample  # noqa: E402
+from megatron_genlip.data.tokenizer import load_qwen_tokenizer  # noqa: E402
+from megatron_genlip.model import recompute  # noqa: E402
+from megatron_genlip.model.genlip import build_model  # noqa: E402
+
+# conftest made the test session's CPU platform decision (dynamo forced off); this process compiles on purpose
+os.environ.pop("TORCHDYNAMO_DISABLE", None)
+torch.compiler.set_stance("default")
+
+
+def batches(n: int):
+    """``n`` micro-batches of 2 packed rows x 64 slots, each packed differently (other images, captions, counts)."""
+    tok = load_qwen_tokenizer()
+    out = []
+    for b in range(n):
+        rows = []
+        for r in range(2):
+            grids = [(2, 3), (3, 2), (2, 2)][: 1 + (b + r) % 3]
+            rows.append([build_sample(tok, random_image(g, 10 * b + 3 * r + i), g, "a shape " * (1 + (b + i) % 4))
+                         for i, g in enumerate(grids)])
+        out.append(collate_batch(rows, 64))
+    return out
+
+
+def main() -> None:
+    cfg = small_model_config(drop_path_rate=0.2, num_layers=2)
+    data = batches(3)
+    eager = build_model(cfg, seed=0).train()
+    compiled = build_model(cfg, seed=0).train()
+    for block in recompute.blocks_of(compiled):
+        recompute.compile_block(block, backend="inductor")
+    errors = {}
+    for mode in recompute.MODES:
+        eager.activation_checkpointing = compiled.activation_checkpointing = mode
+        for i, batch in enumerate(data):
+            results = []
+            for model in (eager, compiled):
+                model.zero_grad(set_to_none=True)
+                torch.manual_seed(1000 + i)
+                out = model(batch)
+                out.loss.backward()
+                results.append((out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+            (l0, g0), (l1, g1) = results
+            worst = max(float((g1[n] - g0[n]).abs().max() / g0[n].abs().max().clamp_min(1e-30)) for n in g0)
+            errors[f"{mode}/{i}"] = {"loss": float((l1 - l0).abs() / l0.abs()), "grad": worst}
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    print(json.dumps({"errors": errors, "unique_graphs": graphs,
+                      "state_dict_equal_names": list(eager.state_dict()) == list(compiled.state_dict())}))
+
+
+if __name__ == "__main__":
+    main()
