@@ -79,12 +79,31 @@ def float8_config(cfg: ModelConfig):
     return _torchao_float8().Float8LinearConfig.from_recipe_name(cfg.fp8.removeprefix("torchao-"))
 
 
+def shared_tensorwise_cast(x: torch.Tensor, linear) -> torch.Tensor:
+    """``x`` cast to FP8 once, exactly as ``linear`` (a torchao ``Float8Linear``) casts its input (tensorwise
+    dynamic scaling: one amax over the tensor, the same scale and bits), for every projection reading ``x``.
+    torchao's matmul takes an input already cast as is (``tensor_already_casted_to_fp8``), in forward and, as the
+    saved input of the weight gradient, in backward; the cast itself passes the gradient through to ``x``."""
+    from torchao.float8.float8_scaling_utils import hp_tensor_to_float8_dynamic
+    from torchao.float8.float8_training_tensor import GemmInputRole
+
+    c = linear.config
+    return hp_tensor_to_float8_dynamic(x, c.cast_config_input.target_dtype, linear.linear_mm_config,
+                                       gemm_input_role=GemmInputRole.INPUT,
+                                       round_scales_to_power_of_2=c.round_scales_to_power_of_2)
+
+
 def torchao_layer_spec(cfg: ModelConfig, base):
-    """``base`` (a ``BackendSpec``) with torchao Float8Linear block projections and a plain bf16 LM head."""
+    """``base`` (a ``BackendSpec``) with torchao Float8Linear block projections and a plain bf16 LM head; under
+    ``torchao-tensorwise`` the input shared by q/gate/k/v (and by fc1/gate_fc) is cast once
+    (:func:`shared_tensorwise_cast`). ``torchao-rowwise`` casts per projection: its weight gradient needs the input
+    scaled along the other axis, which a shared forward cast cannot provide."""
     float8 = _torchao_float8()
     config = float8_config(cfg)
 
     def float8_linear(in_features, out_features, **kw) -> torch.nn.Module:
         return float8.convert_to_float8_training(TorchLinear(in_features, out_features, **kw), config=config)
 
-    return replace(base, column_linear=float8_linear, row_linear=float8_linear, lm_head=TorchLMHead)
+    shared = shared_tensorwise_cast if cfg.fp8 == "torchao-tensorwise" else None
+    return replace(base, column_linear=float8_linear, row_linear=float8_linear, lm_head=TorchLMHead,
+                   shared_input_cast=shared)

@@ -111,12 +111,15 @@ class GatedSelfAttention(torch.nn.Module):
         self.v = spec.column_linear(d, d, init_method=xavier_uniform_init(d, d), **col)
         self.o = spec.row_linear(d, d, init_method=xavier_uniform_init(d, d), **col)
         self.kernel = spec.attention
+        self.input_cast = spec.shared_input_cast
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:  # [L, B, h*hd] -> [B, h, L, hd]
         L, B, _ = x.shape
         return x.view(L, B, self.local_heads, self.head_dim).permute(1, 2, 0, 3)
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None = None):
+        if self.input_cast is not None:  # one FP8 cast of LN1's output for q, gate, k and v
+            x = self.input_cast(x, self.q)
         q = apply_rotary(self._heads(self.q(x)), cos, sin)
         k = apply_rotary(self._heads(self.k(x)), cos, sin)
         v = self._heads(self.v(x))
@@ -139,8 +142,11 @@ class SwiGLU(torch.nn.Module):
         self.fc1 = spec.column_linear(d, f, **common)
         self.gate_fc = spec.column_linear(d, f, **common)
         self.fc2 = spec.row_linear(f, d, **common)
+        self.input_cast = spec.shared_input_cast
 
     def forward(self, x):
+        if self.input_cast is not None:  # one FP8 cast of LN2's output for fc1 and gate_fc
+            x = self.input_cast(x, self.fc1)
         return self.fc2(torch.nn.functional.silu(self.gate_fc(x)) * self.fc1(x))
 
 

@@ -14,6 +14,7 @@ Uniform signatures of the spec's classes:
                                                                      (x, targets=t, chunk=C): (mean loss, token
                                                                      losses), model/fused_loss.py
   layer_norm(dim, eps)
+  shared_input_cast(x, linear) or None                            (x cast once for all projections reading it)
   attention(q, k, v, mask) -> [B, heads, L, head_dim]             (mask: what attention.build_mask returns)
   attention.build_mask(sample_ids, token_kinds) -> mask           (built once per forward, shared by all layers)
 """
@@ -92,6 +93,9 @@ class BackendSpec:
     lm_head: Callable[..., torch.nn.Module]
     layer_norm: Callable[..., torch.nn.Module]
     attention: Callable[..., torch.Tensor]  # a kernel of megatron_genlip.model.attention (has build_mask)
+    # shared_input_cast(x, linear) -> x prepared once for every column-parallel projection that reads x (q, gate,
+    # k, v read LN1's output; fc1, gate_fc LN2's): an FP8 spec casts it once instead of once per projection
+    shared_input_cast: Callable[..., torch.Tensor] | None = None
 
 
 LOCAL_SPEC = BackendSpec(
