@@ -171,6 +171,16 @@ def start_process() -> bool:
     return True
 
 
+def compile_on_purpose() -> None:
+    """Undo :func:`start_process`'s and the CPU decision's dynamo switch-off in this process, for a process that
+    compiles on a CPU on purpose (tests/compile_cases.py checks the compiled blocks with inductor's C++ kernels)."""
+    import torch
+
+    os.environ.pop("TORCHDYNAMO_DISABLE", None)
+    torch._dynamo.config.disable = False  # read from the environment when torch was imported
+    torch.compiler.set_stance("default")
+
+
 def initialize(compile: bool = True, caps: Capabilities | None = None) -> Platform:
     """Decide for this process and apply the decision: the dynamo stance, then the library patches it needs.
     Entry points call it first thing (trainer, tests' conftest and workers); calling it again re-decides (e.g.

@@ -9,9 +9,7 @@ import json
 import os
 import sys
 
-os.environ.pop("TORCHDYNAMO_DISABLE", None)
-
-import torch  # noqa: E402
+import torch
 
 torch.set_num_threads(1)
 torch._dynamo.config.error_on_recompile = True  # a second graph for the same runner fails the run
@@ -25,9 +23,9 @@ from megatron_genlip.data.tokenizer import load_qwen_tokenizer  # noqa: E402
 from megatron_genlip.model import recompute  # noqa: E402
 from megatron_genlip.model.genlip import build_model  # noqa: E402
 
-# conftest made the test session's CPU platform decision (dynamo forced off); this process compiles on purpose
-os.environ.pop("TORCHDYNAMO_DISABLE", None)
-torch.compiler.set_stance("default")
+from megatron_genlip import platform  # noqa: E402
+
+platform.compile_on_purpose()  # conftest made the session's CPU decision (dynamo off); this process compiles
 
 
 def batches(n: int):

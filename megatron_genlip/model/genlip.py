@@ -195,6 +195,7 @@ class GenLIPModel(EmbeddingMixin, HeadMixin, torch.nn.Module):
         self.sp = SequenceParallel(tp_group, sequence_parallel)  # blocks run on sequence slices when enabled
         self.activation_checkpointing = "none"  # none | selective | full (model/recompute.py; set by the trainer)
         spec = get_layer_spec(cfg)
+        self.fp8_region = spec.fp8_region  # Transformer Engine FP8: one autocast region around the blocks
         pconfig = parallel_config(cfg, tensor_parallel, sequence_parallel)
         with component_rng(seed, 0):
             self._build_embedding(cfg, spec, pconfig, tp_group)
@@ -217,10 +218,12 @@ class GenLIPModel(EmbeddingMixin, HeadMixin, torch.nn.Module):
         mode = recompute.normalize(self.activation_checkpointing) if self.training and cache is None else "none"
         if self.training:
             rng.check_replicated()  # DropPath draws from the default generators, outside any per-rank fork
-        with self.sp.region(self, x.shape[0], cache is not None) as sp:
+        region = self.fp8_region
+        with self.sp.region(self, x.shape[0], cache is not None) as sp, \
+                (region() if region is not None else contextlib.nullcontext()):
             x = sp.scatter(x)
             for layer in self.layers:  # checkpointed: the RNG streams are replayed, DropPath drops the same rows
-                x = recompute.run_block(layer, mode, x, cos, sin, mask, cache)
+                x = recompute.run_block(layer, mode, x, cos, sin, mask, cache, region=region)
             x = sp.gather(x)
         return self.ln_post(x)
 

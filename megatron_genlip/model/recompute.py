@@ -61,15 +61,26 @@ def selective_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     return CheckpointPolicy.MUST_SAVE if op in saved_ops() else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def run_block(block, mode: str, *args):
+def run_block(block, mode: str, *args, region=None):
     """``block(*args)`` under the checkpointing ``mode`` (callers pass ``none`` outside training); through the
-    block's compiled runner when :func:`compile_block` gave it one and no KV cache is passed (the last argument)."""
+    block's compiled runner when :func:`compile_block` gave it one and no KV cache is passed (the last argument).
+    ``region``: the spec's ``fp8_region`` when the caller runs the blocks inside it; a checkpointed block enters it
+    again in its own function, so its recomputation in backward (outside the caller's region) runs in it too."""
     compiled = getattr(block, "compiled_runs", None)
     if compiled is not None and args[-1] is None:
         return compiled[mode](*args[:-1])
     if mode == "none":
         return block(*args)
-    return rng.checkpoint(block, *args, policy=selective_policy if mode == "selective" else None)
+    function = block if region is None else _in_region(block, region)
+    return rng.checkpoint(function, *args, policy=selective_policy if mode == "selective" else None)
+
+
+def _in_region(block, region):
+    def run(*args):
+        with region():
+            return block(*args)
+
+    return run
 
 
 def _sac_context():

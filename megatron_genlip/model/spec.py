@@ -22,7 +22,7 @@ Uniform signatures of the spec's classes:
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from megatron.core.model_parallel_config import ModelParallelConfig
@@ -96,6 +96,9 @@ class BackendSpec:
     # shared_input_cast(x, linear) -> x prepared once for every column-parallel projection that reads x (q, gate,
     # k, v read LN1's output; fc1, gate_fc LN2's): an FP8 spec casts it once instead of once per projection
     shared_input_cast: Callable[..., torch.Tensor] | None = None
+    # fp8_region() -> the context manager the blocks of one forward run in (Transformer Engine's FP8 autocast:
+    # one amax reduction per region), or None
+    fp8_region: Callable[[], Any] | None = None
 
 
 LOCAL_SPEC = BackendSpec(

@@ -23,6 +23,8 @@ Stages are model code, like megatron-core's ``pre_process``/``post_process`` mod
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from deepspeed.pipe import LayerSpec, PipelineModule
 
@@ -92,6 +94,7 @@ class BlockStage(TransformerBlock):
             super().__init__(cfg, *_common(cfg, tp_group, sequence_parallel), index)
         self.rotary = MultimodalRotaryEmbedding(cfg.head_dim, cfg.mrope_section, cfg.rope_theta)
         self.activation_checkpointing = activation_checkpointing
+        self.fp8_region = get_layer_spec(cfg).fp8_region
         self.to(getattr(torch, cfg.params_dtype))
 
     def forward(self, inputs: tuple) -> tuple:
@@ -100,7 +103,9 @@ class BlockStage(TransformerBlock):
         mode = recompute.normalize(self.activation_checkpointing) if self.training else "none"
         if self.training:
             rng.check_replicated()  # DropPath draws from the default generators, outside any per-rank fork
-        x = recompute.run_block(super().forward, mode, x, cos, sin, mask, None)  # RNG replayed when recomputed
+        region = self.fp8_region  # Transformer Engine FP8: the block's autocast region (one per stage block)
+        with region() if region is not None else contextlib.nullcontext():
+            x = recompute.run_block(super().forward, mode, x, cos, sin, mask, None, region=region)  # RNG replayed
         return x, positions, sample_ids, token_kinds, labels
 
 

@@ -12,9 +12,13 @@ NOT TESTED ON A GPU YET (written against the TE 2.x API; see the notes below and
 * LM head (the spec's ``lm_head``): megatron-core ``ColumnParallelLinear`` in bf16, as in the local spec (the
   vocab-parallel cross-entropy consumes its shard).
 * Attention: the ``model.attention`` kernel (FlexAttention with the prefix-LM BlockMask, or dense SDPA).
-* FP8: each TE block projection runs its forward inside ``te.autocast`` (TE >= 2.x; ``te.fp8_autocast`` on older
-  versions) with the recipe of ``model.fp8`` unless an FP8 autocast is already active, the way megatron-core
-  applies per-layer recipes. The amax reduction group is megatron-core's tensor+data-parallel group. Embeddings,
+* FP8: the blocks run inside ONE ``te.autocast`` region (TE >= 2.x; ``te.fp8_autocast`` on older versions) with
+  the recipe of ``model.fp8``, entered by the model around its block loop (the spec's ``fp8_region``): with
+  delayed scaling the amax reduction runs once when the region exits, not once per projection. A recomputed
+  block (activation checkpointing) runs in backward, outside that region: ``recompute.run_block`` enters the region
+  around each checkpointed block, in forward and in the recomputation alike, so the recomputed forward uses the
+  same recipe (one reduction per block then). Each projection still opens the region itself when none is active
+  (a direct call, e.g. a test). The amax reduction group is megatron-core's tensor+data-parallel group. Embeddings,
   LM head, attention and norms stay bf16. Caveat: with ``train.activation_checkpointing`` the block is recomputed
   by ``torch.utils.checkpoint`` (not ``te.checkpoint``), so delayed scaling records the recomputed forward's amax
   a second time; ``current`` scaling has no history and is unaffected.
@@ -128,4 +132,4 @@ def te_layer_spec(cfg: ModelConfig, local):
 
     return replace(local, column_linear=functools.partial(TEColumnLinear, fp8_context=fp8_context),
                    row_linear=functools.partial(TERowLinear, fp8_context=fp8_context), layer_norm=layer_norm,
-                   attention=get_attention(cfg.attention))
+                   attention=get_attention(cfg.attention), fp8_region=fp8_context)
