@@ -1,4 +1,4 @@
-"""Indexed dataset builder, bad input, packing, sampling and the streaming path (issue: data)."""
+"""Indexed dataset builder, bad input, packing and sampling (issue: data)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,6 @@ from megatron_genlip.data.builder import build_indexed_dataset
 from megatron_genlip.data.tokenizer import tokenizer_fingerprint
 from megatron_genlip.data.indexed import DatasetMismatch, GenLIPIndexedDataset
 from megatron_genlip.data.packed_dataset import MicroBatchSampler, PackedRows, build_loader
-from megatron_genlip.data.streaming import StreamingPackedRows
 from megatron_genlip.data.synthetic import write_shards
 
 from data_harness import read_files
@@ -296,17 +295,3 @@ def test_stage2_rows_with_mixed_image_sizes(tmp_path):
     assert len(set(grids.values())) == 4  # four different grids
     assert grids[2] == (44, 6)  # 100x700 -> smart_resize (704, 96)
 
-
-def test_streaming_path_splits_by_dp_rank(shards):
-    cfg = tiny_cfg()
-    seen = []
-    for rank in range(2):
-        ds = StreamingPackedRows(shards, cfg, dp_rank=rank, dp_world=2, shuffle_buffer=50)
-        loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)
-        rows = list(loader)
-        counts = sum(int(r["sample_ids"].max()) + 1 for r in rows)
-        assert counts == 60  # 2 of 4 shards per rank
-        seen.append(torch.cat([r["input_ids"][r["token_kinds"] == 0] for r in rows]))
-    assert seen[0].numel() > 0 and seen[1].numel() > 0
-    with pytest.raises(ValueError, match="shards cannot feed"):
-        next(iter(StreamingPackedRows(shards[:1], cfg, dp_rank=1, dp_world=2)))

@@ -1,16 +1,20 @@
-"""Build an indexed multimodal dataset from webdataset shards: parallel, across machines, resumable.
+"""Build an indexed multimodal dataset from any source (``megatron_genlip/data/sources``): parallel, across
+machines, resumable.
 
-Every input shard becomes one *part* (``OUT.parts/NNNNNN-<shard>.{bin,idx,lengths.npy,sums.npy,report.json}``,
-``sums.npy`` the crc32 of every sample's bytes; the report records the sha256 of the ``.idx``, sums and lengths), NNNNNN
-its index among the sorted inputs), written under host- and process-unique temporary names and committed by
+Inputs are webdataset / img2dataset tars, parquet files (Hugging Face dataset folders) or LLaVA-style JSON(L)
+lists; each source names its *units of work* (a tar shard, a parquet row group, a range of JSON(L) entries).
+Every unit becomes one *part* (``OUT.parts/NNNNNN-<unit>.{bin,idx,lengths.npy,sums.npy,report.json}``,
+``sums.npy`` the crc32 of every sample's bytes; the report records the sha256 of the ``.idx``, sums and lengths),
+NNNNNN its index among the units), written under host- and process-unique temporary names and committed by
 writing its report last. Parts are the dataset: they are never merged. A build can be split over machines
-(``shard_index``/``num_shards``, e.g. a SLURM array job: task i builds shards i, i+n, i+2n, ...); a
+(``shard_index``/``num_shards``, e.g. a SLURM array job: task i builds units i, i+n, i+2n, ...); a
 metadata-only :func:`finalize_dataset` then writes the manifest ``OUT.json``, the concatenated
 ``OUT.lengths.npy`` and the fingerprint, streaming part by part (O(parts) memory, no ``.bin`` byte copied).
 The result is identical whatever the number of machines and workers, and a killed build restarted with the
-same command redoes only the shards whose part is not committed, or was built with other settings.
+same command redoes only the units whose part is not committed, or was built with other settings (build
+settings, source options, or another version of the unit's file).
 
-Bad samples are skipped and counted per reason, with shard and key, in the part reports and the summary
+Bad samples are skipped and counted per reason, with unit and key, in the part reports and the summary
 report; a half sample is never written.
 """
 
@@ -26,121 +30,71 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import webdataset as wds
 
 from megatron_genlip.config import Config
 from megatron_genlip.data.files import TEMP_MARK, remove_dead_temporaries, replace_atomically, temp_name
 from megatron_genlip.data.indexed import (
     LENGTHS_DTYPE, STORAGES, SampleWriter, build_settings, file_fingerprint, record_items, sha256_hex,
 )
-from megatron_genlip.data.records import SkipSample, decode_record, tokenize_record
+from megatron_genlip.data.records import Skip, SkipSample, record_from_raw, tokenize_record
+from megatron_genlip.data.sources import SourceOptions, Unit, expand_inputs, file_identity, list_units, read_unit
 from megatron_genlip.data.tokenizer import load_tokenizer
 
 CHECKSUM_KEYS = ("idx_sha256", "sums_sha256", "lengths_sha256")  # per part, recorded by the task that built it
 MAX_LOGGED_SKIPS = 1000  # skipped samples named per part and in the summary; the counters are always complete
 
 
-SHARD_PATTERNS = ("*.tar", "*.tar.gz", "*.tgz")
-
-
-def expand_inputs(inputs: list[str], duplicates: list[str] | None = None) -> list[str]:
-    """Files, directories (their .tar, .tar.gz and .tgz shards) and glob patterns -> sorted shard paths; a
-    missing input is an error. A shard named twice (the same file by any path) is kept once; the repeats are
-    appended to ``duplicates`` when given."""
-    shards: list[str] = []
-    for item in inputs:
-        if any(c in item for c in "*?["):
-            found = sorted(glob.glob(item))
-            if not found:
-                raise FileNotFoundError(f"input pattern {item!r} matches no file")
-            shards += found
-        elif os.path.isdir(item):
-            found = sorted(f for pattern in SHARD_PATTERNS for f in glob.glob(os.path.join(item, pattern)))
-            if not found:
-                raise FileNotFoundError(f"input directory {item} holds no .tar, .tar.gz or .tgz shard")
-            shards += found
-        elif os.path.isfile(item):
-            if not os.access(item, os.R_OK):
-                raise PermissionError(f"input shard {item} is not readable")
-            shards.append(item)
-        else:
-            raise FileNotFoundError(f"input {item} does not exist")
-    seen: set[str] = set()
-    unique = []
-    for shard in shards:
-        real = os.path.realpath(shard)
-        if real in seen:
-            if duplicates is not None:
-                duplicates.append(shard)
-            continue
-        seen.add(real)
-        unique.append(shard)
-    return unique
-
-
-def _iterate_shard(path: str, duplicate_members: list[str]):
-    """Raw samples of one shard (no decoding). A member repeated inside a sample (``a.jpg`` twice) is not fatal:
-    its name goes to ``duplicate_members`` and the shard goes on (webdataset's default ends the shard there). A
-    broken tar ends the iteration with an exception."""
-
-    def handler(exn: Exception) -> bool:
-        if isinstance(exn, ValueError) and "duplicate file name in tar file" in str(exn.args[0]):
-            duplicate_members.append(str(exn.args[0]).split(":", 1)[0])
-            return True  # skip that member, continue with the next
-        raise exn
-
-    return iter(wds.tariterators.tarfile_samples([{"url": path}], handler=handler))
+__all__ = ["build_indexed_dataset", "finalize_dataset", "expand_inputs", "list_units", "part_name",
+           "read_part_report", "shard_identity", "shard_task_from_env", "SourceOptions"]
 
 
 def shard_identity(shard: str) -> dict:
-    """What a part was built from: a replaced or re-downloaded shard at the same path differs in size or time."""
-    st = os.stat(shard)
-    return {"path": os.path.realpath(shard), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+    """What a tar part was built from (a unit's :meth:`~megatron_genlip.data.sources.Unit.identity`)."""
+    return file_identity(shard)
 
 
 def build_part(task: dict) -> dict:
-    """Worker: one shard -> one committed part. Returns the part's report."""
-    shard, part, cfg, storage = task["shard"], task["part"], task["config"], task["storage"]
+    """Worker: one unit -> one committed part. Returns the part's report."""
+    unit, part, cfg, storage = task["unit"], task["part"], task["config"], task["storage"]
+    opts: SourceOptions = task["source"]
     remove_dead_temporaries(part + TEMP_MARK + "*")  # left by a build of this part killed on this host
     tokenizer = load_tokenizer(cfg.tokenizer.kind, cfg.tokenizer.path)
-    source = shard_identity(shard)
+    rule = opts.text_rule()
+    source = unit.identity()
     tmp = temp_name(part)
     writer = SampleWriter(tmp)
     counts: Counter[str] = Counter()
     skipped: list[dict] = []
-    written = tokens = image_bytes = 0
-    duplicate_members: list[str] = []
+    written = tokens = image_bytes = fallbacks = 0
     keys_seen: set[str] = set()
     duplicate_keys: list[str] = []
 
     def skip(key, reason: str, detail: str = "") -> None:
         counts[reason] += 1
         if len(skipped) < MAX_LOGGED_SKIPS:
-            skipped.append({"shard": shard, "key": key, "reason": reason, "detail": detail})
+            skipped.append({"shard": unit.path, "unit": unit.name, "key": key, "reason": reason, "detail": detail})
 
-    it = _iterate_shard(shard, duplicate_members)
+    it = read_unit(unit, opts)
     while True:
         try:
             raw = next(it)
         except StopIteration:
             break
-        except Exception as e:  # noqa: BLE001 - a truncated/corrupt tar: keep what was read, record it
-            skip(None, "broken_shard", str(e)[:200])
+        except Exception as e:  # noqa: BLE001 - a truncated tar, a damaged row group: keep what was read, record it
+            skip(None, "broken_shard", f"{type(e).__name__}: {str(e)[:200]}")
             break
-        key = raw.get("__key__", "?")
-        members = [m for m in duplicate_members if m.startswith(key + ".")]
-        if members:  # which copy belongs to the caption is unknown: the whole sample goes
-            skip(key, "duplicate_member", f"{', '.join(members)} appears more than once in the tar")
-            duplicate_members.clear()
+        if isinstance(raw, Skip):
+            skip(raw.key, raw.reason, raw.detail)
             continue
+        key = raw.key
         if key in keys_seen:
             duplicate_keys.append(key)
             if cfg.data.drop_duplicate_keys:
-                skip(key, "duplicate_key", "an earlier sample of this shard has the same key")
+                skip(key, "duplicate_key", "an earlier sample of this unit has the same key")
                 continue
         keys_seen.add(key)
         try:
-            rec = decode_record(raw, cfg.data)
+            rec, fallback = record_from_raw(raw, rule, cfg.data)
             grid, ids, flags = tokenize_record(rec, tokenizer, cfg.data, cfg.tokenizer.prompt, cfg.model.patch_size)
             items = record_items(rec, grid, ids, flags, cfg.data, storage, cfg.model.patch_size)
         except SkipSample as e:
@@ -148,13 +102,16 @@ def build_part(task: dict) -> dict:
             continue
         writer.add(items, grid, len(ids))
         written += 1
+        fallbacks += fallback
         tokens += grid[0] * grid[1] + len(ids)
         image_bytes += int(items[2][0].nbytes)
     checksums = writer.finalize()  # sha256 of the .idx, the per-sample crc32s and the lengths: read at training
     for ext in (".bin", ".idx", ".lengths.npy", ".sums.npy"):
         os.replace(tmp + ext, part + ext)
-    report = {"shard": shard, "written": written, "tokens": tokens, "image_bytes": image_bytes,
+    report = {"shard": unit.path, "unit": unit.name, "kind": unit.kind, "written": written, "tokens": tokens,
+              "image_bytes": image_bytes, "caption_fallbacks": fallbacks,
               "skipped": dict(counts), "skipped_samples": skipped, "settings": task["settings"], "source": source,
+              "reader": opts.reader_settings(unit.kind),
               "duplicate_keys": duplicate_keys[:MAX_LOGGED_SKIPS], "duplicate_key_count": len(duplicate_keys),
               "fingerprint": file_fingerprint([part + ".bin", part + ".idx", part + ".lengths.npy"]),
               "bin_bytes": os.path.getsize(part + ".bin"), "idx_bytes": os.path.getsize(part + ".idx"), **checksums}
@@ -162,13 +119,13 @@ def build_part(task: dict) -> dict:
     return report
 
 
-def part_name(parts_dir: Path, index: int, shard: str) -> str:
-    stem = Path(shard).name
-    for suffix in (".tar.gz", ".tgz", ".tar"):
-        if stem.endswith(suffix):
-            stem = stem[: -len(suffix)]
-            break
-    return str(parts_dir / f"{index:06d}-{stem}")
+def part_name(parts_dir: Path, index: int, unit: Unit | str) -> str:
+    """``parts_dir/NNNNNN-<unit name>``; a path stands for a tar shard (its name without .tar/.tar.gz/.tgz)."""
+    if isinstance(unit, str):
+        from megatron_genlip.data.sources.webdataset import unit_name
+
+        return str(parts_dir / f"{index:06d}-{unit_name(unit)}")
+    return str(parts_dir / f"{index:06d}-{unit.name}")
 
 
 def read_part_report(part: str) -> dict | None:
@@ -179,10 +136,23 @@ def read_part_report(part: str) -> dict | None:
         return None
 
 
-def _is_current(part: str, shard: str, settings: dict) -> bool:
-    """A committed part built from this very shard with these settings."""
+def _is_current(part: str, unit: Unit, settings: dict, opts: SourceOptions) -> bool:
+    """A committed part built from this very unit (same file version, same rows) with these settings and
+    source options (a report without ``reader``, from before sources existed, was read with the defaults)."""
     report = read_part_report(part)
-    return report is not None and report.get("settings") == settings and report.get("source") == shard_identity(shard)
+    return _report_problem(report, unit, settings, opts) is None
+
+
+def _report_problem(report: dict | None, unit: Unit, settings: dict, opts: SourceOptions) -> str | None:
+    if report is None:
+        return "missing"
+    if report.get("settings") != settings:
+        return "settings"
+    if report.get("source") != unit.identity():
+        return "source"
+    if report.get("reader", {}) != opts.reader_settings(unit.kind):
+        return "reader"
+    return None
 
 
 def shard_task_from_env() -> tuple[int, int]:
@@ -202,10 +172,12 @@ def shard_task_from_env() -> tuple[int, int]:
 
 def build_indexed_dataset(inputs: list[str], output_prefix: str, cfg: Config, workers: int = 1,
                           storage: str = "encoded", progress: bool = True, shard_index: int = 0,
-                          num_shards: int = 1, finalize: bool | None = None) -> dict:
+                          num_shards: int = 1, finalize: bool | None = None,
+                          source: SourceOptions | None = None) -> dict:
     """Build this task's parts of ``output_prefix`` (all of them when ``num_shards == 1``) and, unless the
     build is split over several tasks (``finalize`` defaults to ``num_shards == 1``), finalize the dataset.
-    Returns the summary report (finalized) or this task's build report."""
+    ``source``: how the inputs are read (format, caption field and fallback, columns; the defaults read
+    webdataset tars as they always were). Returns the summary report (finalized) or this task's build report."""
     if storage not in STORAGES:
         raise ValueError(f"--image-storage must be one of {STORAGES}, got {storage!r}")
     if storage == "pixels" and cfg.data.stage != 1:
@@ -215,23 +187,24 @@ def build_indexed_dataset(inputs: list[str], output_prefix: str, cfg: Config, wo
     from megatron_genlip.data.packed_dataset import check_data_config
 
     check_data_config(cfg.data)
+    opts = (source or SourceOptions()).check()
     repeated: list[str] = []
-    shards = expand_inputs(inputs, repeated)
+    units = list_units(inputs, opts, repeated)
     out = Path(output_prefix)
     parts_dir = Path(str(out) + ".parts")
     parts_dir.mkdir(parents=True, exist_ok=True)
     settings = build_settings(cfg, storage)
-    parts = [part_name(parts_dir, i, s) for i, s in enumerate(shards)]
-    mine = range(shard_index, len(shards), num_shards)
-    todo = [{"shard": shards[i], "part": parts[i], "config": cfg, "storage": storage, "settings": settings}
-            for i in mine if not _is_current(parts[i], shards[i], settings)]
+    parts = [part_name(parts_dir, i, u) for i, u in enumerate(units)]
+    mine = range(shard_index, len(units), num_shards)
+    todo = [{"unit": units[i], "part": parts[i], "config": cfg, "storage": storage, "settings": settings,
+             "source": opts} for i in mine if not _is_current(parts[i], units[i], settings, opts)]
     reused = len(mine) - len(todo)
     start = time.perf_counter()
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(mine), initial=reused, unit="shard", desc=f"preprocess {shard_index}/{num_shards}")
+        bar = tqdm(total=len(mine), initial=reused, unit="part", desc=f"preprocess {shard_index}/{num_shards}")
     if workers > 1 and len(todo) > 1:
         with mp.get_context("spawn").Pool(min(workers, len(todo))) as pool:
             for _ in pool.imap_unordered(build_part, todo):
@@ -245,33 +218,36 @@ def build_indexed_dataset(inputs: list[str], output_prefix: str, cfg: Config, wo
     built = {"shards": len(mine), "shards_reused": reused, "seconds": round(time.perf_counter() - start, 3),
              "repeated_inputs_ignored": repeated}
     if finalize if finalize is not None else num_shards == 1:
-        return finalize_dataset(inputs, output_prefix, cfg, storage, built)
+        return finalize_dataset(inputs, output_prefix, cfg, storage, built, source=opts)
     return built
 
 
 def finalize_dataset(inputs: list[str], output_prefix: str, cfg: Config, storage: str = "encoded",
-                     built: dict | None = None) -> dict:
+                     built: dict | None = None, source: SourceOptions | None = None) -> dict:
     """Write the manifest, the concatenated lengths and the summary report from the committed parts.
 
     Metadata only and streamed: each part's report and lengths are read once, one at a time (O(parts)
-    memory); the manifest is written last, so a dataset either has a complete manifest or none."""
+    memory); the manifest is written last, so a dataset either has a complete manifest or none. ``inputs``
+    and ``source`` must be those of the build (they name the units, hence the parts)."""
+    opts = (source or SourceOptions()).check()
     repeated: list[str] = []
-    shards = expand_inputs(inputs, repeated)
+    units = list_units(inputs, opts, repeated)
     out = Path(output_prefix)
     parts_dir = Path(str(out) + ".parts")
     settings = build_settings(cfg, storage)
-    parts = [part_name(parts_dir, i, s) for i, s in enumerate(shards)]
+    parts = [part_name(parts_dir, i, u) for i, u in enumerate(units)]
     entries, missing, stale = [], [], []
     skipped: Counter[str] = Counter()
     named: list[dict] = []
     duplicate_keys: list[str] = []
     totals = Counter()
-    for part, shard in zip(parts, shards):
+    for part, unit in zip(parts, units):
         report = read_part_report(part)
-        if report is None:
+        problem = _report_problem(report, unit, settings, opts)
+        if problem == "missing":
             missing.append(part)
             continue
-        if report.get("settings") != settings or report.get("source") != shard_identity(shard):
+        if problem is not None:
             stale.append(part)
             continue
         entries.append({"path": os.path.relpath(part, out.parent), "samples": report["written"],
@@ -281,14 +257,14 @@ def finalize_dataset(inputs: list[str], output_prefix: str, cfg: Config, storage
         skipped.update(report["skipped"])
         named += report["skipped_samples"][: MAX_LOGGED_SKIPS - len(named)]
         totals.update(written=report["written"], tokens=report["tokens"], image_bytes=report["image_bytes"],
-                      duplicate_keys=report["duplicate_key_count"])
+                      duplicate_keys=report["duplicate_key_count"], caption_fallbacks=report.get("caption_fallbacks", 0))
         duplicate_keys += [f"{report['shard']}:{k}" for k in report["duplicate_keys"][: MAX_LOGGED_SKIPS - len(duplicate_keys)]]
     if missing or stale:
         problems = ([f"{len(missing)} part(s) not built, e.g. {missing[0]}"] if missing else []) + \
-                   ([f"{len(stale)} part(s) built with other settings or from another version of their shard, "
+                   ([f"{len(stale)} part(s) built with other settings or source options, or from another version of their input, "
                      f"e.g. {stale[0]}"] if stale else [])
         raise ValueError(f"cannot finalize {output_prefix}: {'; '.join(problems)}. Run tools/preprocess_data.py "
-                         "with the same --input, --output-prefix and config (all shards, or every --shard-index of "
+                         "with the same --input, source flags, --output-prefix and config (all units, or every --shard-index of "
                          "--num-shards) first")
     n = int(totals["written"])
     lengths_path = str(out) + ".lengths.npy"
@@ -310,9 +286,13 @@ def finalize_dataset(inputs: list[str], output_prefix: str, cfg: Config, storage
     os.replace(tmp, lengths_path)
     fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()
                                  + ",".join(e["fingerprint"] for e in entries).encode()).hexdigest()[:16]
-    report = {"shards": len(shards), "samples_written": n, "samples_skipped": sum(skipped.values()),
+    kinds = Counter(u.kind for u in units)
+    report = {"shards": len(units), "inputs": len({u.path for u in units}), "units_by_kind": dict(sorted(kinds.items())),
+              "source_options": opts.non_default(), "caption_fallbacks": int(totals["caption_fallbacks"]),
+              "samples_written": n, "samples_skipped": sum(skipped.values()),
               "skipped_by_reason": dict(sorted(skipped.items())), "skipped_samples": named,
-              "skipped_samples_note": f"at most {MAX_LOGGED_SKIPS} named here; every part's report names its own",
+              "skipped_samples_note": f"at most {MAX_LOGGED_SKIPS} named here (input file, unit, key); every part's report "
+                                      "names its own",
               "tokens": int(totals["tokens"]), "images": n, "image_bytes": int(totals["image_bytes"]),
               "image_storage": storage, "build": built or {}, "repeated_inputs_ignored": repeated,
               "duplicate_keys": {"count": int(totals["duplicate_keys"]), "examples": duplicate_keys,

@@ -8,7 +8,7 @@ Two ways to build a micro-batch:
   token ids, label flags and images, so a DataLoader worker spends its time decoding images, not building
   per-sample tensors; inside a worker the arrays live in shared memory from the start, so handing the batch
   to the trainer copies nothing.
-* :func:`collate_row` / :func:`stack_rows` on :class:`Sample` objects (the streaming path and tests).
+* :func:`collate_row` / :func:`stack_rows` on :class:`Sample` objects (the per-sample reference of tests).
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def _data_error(text: str) -> Exception:
 
 
 # -------------------------------------------------------------------------------------------------
-# Sample objects (the streaming path, tests)
+# Sample objects (the per-sample reference, tests)
 
 
 def collate_row(samples: Sequence[Sample], seq_length: int) -> dict[str, torch.Tensor]:

@@ -1,14 +1,18 @@
-"""Raw webdataset records -> validated image + text, with a reason for everything that is skipped.
+"""Raw records -> validated image + text, with a reason for everything that is skipped.
 
-A webdataset sample is a dict of raw member bytes keyed by extension (``jpg``/``jpeg``/``png``/``webp``,
-``json``, ``txt``) plus ``__key__`` and ``__url__``. Supported layouts:
+Every input layout (``megatron_genlip/data/sources``: webdataset / img2dataset tars, parquet files, LLaVA-style
+JSON(L) lists) is read into :class:`RawRecord` objects: a key, the encoded image bytes (or why there are none),
+and the record's metadata fields (a tar's ``.json``, a parquet row, a JSON entry) plus a tar's ``.txt`` member.
+One rule, :class:`TextRule` / :func:`choose_text`, takes the caption or the stage-2 conversation from those
+fields for every layout:
 
-* Recap-DataComp-1B (stage 1): ``jpg`` + ``json`` ``{"caption": ...}``;
-* stage 2: ``json`` ``{"conversations": [{"from": "user", "value": "<image>..."}, {"from": "gpt", ...}]}``;
-* plain ``txt`` captions.
+* default: ``conversations`` (``[{"from": "user"|"human", "value": "<image>..."}, {"from": "gpt"|"assistant",
+  ...}]``, or ``role``/``content`` turns), else ``caption``, else the ``.txt`` member;
+* ``caption_field``: that field (``txt``: a tar's ``.txt`` member), e.g. ``re_caption`` of Recap-DataComp-1B;
+  ``fallback_field`` (``org_caption``) when it is missing, empty or over ``max_caption_chars`` characters.
 
-Bad input never raises out of :func:`decode_record`'s callers: it raises :class:`SkipSample` with a short
-machine-readable reason, and the builder / streaming loader count it with the shard and key.
+Bad input never raises out of :func:`record_from_raw`'s callers: it raises :class:`SkipSample` with a short
+machine-readable reason, and the builder counts it with the unit and key.
 """
 
 from __future__ import annotations
@@ -50,27 +54,141 @@ class Record:
     conversations: list | None
 
 
-def _text_fields(raw: dict) -> tuple[str | None, list | None]:
-    if "json" in raw:
+@dataclass(frozen=True)
+class TextRule:
+    """Where a record's text comes from (the same rule for every input layout).
+
+    ``caption_field`` None: ``conversations_field`` when the record has it, else ``caption``, else the ``.txt``
+    member. A name: that field (``txt`` also names a tar's ``.txt`` member); conversations are then ignored.
+    ``fallback_field``: taken instead when the caption is missing (absent or null), empty, or longer than
+    ``max_caption_chars`` characters (0: no limit); a fallback that is itself missing, empty or too long skips
+    the sample (``caption_too_long``, ``missing_caption`` or ``empty_caption``)."""
+
+    caption_field: str | None = None
+    fallback_field: str | None = None
+    max_caption_chars: int = 0
+    conversations_field: str = "conversations"
+
+
+@dataclass
+class RawRecord:
+    """One record as a source read it, before any rule: ``fields`` is its metadata (a tar's ``.json``, a
+    parquet row's columns, a JSON entry); ``txt`` a tar's ``.txt`` member; ``image`` the encoded bytes, or None
+    with ``image_problem`` = (reason, detail) saying why (``missing_image``, ``missing_image_file``,
+    ``multiple_images``); ``fields_problem`` = (reason, detail) when the metadata itself is unreadable."""
+
+    key: str
+    fields: dict
+    image: bytes | None = None
+    txt: bytes | str | None = None
+    image_problem: tuple[str, str] | None = None
+    fields_problem: tuple[str, str] | None = None
+
+
+@dataclass
+class Skip:
+    """A record a source drops before any rule (a tar member repeated inside a sample, a JSONL line that is not
+    JSON): counted like a :class:`SkipSample`, its key not registered."""
+
+    key: str | None
+    reason: str
+    detail: str = ""
+
+
+def _field_text(fields: dict, name: str, txt) -> str | None:
+    """The text of field ``name`` (``txt``: the ``.txt`` member when the fields have no such key); None when
+    absent or null; SkipSample(non_text_caption) when it is not text."""
+    if name in fields:
+        value = fields[name]
+    elif name == "txt" and txt is not None:
+        value = txt
+    else:
+        return None
+    if value is None:
+        return None
+    if isinstance(value, bytes):
         try:
-            meta = json.loads(raw["json"])
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise SkipSample("bad_json", str(e)[:80]) from None
-        if not isinstance(meta, dict):
-            raise SkipSample("bad_json", "json is not an object")
-        if "conversations" in meta:
-            return None, meta["conversations"]
-        if "caption" in meta:
-            cap = meta["caption"]
-            if not isinstance(cap, str):
-                raise SkipSample("non_text_caption", type(cap).__name__)
-            return cap, None
-    if "txt" in raw:
-        try:
-            return raw["txt"].decode("utf-8"), None
+            return value.decode("utf-8")
         except UnicodeDecodeError:
-            raise SkipSample("non_text_caption", "txt is not UTF-8") from None
-    raise SkipSample("missing_caption", "no json caption/conversations and no txt")
+            raise SkipSample("non_text_caption", f"{name} is not UTF-8") from None
+    if not isinstance(value, str):
+        raise SkipSample("non_text_caption", f"{name!r} is {type(value).__name__}, not text")
+    return value
+
+
+def normalize_conversations(turns):
+    """A conversation as :func:`parse_conversation` reads it: a JSON string is parsed, ``role``/``content``
+    turns become ``from``/``value``; anything else is passed on (and refused there, as ``bad_text``)."""
+    if isinstance(turns, str):
+        try:
+            turns = json.loads(turns)
+        except json.JSONDecodeError as e:
+            raise SkipSample("bad_text", f"conversations is a string but not JSON ({str(e)[:60]})") from None
+    if isinstance(turns, list):
+        turns = [{"from": t["role"], "value": t["content"]}
+                 if isinstance(t, dict) and "from" not in t and "role" in t and "content" in t else t for t in turns]
+        tags = sum(t["value"].count("<image>") for t in turns if isinstance(t, dict) and isinstance(t.get("value"), str))
+        if tags > 1:
+            raise SkipSample("multiple_images", f"{tags} <image> tags, one image per sample")
+    return turns
+
+
+def choose_text(fields: dict, rule: TextRule = TextRule(), txt=None) -> tuple[str | None, list | None, bool]:
+    """(caption, conversations, fallback used) of a record's fields under ``rule``; SkipSample when there is
+    no usable text."""
+    name = rule.caption_field
+    if name is None:
+        turns = fields.get(rule.conversations_field)
+        if turns is not None:
+            return None, normalize_conversations(turns), False
+        if fields.get("caption") is not None:
+            name = "caption"
+        elif txt is not None:
+            name = "txt"
+        elif "caption" in fields:
+            name = "caption"  # null: missing
+        else:
+            have = ", ".join(sorted(map(str, fields))) or "none"
+            raise SkipSample("missing_caption", f"no {rule.conversations_field!r} or 'caption' field and no txt "
+                                                f"(fields: {have[:120]})")
+    caption = _field_text(fields, name, txt)
+    limit = rule.max_caption_chars
+    if caption is None:
+        problem = ("missing_caption", f"no {name!r}")
+    elif not caption.strip():
+        problem = ("empty_caption", f"{name!r} is empty")
+    elif limit and len(caption) > limit:
+        problem = ("caption_too_long", f"{name!r} has {len(caption)} characters > --max-caption-chars={limit}")
+    else:
+        return caption, None, False
+    fallback = rule.fallback_field
+    if fallback is not None:
+        alt = _field_text(fields, fallback, txt)
+        if alt is not None and alt.strip() and not (limit and len(alt) > limit):
+            return alt, None, True
+        why = "absent" if alt is None else "empty" if not alt.strip() else f"{len(alt)} characters too"
+        problem = (problem[0], f"{problem[1]}; fallback {fallback!r} {why}")
+    raise SkipSample(*problem)
+
+
+def _text_fields(raw: dict) -> tuple[str | None, list | None]:
+    """Caption / conversations of a raw webdataset sample under the default rule."""
+    meta = {}
+    if "json" in raw:
+        meta = parse_json_member(raw["json"])
+    caption, conversations, _ = choose_text(meta, TextRule(), raw.get("txt"))
+    return caption, conversations
+
+
+def parse_json_member(data: bytes) -> dict:
+    """A tar's ``.json`` member as a dict, or SkipSample(bad_json)."""
+    try:
+        meta = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SkipSample("bad_json", str(e)[:80]) from None
+    if not isinstance(meta, dict):
+        raise SkipSample("bad_json", "json is not an object")
+    return meta
 
 
 def decode_image(data: bytes, draft_size: tuple[int, int] | None = None) -> PIL.Image.Image:
@@ -89,16 +207,33 @@ def decode_image(data: bytes, draft_size: tuple[int, int] | None = None) -> PIL.
 
 
 def decode_record(raw: dict, cfg: DataConfig) -> Record:
-    """Validate one raw sample: caption present and textual, image decodable, convertible to RGB (transparency
-    over ``data.background``), not one flat colour, within ``data.max_aspect_ratio`` and usable at ``cfg.stage``.
-    ``Record.image`` is the converted RGB image; ``Record.image_bytes`` the original bytes."""
+    """Validate one raw webdataset sample (a dict of members by extension) under the default text rule."""
     caption, conversations = _text_fields(raw)
-    if caption is not None and not caption.strip():
-        raise SkipSample("empty_caption")
     image_key = next((k for k in IMAGE_KEYS if k in raw), None)
     if image_key is None:
         raise SkipSample("missing_image", f"no member among {IMAGE_KEYS}")
-    img = decode_image(raw[image_key])
+    return validate_record(raw.get("__key__", "?"), raw[image_key], caption, conversations, cfg)
+
+
+def record_from_raw(raw: RawRecord, rule: TextRule, cfg: DataConfig) -> tuple[Record, bool]:
+    """A source's raw record -> (validated Record, whether the caption came from the fallback field). The order
+    of checks is the same for every source: the metadata, the text, the image's presence, the image."""
+    if raw.fields_problem is not None:
+        raise SkipSample(*raw.fields_problem)
+    caption, conversations, fallback = choose_text(raw.fields, rule, raw.txt)
+    if raw.image is None:
+        raise SkipSample(*(raw.image_problem or ("missing_image", "no image")))
+    return validate_record(raw.key, raw.image, caption, conversations, cfg), fallback
+
+
+def validate_record(key: str, image_bytes: bytes, caption: str | None, conversations: list | None,
+                    cfg: DataConfig) -> Record:
+    """Validate one sample: caption not empty, image decodable, convertible to RGB (transparency over
+    ``data.background``), not one flat colour, within ``data.max_aspect_ratio`` and usable at ``cfg.stage``.
+    ``Record.image`` is the converted RGB image; ``Record.image_bytes`` the original bytes."""
+    if caption is not None and not caption.strip():
+        raise SkipSample("empty_caption")
+    img = decode_image(image_bytes)
     if img.width <= 1 or img.height <= 1:
         raise SkipSample("too_small_image", f"{img.width}x{img.height}")
     try:
@@ -117,7 +252,7 @@ def decode_record(raw: dict, cfg: DataConfig) -> Record:
             smart_resize(img.height, img.width, 16, cfg.min_pixels, cfg.max_pixels, cfg.max_aspect_ratio)
         except ImageError as e:
             raise SkipSample("bad_aspect_ratio", str(e)) from None
-    return Record(raw.get("__key__", "?"), raw[image_key], img, caption, conversations)
+    return Record(key, image_bytes, img, caption, conversations)
 
 
 def image_grid(img: PIL.Image.Image, cfg: DataConfig, patch_size: int = 16) -> tuple[int, int]:
