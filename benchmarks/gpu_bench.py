@@ -59,6 +59,7 @@ from megatron_genlip.data.packing import collate_batch  # noqa: E402
 from megatron_genlip.data.sample import assemble_sample  # noqa: E402
 from megatron_genlip.model.accounting import batch_flops  # noqa: E402
 from megatron_genlip.model.attention import FlexAttention, SdpaAttention  # noqa: E402
+from megatron_genlip.model import recompute  # noqa: E402
 from megatron_genlip.model.genlip import build_model  # noqa: E402
 from megatron_genlip.model.masks import sdpa_mask  # noqa: E402
 
@@ -69,7 +70,8 @@ DRY_RUN_SHAPES = {"So16": ["model.num_layers=2", "model.hidden_size=64", "model.
                   "g16": ["model.num_layers=2", "model.hidden_size=96", "model.ffn_hidden_size=256",
                           "model.num_attention_heads=4", "model.text_embed_dim=64", "model.vocab_size=4096",
                           "model.mrope_section=[4,4,4]"]}
-VARIANTS = ("bf16", "fp8", "baseline")
+VARIANTS = ("bf16", "pre23", "fp8", "baseline")
+CHECKPOINTING_ORDER = ("none", "selective", "full")  # fastest first: the plan takes the first that fits
 KERNEL_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 3e-2}  # max|err| / max|ref| against fp32 dense SDPA
 SYNC_MESSAGE = "called a synchronizing CUDA operation"  # what torch.cuda.set_sync_debug_mode("warn") warns
 
@@ -222,12 +224,12 @@ def bench_step_bytes(plan, cfg, all_positions: bool) -> int:
 def plan_rows(cfg, requested: int, max_rows: int, gpu_gib: float, all_positions: bool = False) -> dict:
     """Rows per step and activation checkpointing for this script's step of ``cfg``: ``requested`` rows as given,
     else as many as fit under ``gpu_gib`` by the memory estimate (:func:`bench_step_bytes`) without activation
-    checkpointing (at most ``max_rows``), else with it; the estimate of that choice. Without the estimate (module
-    missing): 1 row, no checkpointing, said in ``estimate``."""
+    checkpointing (at most ``max_rows``), else with selective checkpointing, else with full; the estimate of that
+    choice. Without the estimate (module missing): 1 row, no checkpointing, said in ``estimate``."""
     memory, why = memory_module()
     if memory is None:
-        return {"rows": requested or 1, "activation_checkpointing": False, "estimate": why}
-    for ckpt in (False, True):
+        return {"rows": requested or 1, "activation_checkpointing": "none", "estimate": why}
+    for ckpt in CHECKPOINTING_ORDER:
         for rows in [requested] if requested else range(max_rows, 0, -1):
             plan = memory.estimate_memory(cfg, world_size=1, micro_batch_size=rows, activation_checkpointing=ckpt)
             need = bench_step_bytes(plan, cfg, all_positions)
@@ -237,21 +239,22 @@ def plan_rows(cfg, requested: int, max_rows: int, gpu_gib: float, all_positions:
                         "estimate_components_gib": {k: round(v / 2**30, 3) for k, v in plan.components.items()},
                         "estimate": "megatron_genlip.training.memory, less the trainer's fp32 master weights and "
                                     "half its Adam state" + (", plus all-position logits" if all_positions else "")}
-    return {"rows": 0, "activation_checkpointing": True,
+    return {"rows": 0, "activation_checkpointing": "full",
             "estimate": f"not even one row fits under {gpu_gib:g} GiB with activation checkpointing"}
 
 
 def trainer_plan(config: str, overrides: list[str], max_rows: int, gpu_gib: float) -> dict:
     """The real trainer's runs on one GPU, most valuable first: without activation checkpointing at as many rows
-    as the estimate fits (MFU = HFU), then with it; and the train.* fields this trainer knows."""
+    as the estimate fits (MFU = HFU), then with selective, then with full checkpointing; and the train.* fields
+    this trainer knows."""
     cfg = load_config(config_path(config), overrides)
     out = {"train_fields": sorted(f.name for f in dataclasses.fields(cfg.train)), "runs": []}
     memory, why = memory_module()
     if memory is None:
         out["estimate"] = why
-        out["runs"] = [{"activation_checkpointing": False, "rows": 1}, {"activation_checkpointing": True, "rows": 1}]
+        out["runs"] = [{"activation_checkpointing": m, "rows": 1} for m in CHECKPOINTING_ORDER]
         return out
-    for ckpt in (False, True):
+    for ckpt in CHECKPOINTING_ORDER:
         rows = min(max_rows, memory.max_micro_batch_size(cfg, world_size=1, gpu_gib=gpu_gib,
                                                          activation_checkpointing=ckpt))
         run = {"activation_checkpointing": ckpt, "rows": rows}
@@ -314,7 +317,15 @@ def all_positions_loss(model, batch) -> torch.Tensor:
 
 
 def variants(args, dry_run: bool):
-    """(label, config overrides, official-style loss) of each requested variant."""
+    """(label, config overrides, official-style loss, compiled blocks, activation checkpointing) of each requested
+    variant; checkpointing None: the plan's (the fastest mode that fits).
+
+      ours       the step of issue #23: compiled blocks (where the platform compiles: CUDA), the fused LM-head loss,
+                 selective checkpointing when nothing less fits
+      pre-#23    the step before it, measured side by side: eager blocks, the reference (chunked, recomputed)
+                 loss, full activation checkpointing
+      fp8        ours with model.fp8
+      baseline   official-style: dense SDPA mask and the LM head on ALL positions"""
     fp8 = args.fp8
     if fp8 == "auto":
         fp8 = "current" if args.backend == "te" else "torchao-tensorwise"
@@ -325,23 +336,31 @@ def variants(args, dry_run: bool):
     dtype = "float32" if dry_run else "bfloat16"
     ours = [f"model.attention={args.attention}", f"model.loss_chunk_size={args.loss_chunk_size}",
             f"model.backend={args.backend}", f"model.params_dtype={dtype}", "model.drop_path_rate=0.0"]
+    name = "fp32" if dry_run else "bf16"
     out = []
     if "bf16" in wanted:
-        out.append((f"ours {'fp32' if dry_run else 'bf16'} ({args.attention})", ours, False))
+        out.append((f"ours {name} ({args.attention})", ours + ["model.loss_impl=fused"], False, True, None))
+    if "pre23" in wanted:
+        out.append((f"pre-#23 {name} ({args.attention})", ours + ["model.loss_impl=reference"], False, False, "full"))
     if "fp8" in wanted and fp8 != "none":
-        out.append((f"ours fp8 ({fp8})", ours + [f"model.fp8={fp8}", "train.precision=bf16"], False))
+        out.append((f"ours fp8 ({fp8})", ours + [f"model.fp8={fp8}", "train.precision=bf16"], False, True, None))
     if "baseline" in wanted and not args.no_baseline:
         out.append(("baseline", ["model.attention=sdpa", "model.loss_chunk_size=0", "model.backend=local",
-                                 f"model.params_dtype={dtype}", "model.drop_path_rate=0.0"], True))
+                                 "model.loss_impl=reference", f"model.params_dtype={dtype}",
+                                 "model.drop_path_rate=0.0"], True, False, None))
     return out
 
 
 def run_variant(args, cfg, batch, device, all_positions: bool, deadline: float, peak: float,
-                activation_checkpointing: bool = False) -> dict:
+                activation_checkpointing: str = "none", compiled: bool = False) -> dict:
     row = {}
     torch.manual_seed(args.seed)
     model = build_model(cfg.model, seed=args.seed).to(device).train()
     model.activation_checkpointing = activation_checkpointing
+    if compiled and platform.current().compile:  # the trainer's per-block compilation (CUDA)
+        for block in recompute.blocks_of(model):
+            recompute.compile_block(block)
+        row["compiled_blocks"] = True
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.01,
                             fused=platform.current().fused_adamw and device.type == "cuda")
     syncs = SyncCounter(device.type == "cuda")
@@ -419,19 +438,20 @@ def step_rows(args, models, device, cuda, deadline, results: Results) -> list[di
         efficiency = float((batch["sample_ids"] >= 0).float().mean())
         est = f"estimate {plan['estimate_gib']:.1f} GiB" if "estimate_gib" in plan else plan["estimate"]
         print(f"{m}: {plan['rows']} x {args.seq_length}-token rows ({est}; activation checkpointing "
-              f"{'on' if plan['activation_checkpointing'] else 'off'}), packing {efficiency:.1%}, "
+              f"{plan['activation_checkpointing']}), packing {efficiency:.1%}, "
               f"MFU peak {peak:g} TFLOP/s ({peak_src})", flush=True)
-        for label, overrides, all_positions in variants(args, args.dry_run):
+        for label, overrides, all_positions, compiled, ckpt in variants(args, args.dry_run):
+            ckpt = ckpt or plan["activation_checkpointing"]
             row = {"model": m, "variant": label, "rows": plan["rows"], "seq_length": args.seq_length,
-                   "activation_checkpointing": plan["activation_checkpointing"], "packing": efficiency,
+                   "activation_checkpointing": ckpt, "packing": efficiency,
                    **{k: v for k, v in plan.items() if k.startswith("estimate")}}
             if time.monotonic() > deadline:
                 row["status"] = "skipped (--max-seconds)"
             else:
                 try:
                     cfg = load_config(config_path(m), shapes + overrides)
-                    row.update(run_variant(args, cfg, batch, device, all_positions, deadline, peak,
-                                           plan["activation_checkpointing"]), status="ok")
+                    row.update(run_variant(args, cfg, batch, device, all_positions, deadline, peak, ckpt, compiled),
+                               status="ok")
                 except ConfigError as e:
                     row["status"] = f"skipped: {str(e).splitlines()[0]}"
                 except torch.cuda.OutOfMemoryError:
@@ -453,6 +473,15 @@ def step_rows(args, models, device, cuda, deadline, results: Results) -> list[di
         fp8 = next((r for r in rows if r["model"] == m and "fp8" in r["variant"] and "step_s" in r), None)
         bf16 = next((r for r in rows if r["model"] == m and r["variant"].startswith("ours")
                      and "fp8" not in r["variant"] and "step_s" in r), None)
+        before = next((r for r in rows if r["model"] == m and r["variant"].startswith("pre-#23") and "step_s" in r),
+                      None)
+        if before and bf16:
+            ratio = before["step_s"] / bf16["step_s"]
+            results.add("design_ratio", model=m, before_step_s=before["step_s"], after_step_s=bf16["step_s"],
+                        before_mfu=before.get("mfu"), after_mfu=bf16.get("mfu"), speedup=ratio)
+            print(f"{m}: the #23 step is {ratio:.2f}x the speed of the step before it ({bf16['step_s']:.3f} vs "
+                  f"{before['step_s']:.3f} s/step; MFU {bf16.get('mfu', 0):.1%} vs {before.get('mfu', 0):.1%})",
+                  flush=True)
         if fp8 and bf16:
             ratio = bf16["step_s"] / fp8["step_s"]
             results.add("fp8_ratio", model=m, fp8=fp8["variant"], bf16_step_s=bf16["step_s"],
@@ -606,7 +635,7 @@ def print_table(args, rows, start):
         ref = next((b for b in rows if b["model"] == r["model"] and b["variant"] == "baseline"), None)
         if ref is not None and "samples_s" in r and "samples_s" in ref:
             r["vs_base"] = r["samples_s"] / ref["samples_s"]
-    header = (f"{'model':<6} {'variant':<32} {'rows':>4} {'TF/step':>8} {'tokens/s':>10} {'samples/s':>10} "
+    header = (f"{'model':<6} {'variant':<32} {'rows':>4} {'ckpt':>9} {'TF/step':>8} {'tokens/s':>10} {'samples/s':>10} "
               f"{'TFLOP/s':>8} {'MFU':>6} {'mem GiB':>7} {'est GiB':>7} {'syncs':>5} {'x base':>7}  status")
     timing = "dry run: not timed" if args.dry_run else f"median of timed steps after {args.warmup} warm-up"
     print(f"\nsummary ({timing}; tokens/s counts row slots; TF/step, TFLOP/s and MFU from ideal FLOPs, LM head "
@@ -618,7 +647,8 @@ def print_table(args, rows, start):
     for r in rows:
         mfu = f"{r['mfu']:.1%}" if "mfu" in r else "-"
         tf_step = f"{r['flops'] / 1e12:8.4f}" if "flops" in r else "-"
-        print(f"{r['model']:<6} {r['variant']:<32} {r.get('rows', '-'):>4} {tf_step:>8} "
+        print(f"{r['model']:<6} {r['variant']:<32} {r.get('rows', '-'):>4} {r.get('activation_checkpointing', '-'):>9} "
+              f"{tf_step:>8} "
               f"{fmt(r, 'tokens_s', '10.0f'):>10} {fmt(r, 'samples_s', '10.1f'):>10} {fmt(r, 'tflops', '8.1f'):>8} "
               f"{mfu:>6} {fmt(r, 'mem_gb', '7.1f'):>7} {fmt(r, 'estimate_gib', '7.1f'):>7} "
               f"{fmt(r, 'syncs_per_step', '5d'):>5} {fmt(r, 'vs_base', '7.2f'):>7}  {r['status']}")

@@ -432,8 +432,9 @@ def bench(run: Run, name: str, flags: list[str]) -> None:
 
 
 def phase_benches_first(run: Run) -> None:
-    bench(run, "bench_So16", ["--parts", "steps", "--models", "So16", "--variants", "bf16"])
-    bench(run, "bench_g16", ["--parts", "steps", "--models", "g16", "--variants", "bf16,fp8"])
+    # issue #23's step, then the step before it (the design's measured speed-up), then FP8 on g/16
+    bench(run, "bench_So16", ["--parts", "steps", "--models", "So16", "--variants", "bf16,pre23"])
+    bench(run, "bench_g16", ["--parts", "steps", "--models", "g16", "--variants", "bf16,fp8,pre23"])
     bench(run, "kernels", ["--parts", "kernels", "--models", "So16,g16"])
 
 
@@ -473,7 +474,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def trainer_sets(run: Run, checkpointing: bool, rows: int, out_dir: Path, data: dict | None,
+def checkpointing_mode(value) -> str:
+    """An activation-checkpointing setting as the trainer's mode name (older plans said true/false)."""
+    return {True: "full", False: "none"}.get(value, value) if isinstance(value, bool) else str(value)
+
+
+def trainer_sets(run: Run, checkpointing, rows: int, out_dir: Path, data: dict | None,
                  fields: list[str]) -> tuple[list[str], list[str]]:
     """The trainer's --set overrides (the So16 stage-1 recipe, synthetic data, no evaluation, no final checkpoint
     unless asked, sync counting on CUDA) and notes on what this trainer could not be asked."""
@@ -483,7 +489,7 @@ def trainer_sets(run: Run, checkpointing: bool, rows: int, out_dir: Path, data: 
             f"train.warmup_steps={min(5, run.args.steps - 1)}", f"train.micro_batch_size={rows}",
             f"train.global_batch_size={rows}", f"train.log_interval={1 if run.args.dry_run else 5}",
             f"train.save_interval={10 * run.args.steps + 1000}",  # no checkpoint on the way
-            f"train.activation_checkpointing={str(checkpointing).lower()}",
+            f"train.activation_checkpointing={checkpointing_mode(checkpointing)}",
             "train.tensorboard=false", "train.progress_bar=never", "data.num_workers=4",
             "data.build_missing_pack_index=true"]  # the recipe expects it built ahead; this small set builds at start
     if not run.args.save_checkpoint:
@@ -515,7 +521,7 @@ def trainer_command(run: Run, sets: list[str]) -> list[str]:
 def phase_plan(run: Run) -> None:
     """Rows and activation checkpointing of the trainer runs from the memory estimate, and the trainer's fields."""
     # without a plan: one row each, and the fields this trainer is expected to have (an older one refuses them)
-    fallback = {"runs": [{"activation_checkpointing": False, "rows": 1}, {"activation_checkpointing": True, "rows": 1}],
+    fallback = {"runs": [{"activation_checkpointing": "none", "rows": 1}, {"activation_checkpointing": "full", "rows": 1}],
                 "train_fields": ["save_final", "sync_debug"]}
     run.plan = fallback
     if not (run.wanted("plan") and (run.wanted("train") or run.wanted("train_other"))):
@@ -523,7 +529,7 @@ def phase_plan(run: Run) -> None:
     timeout = run.fits("plan", reserve=BUDGETS["data"][1] + BUDGETS["train"][1])  # only if the trainer can follow
     if not timeout:
         return
-    sets, _ = trainer_sets(run, False, 1, run.work / "plan", None, [])
+    sets, _ = trainer_sets(run, "none", 1, run.work / "plan", None, [])
     cmd = [run.python, "benchmarks/gpu_bench.py", "--plan-trainer", RECIPE, "--max-rows", str(run.args.rows),
            "--gpu-gib", str(run.args.gpu_gib)] + [x for s in sets if not s.startswith("data.train_data")
                                                   for x in ("--set", s)]
@@ -581,16 +587,17 @@ def trainer_numbers(out_dir: Path) -> dict:
 
 
 def phase_train(run: Run, data: dict, which: str) -> None:
-    """``which``: train (the plan's first, most valuable run) or train_other (its second)."""
+    """``which``: train (the plan's first, most valuable run that fits) or train_other (its second)."""
     if not run.wanted(which):
         return
     index = 0 if which == "train" else 1
-    if index >= len(run.plan["runs"]):
+    fitting = [r for r in run.plan["runs"] if r.get("rows", 1) >= 1]  # a setting the estimate fits at all
+    if index >= len(fitting):
         run.end(which, "skipped: the memory estimate allows no second setting")
         return
-    setting = run.plan["runs"][index]
-    ckpt, rows = setting["activation_checkpointing"], setting["rows"]
-    name = f"train_ckpt_{'on' if ckpt else 'off'}"
+    setting = fitting[index]
+    ckpt, rows = checkpointing_mode(setting["activation_checkpointing"]), setting["rows"]
+    name = f"train_ckpt_{ckpt}"
     if not data:
         run.end(name, "skipped: no data")
         return
@@ -644,13 +651,14 @@ def build_summary(out: Path) -> dict:
     steps = [r for r in records if r["kind"] == "step"]
     kernels = [r for r in records if r["kind"] == "kernel"]
     fp8 = [r for r in records if r["kind"] == "fp8_ratio"]
+    design = [r for r in records if r["kind"] == "design_ratio"]
     trainer = [r for r in records if r["kind"] == "train"]
     install = next((r for r in records if r["kind"] == "install"), None)
     dry = head.get("dry_run", False)
     seconds = round(records[-1]["time"] - head["time"], 1) if head else None
     summary = {"dry_run": dry, "seconds": seconds, "budget": head.get("budget"), "env": env,
                "transformer_engine": env.get("transformer_engine_note"), "install": install, "phases": phases,
-               "steps": steps, "fp8": fp8, "kernels": kernels, "trainer": trainer,
+               "steps": steps, "fp8": fp8, "design": design, "kernels": kernels, "trainer": trainer,
                "complete": any(r["kind"] == "done" for r in records)}
     lines = [f"# GPU run ({'DRY RUN on CPU, nothing timed' if dry else 'measured'})", "",
              f"environment: {json.dumps({k: v for k, v in env.items() if k not in ('kind', 'source', 'time')})}",
@@ -668,10 +676,13 @@ def build_summary(out: Path) -> dict:
     lines += _table(["model", "variant", "rows", "ckpt", "s/step", "tokens/s", "samples/s", "TFLOP/s", "MFU",
                      "peak GiB", "estimate GiB", "syncs/step", "status"],
                     [[r["model"], r["variant"], r.get("rows", "-"),
-                      "on" if r.get("activation_checkpointing") else "off",
+                      checkpointing_mode(r.get("activation_checkpointing", "-")),
                       _f(r.get("step_s"), ".3f"), _f(r.get("tokens_s"), ".0f"), _f(r.get("samples_s"), ".1f"),
                       _f(r.get("tflops"), ".1f"), _pct(r.get("mfu")), _f(r.get("mem_gb"), ".1f"),
                       _f(r.get("estimate_gib"), ".1f"), r.get("syncs_per_step", "-"), r["status"]] for r in steps])
+    for r in design:
+        lines.append(f"\nissue #23's step ({r['model']}): {r['speedup']:.2f}x the speed of the step before it "
+                     f"({r['after_step_s']:.3f} vs {r['before_step_s']:.3f} s/step)")
     for r in fp8:
         lines.append(f"\nFP8 ({r['model']}, {r['fp8']}): {r['speedup']:.2f}x the bf16 speed "
                      f"({r['fp8_step_s']:.3f} vs {r['bf16_step_s']:.3f} s/step)")
@@ -690,7 +701,7 @@ def build_summary(out: Path) -> dict:
     rows, notes = [], []
     for r in trainer:
         n = r.get("numbers") or {}
-        ckpt = "on" if r["activation_checkpointing"] else "off"
+        ckpt = checkpointing_mode(r["activation_checkpointing"])
         rows.append([ckpt, n.get("steps", "-"), r["rows"], _f(n.get("s_per_step"), ".3f"),
                      _f(n.get("tokens_per_s"), ".0f"), _f(n.get("samples_per_s"), ".1f"),
                      _f(n.get("tflops_per_device"), ".1f"), _pct(n.get("mfu")), _f(n.get("memory_gb"), ".1f"),

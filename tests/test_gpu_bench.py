@@ -73,7 +73,7 @@ def test_dry_run_prints_the_table_last(dry_run):
     header = max(i for i, line in enumerate(dry_run) if line.startswith("model ") and "MFU" in line)
     rows = dry_run[header + 2:]
     assert dry_run[header + 1].startswith("-----")
-    assert [r.split()[0] for r in rows] == ["So16"] * 3 + ["g16"] * 3, rows
+    assert [r.split()[0] for r in rows] == ["So16"] * 4 + ["g16"] * 4, rows
     assert "est GiB" in dry_run[header] and "syncs" in dry_run[header]
     for r in rows:
         model, rest = r.split(maxsplit=1)
@@ -88,9 +88,11 @@ def test_dry_run_writes_every_measurement_to_the_results_file(bench_run):
     _, records = bench_run
     steps = [r for r in records if r["kind"] == "step"]
     assert [(r["model"], r["variant"]) for r in steps] == [
-        (m, v) for m in ("So16", "g16") for v in ("ours fp32 (flex)", "ours fp8 (torchao-tensorwise)", "baseline")]
+        (m, v) for m in ("So16", "g16")
+        for v in ("ours fp32 (flex)", "pre-#23 fp32 (flex)", "ours fp8 (torchao-tensorwise)", "baseline")]
     for r in steps:
-        assert r["rows"] == 2 and r["seq_length"] == 1100 and r["activation_checkpointing"] is False
+        want = "full" if r["variant"].startswith("pre-#23") else "none"  # the step before #23 recomputes blocks
+        assert r["rows"] == 2 and r["seq_length"] == 1100 and r["activation_checkpointing"] == want
         if r["status"] == "ok":  # the counter's code path: the stand-in warning of the one counted step
             assert r["syncs_per_step"] == 1 and r["flops"] > 0 and "step_s" not in r, r
     parity = [r for r in records if r["kind"] == "loss_parity"]
@@ -163,25 +165,34 @@ def test_sync_counter_on_cuda_switches_the_debug_mode_on_and_off(monkeypatch):
 
 
 def test_step_records_carry_the_fp8_ratio_and_the_memory_check(monkeypatch, tmp_path):
-    """The GPU-only numbers (stubbed here): each variant's record, then the FP8/bf16 speed ratio, are appended to the
-    results file as they exist, with the peak memory against the estimate."""
+    """The GPU-only numbers (stubbed here): each variant's record, then the FP8/bf16 speed ratio and the #23 step's
+    ratio to the step before it, are appended to the results file as they exist, with the peak memory against the
+    estimate; the step before #23 runs eager, fully recomputed, with the reference loss; ours compiled."""
     gpu_bench = _gpu_bench()
-    times = {"ours fp32 (flex)": 1.0, "ours fp8 (torchao-tensorwise)": 0.8}
+    times = {"ours fp32 (flex)": 1.0, "ours fp8 (torchao-tensorwise)": 0.8, "pre-#23 fp32 (flex)": 1.5}
+    seen = []
 
-    def fake_variant(args, cfg, batch, device, all_positions, deadline, peak, ckpt=False):
-        t = times[next(label for label in times if (cfg.model.fp8 != "none") == ("fp8" in label))]
-        return dict(loss=1.0, flops=1e12, step_s=t, tokens_s=1.0, samples_s=1.0 / t, tflops=1.0, mfu=0.5,
+    def fake_variant(args, cfg, batch, device, all_positions, deadline, peak, ckpt="none", compiled=False):
+        before = cfg.model.loss_impl == "reference"
+        label = next(label for label in times if (cfg.model.fp8 != "none") == ("fp8" in label)
+                     and before == label.startswith("pre-#23"))
+        seen.append((label, ckpt, compiled))
+        t = times[label]
+        return dict(loss=1.0, flops=1e12, step_s=t, tokens_s=1.0, samples_s=1.0 / t, tflops=1.0, mfu=0.5 / t,
                     mem_gb=0.2, syncs_per_step=3, timed=5)
 
     monkeypatch.setattr(gpu_bench, "run_variant", fake_variant)
-    args = gpu_bench.parse_args(["--dry-run", "--models", "g16", "--variants", "bf16,fp8",
+    args = gpu_bench.parse_args(["--dry-run", "--models", "g16", "--variants", "bf16,fp8,pre23",
                                  "--results", str(tmp_path / "r.jsonl")])
     results = gpu_bench.Results(args.results, "test")
     rows = gpu_bench.step_rows(args, ["g16"], torch.device("cpu"), False, float("inf"), results)
-    assert [r["status"] for r in rows] == ["ok", "ok"]
+    assert [r["status"] for r in rows] == ["ok", "ok", "ok"]
+    assert seen == [("ours fp32 (flex)", "none", True), ("pre-#23 fp32 (flex)", "full", False),
+                    ("ours fp8 (torchao-tensorwise)", "none", True)]
     records = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
-    assert [r["kind"] for r in records] == ["step", "step", "fp8_ratio"]
-    assert records[2]["speedup"] == pytest.approx(1.25) and records[2]["model"] == "g16"
+    assert [r["kind"] for r in records] == ["step", "step", "step", "design_ratio", "fp8_ratio"]
+    assert records[3]["speedup"] == pytest.approx(1.5) and records[3]["before_mfu"] == pytest.approx(0.5 / 1.5)
+    assert records[4]["speedup"] == pytest.approx(1.25) and records[4]["model"] == "g16"
     if "estimate_gib" in records[0]:  # the memory estimate is there
         assert records[0]["peak_over_estimate"] == pytest.approx(0.2 / records[0]["estimate_gib"])
 
@@ -197,7 +208,7 @@ def test_rows_come_from_the_memory_estimate():
 
     plan = gpu_bench.plan_rows(cfg, 0, max_rows=4, gpu_gib=70.0)
     rows = plan["rows"]
-    assert 1 <= rows <= 4 and plan["activation_checkpointing"] is False
+    assert 1 <= rows <= 4 and plan["activation_checkpointing"] == "none"
     assert need(rows) == pytest.approx(plan["estimate_gib"]) and plan["estimate_gib"] <= 70.0
     assert rows == 4 or need(rows + 1) > 70.0  # the most rows that fit
     assert plan["estimate_gib"] < plan["trainer_estimate_gib"]  # no fp32 master weights, bf16 Adam state
@@ -212,7 +223,7 @@ def test_rows_come_from_the_memory_estimate():
     assert bplan["estimate_gib"] == pytest.approx(need(bplan["rows"], bplan["activation_checkpointing"], False, base)
                                                   + extra) and bplan["estimate_gib"] <= 70.0
     trainer = gpu_bench.trainer_plan("examples/configs/stage1-So16.yaml", [], 4, 70.0)
-    assert [r["activation_checkpointing"] for r in trainer["runs"]] == [False, True]
+    assert [r["activation_checkpointing"] for r in trainer["runs"]] == ["none", "selective", "full"]
     for r in trainer["runs"]:  # the trainer's own estimate, unchanged
         assert 1 <= r["rows"] <= 4 and r["estimate_gib"] <= 70.0
     assert {"sync_debug", "save_final", "save_interval"} <= set(trainer["train_fields"])

@@ -62,13 +62,13 @@ def test_every_phase_ran_or_says_why_not(dry_run):
     summary = json.loads((out / "gpu_run_summary.json").read_text())
     phases = summary["phases"]
     assert phases["install"]["status"].startswith("skipped: no --wheelhouse")
-    for name in ("env", "bench_So16", "bench_g16", "kernels", "plan", "data", "preprocess", "train_ckpt_off",
-                 "baseline", "train_ckpt_on"):
+    for name in ("env", "bench_So16", "bench_g16", "kernels", "plan", "data", "preprocess", "train_ckpt_none",
+                 "baseline", "train_ckpt_selective"):
         assert phases[name]["status"] == "ok", (name, phases[name])
     # the order of value: So16, g16 (bf16 then FP8), kernels, then the trainer; the baseline after it
     order = [r["phase"] for r in _records(out) if r["kind"] == "phase"]
     assert order.index("bench_So16") < order.index("bench_g16") < order.index("kernels") < \
-        order.index("train_ckpt_off") < order.index("baseline") < order.index("train_ckpt_on"), order
+        order.index("train_ckpt_none") < order.index("baseline") < order.index("train_ckpt_selective"), order
     assert "NOT installed" in summary["transformer_engine"]  # said plainly: TE was not measured
     assert summary["complete"] is True
     files = [p for p in out.rglob("*") if p.is_file()]
@@ -82,10 +82,12 @@ def test_every_measurement_is_a_record_of_the_results_file(dry_run):
     kinds = [r["kind"] for r in records]
     assert kinds[0] == "run" and kinds[-1] == "done"
     steps = [r for r in records if r["kind"] == "step"]
-    assert [r["model"] for r in steps] == ["So16", "g16", "g16", "So16"], steps
-    assert steps[2]["status"].startswith("skipped: model.fp8=torchao-tensorwise needs a CUDA GPU"), steps[2]
-    assert steps[3]["variant"] == "baseline"
-    for r in (steps[0], steps[1], steps[3]):  # the sync counter's code path: one stand-in warning per step
+    # So16: #23's step, the step before it; g16: the same, then FP8; then the baseline's own phase
+    assert [(r["model"], r["variant"].split()[0]) for r in steps] == [
+        ("So16", "ours"), ("So16", "pre-#23"), ("g16", "ours"), ("g16", "pre-#23"), ("g16", "ours"),
+        ("So16", "baseline")], steps
+    assert steps[4]["status"].startswith("skipped: model.fp8=torchao-tensorwise needs a CUDA GPU"), steps[4]
+    for r in (steps[0], steps[1], steps[2], steps[3], steps[5]):  # the sync counter's code path: one warning per step
         assert r["status"] == "ok" and r["syncs_per_step"] == 1 and list(r["sync_sites"]) == [
             next(iter(r["sync_sites"]))] and r["sync_sites"][next(iter(r["sync_sites"]))] == 1, r
         assert next(iter(r["sync_sites"])).startswith("gpu_bench.py:"), r
@@ -93,7 +95,7 @@ def test_every_measurement_is_a_record_of_the_results_file(dry_run):
     assert [r["model"] for r in kernels] == ["So16", "g16"] and all(r["passed"] for r in kernels), kernels
     assert {r["kind"] for r in records} >= {"env", "phase", "step", "kernel", "plan", "trainer_log", "train"}
     # the trainer's log windows were appended while it ran, not only its final numbers
-    assert len([r for r in records if r["kind"] == "trainer_log" and r["phase"] == "train_ckpt_off"]) >= 2
+    assert len([r for r in records if r["kind"] == "trainer_log" and r["phase"] == "train_ckpt_none"]) >= 2
 
 
 @pytest.mark.slow
@@ -103,14 +105,14 @@ def test_phases_are_sized_from_the_memory_estimate(dry_run):
     records = _records(out)
     plan = next(r for r in records if r["kind"] == "plan")
     assert plan["fallback"] is False
-    assert [r["activation_checkpointing"] for r in plan["runs"]] == [False, True]  # no recompute first
+    assert [r["activation_checkpointing"] for r in plan["runs"]] == ["none", "selective", "full"]  # fastest first
     for run in plan["runs"]:
         assert run["rows"] == 1 and 0 < run["estimate_gib"] < 70 and "activations" in run["estimate_components_gib"]
     for r in records:
         if r["kind"] == "step" and r["status"] == "ok":
             assert r["estimate_gib"] > 0 and r["rows"] >= 1, r
     trainer = [r for r in records if r["kind"] == "train"]
-    assert [(t["activation_checkpointing"], t["rows"]) for t in trainer] == [(False, 1), (True, 1)]
+    assert [(t["activation_checkpointing"], t["rows"]) for t in trainer] == [("none", 1), ("selective", 1)]
     assert all(t["estimate_gib"] == p["estimate_gib"] for t, p in zip(trainer, plan["runs"]))
 
 
@@ -118,19 +120,19 @@ def test_phases_are_sized_from_the_memory_estimate(dry_run):
 def test_trainer_runs_log_their_mfu_and_write_no_checkpoint(dry_run):
     _, out, work = dry_run
     phases = json.loads((out / "gpu_run_summary.json").read_text())["phases"]
-    for name in ("train_ckpt_on", "train_ckpt_off"):
+    for name in ("train_ckpt_none", "train_ckpt_selective"):
         numbers, platform_line = phases[name]["numbers"], phases[name]["platform"]
         assert numbers["steps"] == 2 and numbers["mfu"] > 0 and numbers["tokens_per_s"] > 0, numbers
         assert "device cpu, compile off (CPU)" in platform_line
         assert phases[name]["checkpoints_written"] == []  # train.save_final=false: no multi-GB checkpoint
         assert any("sync_debug is CUDA-only" in n for n in phases[name]["notes"]), phases[name]["notes"]
-    for name, on in (("train_ckpt_on", True), ("train_ckpt_off", False)):
+    for name, mode in (("train_ckpt_none", "none"), ("train_ckpt_selective", "selective")):
         config = json.loads((work / name / "config.json").read_text())
-        assert config["train"]["activation_checkpointing"] is on and config["train"]["train_steps"] == 2
+        assert config["train"]["activation_checkpointing"] == mode and config["train"]["train_steps"] == 2
         assert config["train"]["save_final"] is False and config["train"]["save_interval"] > 2
         assert config["model"]["attention"] == "flex" and config["data"]["image_size"] == 224  # the So16 recipe
     md = (out / "gpu_run_summary.md").read_text()
-    assert "| on | 2 |" in md and "| off | 2 |" in md and "DRY RUN" in md
+    assert "| none | 2 |" in md and "| selective | 2 |" in md and "DRY RUN" in md
 
 
 @pytest.mark.slow
@@ -141,7 +143,7 @@ def test_summary_holds_the_bench_and_kernel_tables(dry_run):
     assert "| So16 | flex | 2 x 700 |" in md and "| g16 | flex | 2 x 700 |" in md
     assert "Transformer Engine: NOT installed" in stdout
     log = (out / "gpu_run.log").read_text()
-    assert "[bench_So16] gpu_bench: DRY RUN" in log and "[train_ckpt_off]" in log
+    assert "[bench_So16] gpu_bench: DRY RUN" in log and "[train_ckpt_none]" in log
 
 
 @pytest.mark.slow
@@ -154,7 +156,7 @@ def test_a_killed_run_keeps_its_records_and_says_so(dry_run, tmp_path):
     cut = next(i for i, line in enumerate(lines) if json.loads(line)["kind"] == "trainer_log")
     (tmp_path / "results.jsonl").write_text("\n".join(lines[:cut]) + "\n" + lines[cut][:17])
     summary = gpu_run.build_summary(tmp_path)
-    assert summary["complete"] is False and len(summary["steps"]) == 3 and len(summary["kernels"]) == 2
+    assert summary["complete"] is False and len(summary["steps"]) == 5 and len(summary["kernels"]) == 2
     assert "NOT finished" in (tmp_path / "gpu_run_summary.md").read_text()
     proc = subprocess.run([sys.executable, str(SCRIPT), "--summarize", str(tmp_path)], capture_output=True,
                           text=True, timeout=60)
@@ -208,9 +210,9 @@ def test_phases_that_no_longer_fit_the_budget_are_skipped_and_said(tmp_path):
     assert run.fits("bench_g16") == 0.0  # 55 s is less than the 80 s it needs
     assert run.phases["bench_g16"]["status"].startswith("skipped: ")
     run.deadline = run.start  # the budget is spent
-    assert run.fits("train", "train_ckpt_off") == 0.0
+    assert run.fits("train", "train_ckpt_none") == 0.0
     skipped = [r for r in _records(tmp_path / "out") if r["kind"] == "phase"]
-    assert [r["phase"] for r in skipped] == ["bench_g16", "train_ckpt_off"]  # in the results file at once
+    assert [r["phase"] for r in skipped] == ["bench_g16", "train_ckpt_none"]  # in the results file at once
 
 
 def test_a_phase_past_its_budget_is_cut(tmp_path):
@@ -272,17 +274,18 @@ def test_the_time_plan_keeps_the_budget_and_the_order_of_value(tmp_path, monkeyp
     assert names[:4] == valuable
     phases = json.loads((tmp_path / "out" / "gpu_run_summary.json").read_text())["phases"]
     if share == 1.0:
-        assert "train_ckpt_off" not in names and phases["train_ckpt_off"]["status"].startswith("skipped: ")
+        assert "train_ckpt_none" not in names and phases["train_ckpt_none"]["status"].startswith("skipped: ")
     else:
-        assert names[4:] == ["plan", "data", "preprocess", "train_ckpt_off", "baseline", "train_ckpt_on"], names
+        assert names[4:] == ["plan", "data", "preprocess", "train_ckpt_none", "baseline", "train_ckpt_full"], names
     by_name = {c[0]: c[1] for c in calls}
     assert by_name["bench_So16"][-6:] == ["--max-seconds", "95", "--max-rows", "4", "--gpu-gib", "70.0"]
-    assert "--variants" in by_name["bench_g16"] and "bf16,fp8" in by_name["bench_g16"]
+    assert "--variants" in by_name["bench_g16"] and "bf16,fp8,pre23" in by_name["bench_g16"]
+    assert "bf16,pre23" in by_name["bench_So16"]
     if share < 1.0:
-        train = by_name["train_ckpt_off"]
+        train = by_name["train_ckpt_none"]
         sets = [train[i + 1] for i, a in enumerate(train) if a == "--set"]
         for want in ("train.sync_debug=true", "train.save_final=false", "train.micro_batch_size=2",
-                     "train.activation_checkpointing=false"):
+                     "train.activation_checkpointing=none"):
             assert want in sets, (want, sets)
 
 

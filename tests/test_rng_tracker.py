@@ -48,10 +48,21 @@ def test_fork_restores_the_outer_state_and_streams_continue(seeded):
 
 
 def test_drop_path_refuses_a_per_tp_rank_stream(seeded):
-    x = torch.ones(4, 8, 2)
+    """DropPath draws from the default generators (no generator argument: compiled blocks keep one graph); the
+    model checks once per training forward, outside the blocks, that no per-TP-rank stream is forked."""
+    from conftest import small_model_config
+    from megatron_genlip.model.genlip import build_model
+    from tp_cases import packed_batch
+
+    model, batch = build_model(small_model_config(drop_path_rate=0.5), seed=0).train(), packed_batch()
     with seeded.fork(rng.TENSOR_PARALLEL), pytest.raises(RuntimeError, match="model-parallel-rng"):
-        DropPath(0.5).train()(x)
+        model(batch)
     with seeded.fork(rng.DATA_PARALLEL):  # replicated too: allowed
+        model(batch)
+    with pytest.raises(RuntimeError, match="model-parallel-rng"), seeded.fork(rng.TENSOR_PARALLEL):
+        rng.check_replicated()
+    x = torch.ones(4, 8, 2)
+    with seeded.fork(rng.DATA_PARALLEL):
         DropPath(0.5).train()(x)
 
 
