@@ -42,6 +42,34 @@ def batches(n: int):
     return out
 
 
+def fused_loss_kernels() -> dict:
+    """The fused loss's chunk functions (model/fused_loss.py) compiled as on CUDA (dynamic shapes) against eager,
+    on bf16 logits of two chunk lengths (one graph each function: the length is dynamic) and a vocabulary shard
+    that holds some of the targets."""
+    from megatron_genlip.model import fused_loss as fl
+
+    compiled = [torch.compile(fn, dynamic=True, backend="inductor") for fn in (fl.chunk_max, fl.chunk_sums,
+                                                                              fl.chunk_grad)]
+    out = {}
+    g = torch.Generator().manual_seed(0)
+    for rows in (37, 64):
+        logits = (4 * torch.randn(rows, 1000, generator=g)).to(torch.bfloat16)
+        t = torch.randint(0, 2000, (rows,), generator=g)
+        outside = t >= 1000  # a shard [0, 1000) of a 2000-word vocabulary
+        local_t = torch.where(outside, torch.zeros_like(t), t)
+        results = []
+        for find_max, find_sums, find_grad in ((fl.chunk_max, fl.chunk_sums, fl.chunk_grad), compiled):
+            top = find_max(logits)
+            sum_exp, picked = find_sums(logits, top, local_t, outside)
+            results.append((top, sum_exp, picked, find_grad(logits, top, sum_exp, local_t, outside, 1 / 97,
+                                                            torch.bfloat16)))
+        (m0, s0, p0, g0), (m1, s1, p1, g1) = results
+        out[rows] = {"max": float((m1 - m0).abs().max()), "sum_exp": float(((s1 - s0) / s0).abs().max()),
+                     "picked": float((p1 - p0).abs().max()),
+                     "grad": float((g1.float() - g0.float()).abs().max() / g0.float().abs().max())}
+    return out
+
+
 def main() -> None:
     cfg = small_model_config(drop_path_rate=0.2, num_layers=2)
     data = batches(3)
@@ -64,7 +92,9 @@ def main() -> None:
             worst = max(float((g1[n] - g0[n]).abs().max() / g0[n].abs().max().clamp_min(1e-30)) for n in g0)
             errors[f"{mode}/{i}"] = {"loss": float((l1 - l0).abs() / l0.abs()), "grad": worst}
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    print(json.dumps({"errors": errors, "unique_graphs": graphs,
+    loss_errors = fused_loss_kernels()
+    print(json.dumps({"errors": errors, "unique_graphs": graphs, "loss_kernels": loss_errors,
+                      "loss_graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs,
                       "state_dict_equal_names": list(eager.state_dict()) == list(compiled.state_dict())}))
 
 

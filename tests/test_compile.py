@@ -1,6 +1,7 @@
 """Per-block compilation (train.compile on CUDA; model/recompute.py ``compile_block``) checked on CPU with the
 inductor backend: forward and gradients of the tiny model equal eager ones in every activation-checkpointing mode,
-one graph per mode for micro-batches packed differently (no recompilation), parameter names unchanged."""
+one graph per mode for micro-batches packed differently (no recompilation), parameter names unchanged; and the fused
+loss's element-wise chunk functions compiled equal to eager."""
 
 from __future__ import annotations
 
@@ -32,6 +33,11 @@ def test_compiled_blocks_equal_eager_without_recompiles():
     # which error_on_recompile turns into a failure above)
     assert result["unique_graphs"] >= 3, result
     assert result["state_dict_equal_names"]
+    # the fused loss's chunk functions compiled (dynamic lengths: one graph per function, no recompile)
+    assert result["loss_graphs"] == 3, result
+    for rows, err in result["loss_kernels"].items():
+        assert err["max"] == 0.0 and err["picked"] <= 1e-6 and err["sum_exp"] <= 1e-6, (rows, err)
+        assert err["grad"] <= 1e-2, (rows, err)  # bf16 output: within its rounding
 
 
 def test_trainer_compiles_every_block_except_under_zero3():

@@ -4,7 +4,8 @@ The reference path (``model.loss_impl=reference``: ``HeadMixin._token_losses`` u
 materialises each chunk's fp32 logits twice, once in forward and again when backward recomputes the chunk, and
 runs the head's GEMM four times (forward, recompute, two gradient GEMMs). The loss is the last op of the forward
 and a scalar, so its gradient is known up to one factor when the forward runs: this function computes, chunk by
-chunk, the logits once (``[C, V/TP]`` fp32, then freed), the per-token losses and the gradients of the loss mean
+chunk, the logits once (``[C, V/TP]`` in the activation dtype, then freed; the softmax statistics and the logits'
+gradient in fp32 inside three element-wise functions, compiled into one kernel each on CUDA), the per-token losses and the gradients of the loss mean
 with respect to the hidden states and the head weight (3 GEMMs per chunk in all; Liger-Kernel's fused linear
 cross-entropy does the same). Backward only scales those gradients by the incoming scalar gradient (the loss
 scale, the gradient-accumulation factor). Cost: the weight's gradient [V/TP, e] (fp32 while accumulated over
@@ -22,8 +23,11 @@ forward: column-parallel semantics, as ``ColumnParallelLinear``'s input gradient
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
+from megatron_genlip import platform
 from megatron_genlip.parallel import comm, state
 
 
@@ -31,6 +35,42 @@ def _vocab_range(weight: torch.Tensor, tp_group) -> tuple[int, int]:
     rows = weight.shape[0]
     start = state.group_rank(tp_group) * rows
     return start, start + rows
+
+
+def chunk_max(logits: torch.Tensor) -> torch.Tensor:
+    """Row maxima [C] (fp32) of a chunk's logits [C, V/TP] (the activation dtype: max is exact in any dtype)."""
+    return logits.amax(dim=-1).float()
+
+
+def chunk_sums(logits, top, local_t, outside):
+    """sum(exp(z - max)) over the rows' vocabulary shard and the target's z - max (0 outside the shard), in fp32."""
+    z = logits.float() - top[:, None]
+    picked = torch.where(outside, torch.zeros_like(top), z.gather(1, local_t[:, None])[:, 0])
+    return z.exp().sum(dim=-1), picked
+
+
+def chunk_grad(logits, top, sum_exp, local_t, outside, scale: float, dtype):
+    """d(mean loss)/d logits = (softmax - onehot(target)) x scale (scale = fp32(1/N), as the mean's backward), in
+    fp32, returned in ``dtype`` (the head's GEMMs run in the activation dtype)."""
+    p = (logits.float() - top[:, None]).exp() / sum_exp[:, None]
+    vocab = torch.arange(p.shape[-1], device=p.device)
+    target = (vocab[None, :] == local_t[:, None]) & ~outside[:, None]
+    return ((p - target.to(p.dtype)) * scale).to(dtype)
+
+
+def _kernels(device: torch.device):
+    """The chunk functions, ``torch.compile``d on the accelerator when the platform compiles (each one fused
+    kernel reading the activation-dtype logits once: ~10 bytes per logit in all instead of ~56 for the eager ops
+    on fp32 copies; dynamic shapes: the last chunk's length varies), as they are elsewhere (CPU: the same math
+    eagerly)."""
+    if device.type == "cpu" or not platform.current().compile:
+        return chunk_max, chunk_sums, chunk_grad
+    return _compiled_kernels()
+
+
+@functools.cache
+def _compiled_kernels():
+    return tuple(torch.compile(fn, dynamic=True) for fn in (chunk_max, chunk_sums, chunk_grad))
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
@@ -41,6 +81,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         n = hidden.shape[0]
         tp = state.group_size(tp_group)
         start, end = _vocab_range(weight, tp_group)
+        find_max, find_sums, find_grad = _kernels(hidden.device)
         grad_hidden = torch.empty_like(hidden)
         acc = torch.promote_types(weight.dtype, torch.float32)  # fp32 accumulation (fp64 stays fp64)
         grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
@@ -48,30 +89,23 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         step = chunk if chunk > 0 else max(n, 1)
         for i in range(0, n, step):
             h, t = hidden[i:i + step], targets[i:i + step]
-            logits = (h @ weight.t()).float()  # [C, V/TP], what the reference head's .float() makes
-            top = logits.max(dim=-1)[0]
+            logits = h @ weight.t()  # [C, V/TP] in the activation dtype: the reference head's output
+            top = find_max(logits)
             if tp > 1:
                 comm.all_reduce(top, op=comm.MAX, group=tp_group)
-            logits -= top[:, None]
             outside = (t < start) | (t >= end)
             local_t = torch.where(outside, torch.zeros_like(t), t - start)
-            rows = torch.arange(t.shape[0], device=t.device)
-            picked = torch.where(outside, torch.zeros_like(top), logits[rows, local_t])
-            logits.exp_()
-            sum_exp = logits.sum(dim=-1)
+            sum_exp, picked = find_sums(logits, top, local_t, outside)
             if tp > 1:
                 both = torch.stack((picked, sum_exp))
                 comm.all_reduce(both, group=tp_group)
                 picked, sum_exp = both[0], both[1]
             losses[i:i + step] = torch.log(sum_exp) - picked
-            # d(mean loss)/d logits = (softmax - onehot(target)) / N
-            logits /= sum_exp[:, None]
-            logits[rows, local_t] -= (~outside).to(logits.dtype)
-            logits *= 1.0 / n  # as the mean's backward: (softmax - onehot) x fp32(1/N)
-            g = logits.to(hidden.dtype)
+            g = find_grad(logits, top, sum_exp, local_t, outside, 1.0 / n, hidden.dtype)
+            del logits
             grad_hidden[i:i + step] = g @ weight
             grad_weight += (g.t() @ h).to(acc)  # the GEMM in the activation dtype, summed over chunks in fp32
-            del logits, g
+            del g
         if tp > 1 and n:
             comm.all_reduce(grad_hidden, group=tp_group)
         ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))

@@ -323,15 +323,16 @@ def _model_states(cfg: Config, params: list[tuple[str, int, int]], dp: int, on_c
     return out
 
 
-def lm_head_bytes(cfg: Config, rows: int, labelled_fraction: float) -> tuple[int, int]:
+def lm_head_bytes(cfg: Config, rows: int, labelled_fraction: float, on_cuda: bool = True) -> tuple[int, int]:
     """(saved, transient) bytes of ln_post + proj + LM head + cross-entropy (genlip.HeadMixin) on the last stage.
 
     Both paths save ln_post's gathered, full-length input (+ fp32 stats) and boolean indexing's int64 indices (2 per
     position); proj (when e != d) saves its input, the labelled rows h[:, :-1][selected] [N, d].
     ``model.loss_impl=fused`` (model/fused_loss.py) saves the two gradients it computed in the forward: the hidden
     states' [N, e] and the head weight's [V/TP, e] (in the parameters' dtype); transient during the forward: one
-    chunk's fp32 logits [C, V/TP] (C = ``model.loss_chunk_size``, or N), their copy in the activation dtype (bf16),
-    and the weight gradient's fp32 accumulator (bf16 parameters).
+    chunk's logits and their gradient [C, V/TP] in the activation dtype (C = ``model.loss_chunk_size``, or N), the
+    weight gradient's fp32 accumulator (bf16 parameters), and, uncompiled (CPU), the chunk functions' fp32
+    temporaries (~3 fp32 + 1 bool per logit at their peak; compiled on CUDA into kernels that keep none).
     ``reference``: the labelled rows are kept also without proj (by the LM head, or as the chunks' checkpoint
     inputs); unchunked (``model.loss_chunk_size`` 0 or >= N): proj's output [N, e] and the fp32 softmax [N, V/TP]
     that megatron-core's vocab_parallel_cross_entropy computes in place and saves. Transient: a chunk recomputed
@@ -349,7 +350,7 @@ def lm_head_bytes(cfg: Config, rows: int, labelled_fraction: float) -> tuple[int
     transient = 0
     if m.loss_impl == "fused":
         saved += (n_lab * d * a if e != d else 0) + n_lab * e * a + vloc * e * a_p
-        transient += live * vloc * 4 + (live * vloc * a if a != 4 else 0) + (vloc * e * 4 if a_p != 4 else 0)
+        transient += 2 * live * vloc * a + (vloc * e * 4 if a_p != 4 else 0) + (0 if on_cuda else live * vloc * 13)
         return int(saved), int(transient)
     saved += n_lab * d * a
     if live == n_lab:
@@ -419,7 +420,7 @@ def _stage_plan(cfg: Config, stage: int, dp: int, rows: int, ckpt: str, grad_acc
 
     lm = 0
     if last:
-        saved, transient = lm_head_bytes(cfg, rows, labelled_fraction)
+        saved, transient = lm_head_bytes(cfg, rows, labelled_fraction, on_cuda)
         lm = saved + transient
         details["lm_head_saved"] = saved
     comp["lm_head"] = int(lm)
