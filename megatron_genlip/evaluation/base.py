@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from megatron_genlip.config import ConfigError
@@ -221,3 +222,21 @@ def topk_hits(scores: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[int
         top = scores.topk(kk, dim=-1).indices
         out[k] = (top == labels[:, None]).any(-1)
     return out
+
+
+def sample_order(total: int, n: int, seed: int) -> list[int]:
+    """``min(n, total)`` distinct indices of ``0..total-1`` drawn at random over the whole range with a fixed seed
+    (the first ``n`` of ``numpy.random.default_rng(seed).permutation(total)``), in draw order: every prefix is a
+    random sample of the whole range too. The same arguments give the same indices on every rank, at every
+    evaluation and after a resume. (Held-out sets are often stored in key order, one category after another:
+    the first ``n`` would all come from the first categories.)"""
+    if total <= 0 or n <= 0:
+        return []
+    return np.random.default_rng(seed).permutation(total)[:n].tolist()
+
+
+def check_seed_option(o: dict, where: str) -> None:
+    """The ``seed`` option of the evaluators that sample images: None (the run's seed) or an integer >= 0."""
+    s = o.get("seed")
+    need(s is None or (isinstance(s, int) and not isinstance(s, bool) and s >= 0), f"{where}.options.seed",
+         "an integer >= 0 (or null: the run's seed, train.seed / tools/evaluate.py --seed)")

@@ -5,13 +5,17 @@ list) or captioned webdataset shards (image + json ``caption`` / txt; a folder o
 preprocessed like training stage 1. Decoding as GENLIP_SPEC.md §7.8: greedy, stop at ``<|im_end|>``, at most
 ``max_new_tokens`` (0 = ``train.max_new_tokens``), the config's prompt (``tokenizer.prompt``), ``batch_size``
 images per forward (``inference.generate.generate_captions``, the same tokens as one image at a time).
-Options: ``images`` (the first N images; 0 = ``train.eval_captions``), ``records`` (per-image records returned for
-the contact sheet), ``image_size`` (shards only; 0 = ``data.image_size``).
+Options: ``images`` (N images; 0 = ``train.eval_captions``), ``seed`` (which N: a random sample of the whole
+held-out set drawn with this seed, ``base.sample_order``; null = the run's seed, ``train.seed`` in the trainer,
+``--seed`` in ``tools/evaluate.py``; the same images at every evaluation and after a resume: held-out sets stored
+in key order, one category after another, are not shown as their first category alone), ``records`` (per-image
+records returned for the contact sheet: the first ``records`` images of the same sample, so a random sample of
+the whole set too, in index order), ``image_size`` (shards only; 0 = ``data.image_size``).
 
 Metrics: ``exact_match`` (generated ids == reference ids), ``token_accuracy`` (position-wise agreement over the
-longer of the two), ``cider`` (CIDEr-D) and ``bleu4`` (our CIDEr-D / BLEU-4, equal to pycocoevalcap 1.2's, over the whole set, lower-cased and
-punctuation-stripped as COCO does), ``images``, ``skipped_images`` (unreadable, counted). Records: index,
-reference, generated, exact, token_accuracy.
+longer of the two), ``cider`` (CIDEr-D) and ``bleu4`` (our CIDEr-D / BLEU-4, equal to pycocoevalcap 1.2's, over the
+whole set, lower-cased and punctuation-stripped as COCO does), ``images``, ``skipped_images`` (unreadable,
+counted). Records: index, reference, generated, exact, token_accuracy.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from megatron_genlip.config import ConfigError
-from megatron_genlip.evaluation.base import EvalContext, EvalResult, Evaluator, need
+from megatron_genlip.evaluation.base import EvalContext, EvalResult, Evaluator, check_seed_option, need, sample_order
 from megatron_genlip.evaluation.data import CaptionedImages, Preprocess
 from megatron_genlip.evaluation.scorers import caption_scores
 from megatron_genlip.inference.generate import generate_captions
@@ -34,7 +38,7 @@ def caption_token_accuracy(generated: list[int], reference: list[int]) -> float:
 
 class Captioning(Evaluator):
     type_name = "captioning"
-    OPTIONS = {"images": 0, "max_new_tokens": 0, "batch_size": 32, "records": 16, "image_size": 0}
+    OPTIONS = {"images": 0, "max_new_tokens": 0, "batch_size": 32, "records": 16, "image_size": 0, "seed": None}
     metric_keys = ("exact_match", "token_accuracy", "cider", "bleu4")
 
     def __init__(self, spec, cfg, tokenizer=None):
@@ -49,6 +53,7 @@ class Captioning(Evaluator):
         for k in ("images", "max_new_tokens", "records", "image_size"):
             need(o[k] >= 0, f"{where}.options.{k}", ">= 0")
         need(o["batch_size"] >= 1, f"{where}.options.batch_size", ">= 1")
+        check_seed_option(o, where)
 
     def prepare(self, ctx: EvalContext) -> None:
         if self.data is None:
@@ -72,9 +77,9 @@ class Captioning(Evaluator):
         if not self.prepared:
             self.prepare(ctx)
         tok = self.tokenizer or ctx.tokenizer
-        n = min(self.num_images, len(self.data))
-        mine = list(ctx.mine(n))
-        items = [(i, self._item(i)) for i in mine]
+        order = self.sample(ctx)
+        chosen = sorted(order)
+        items = [(chosen[j], self._item(chosen[j])) for j in ctx.mine(len(chosen))]
         good = [(i, it) for i, it in items if it is not None]
         skipped = len(items) - len(good)
         gen = generate_captions(model, tok, [it[0] for _, it in good], [it[1] for _, it in good], ctx.prompt,
@@ -94,4 +99,12 @@ class Captioning(Evaluator):
         scores = caption_scores({r["index"]: [r["reference"]] for r in every},
                                 {r["index"]: r["generated"] for r in every})
         metrics.update(cider=scores["cider"], bleu4=scores["bleu4"])
-        return EvalResult(metrics, every[:self.options["records"]])
+        by_index = {r["index"]: r for r in every}
+        shown = [by_index[i] for i in order if i in by_index][:self.options["records"]]
+        return EvalResult(metrics, sorted(shown, key=lambda r: r["index"]))
+
+    def sample(self, ctx: EvalContext) -> list[int]:
+        """The held-out images this evaluator captions, in draw order (``sample_order``: a seeded random sample of
+        the whole set; the contact sheet's records are its first ``records``)."""
+        seed = ctx.seed if self.options["seed"] is None else self.options["seed"]
+        return sample_order(len(self.data), self.num_images, seed)

@@ -2,9 +2,11 @@
 LM head on each patch feature of an image (image tokens alone, full bidirectional attention), the ``top_k``
 tokens per patch.
 
-Data: labelled images (``val_split`` of an ImageFolder tree or labelled shards, as the probes read them); the
-first ``images`` of them. Records (for the contact sheet, which draws them over the image): per image its index,
-class name, grid and, per patch in row-major order, the top tokens (decoded) and their ids and probabilities.
+Data: labelled images (``val_split`` of an ImageFolder tree or labelled shards, as the probes read them);
+``images`` of them drawn at random over the whole split with ``seed`` (null = the run's seed; ``base.sample_order``:
+an ImageFolder split is stored class after class, so its first images would all be of the first class). Records
+(for the contact sheet, which draws them over the image): per image its index, class name, grid and, per patch in
+row-major order, the top tokens (decoded) and their ids and probabilities.
 Metric: ``class_token_rate``, the fraction of patches whose top tokens include a token of the image's class name
 (with or without a leading space), a rough number for "do patches speak their content"; ``images``.
 """
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_genlip.evaluation.base import EvalContext, EvalResult, need
+from megatron_genlip.evaluation.base import EvalContext, EvalResult, check_seed_option, need, sample_order
 from megatron_genlip.evaluation.features import encode_images, readout_logits
 from megatron_genlip.evaluation.labelled import DATA_OPTIONS, LabelledEvaluator
 
@@ -31,7 +33,7 @@ def patch_top_tokens(model, patches: torch.Tensor, grid: tuple[int, int], n_voca
 
 class PatchReadout(LabelledEvaluator):
     type_name = "patch_readout"
-    OPTIONS = {**DATA_OPTIONS, "train_split": "", "images": 8, "top_k": 5}
+    OPTIONS = {**DATA_OPTIONS, "train_split": "", "images": 8, "top_k": 5, "seed": None}
     splits_needed = ("val_split",)
     metric_keys = ("class_token_rate",)
 
@@ -40,6 +42,7 @@ class PatchReadout(LabelledEvaluator):
         super().validate_options(o, where)
         need(o["images"] >= 1, f"{where}.options.images", ">= 1")
         need(o["top_k"] >= 1, f"{where}.options.top_k", ">= 1")
+        check_seed_option(o, where)
 
     @torch.no_grad()
     def run(self, model, ctx: EvalContext) -> EvalResult:
@@ -47,11 +50,12 @@ class PatchReadout(LabelledEvaluator):
             self.prepare(ctx)
         tok = self.tokenizer or ctx.tokenizer
         split, idx = self.split("val_split")
-        n = min(self.options["images"], len(idx))
+        chosen = sorted(sample_order(len(idx), self.options["images"],
+                                     ctx.seed if self.options["seed"] is None else self.options["seed"]))
         records, hits, count = [], 0, 0
         was_training = model.training
         model.eval()
-        for r in ctx.mine(n):
+        for r in (chosen[j] for j in ctx.mine(len(chosen))):
             p = split.patches(int(idx[r]), self.pre, self.options["cache_images"])
             if p is None:
                 continue

@@ -4,7 +4,10 @@ Data: an indexed dataset (``data``; default ``data.valid_data``) packed into row
 (``data/packed_dataset.open_rows``). Options: ``rows`` (held-out rows; 0 = ``train.eval_rows``),
 ``micro_batch_size`` (rows per forward; 0 = ``train.micro_batch_size``). Rows are split over data-parallel ranks
 and the sums all-reduced. Under pipeline parallelism the loss goes through the pipeline engine
-(``EvalContext.pipeline_loss``: a loader of packed batches -> mean loss), without the token accuracy.
+(``EvalContext.pipeline_loss``: a loader of packed batches -> token-mean loss; the trainer's is
+:func:`pipeline_token_loss`), without the token accuracy: the same number as one rank's token-mean over the same
+rows (DeepSpeed's own ``eval_batch`` reduction would average the micro-batches' own means instead, each
+micro-batch weighing alike whatever its number of caption tokens, and broadcast the result in fp32).
 
 Metrics: ``val_loss``, ``val_token_accuracy``, ``val_tokens`` (``val_loss``, ``val_rows`` under PP).
 """
@@ -13,11 +16,12 @@ from __future__ import annotations
 
 import torch
 
-from megatron_genlip.batch import BatchError, PackedBatch
+from megatron_genlip.batch import BatchError, PackedBatch, pipeline_inputs, predicts_label
 from megatron_genlip.config import ConfigError
 from megatron_genlip.evaluation.base import EvalContext, EvalResult, Evaluator, need
 from megatron_genlip.evaluation.data import EvalDataError
 from megatron_genlip.model.genlip import select_labelled
+from megatron_genlip.parallel import comm
 from megatron_genlip.parallel.state import gather_last_dim
 
 
@@ -25,6 +29,30 @@ def tokenizer_fp(cfg) -> str:
     from megatron_genlip.data.tokenizer import tokenizer_fingerprint
 
     return tokenizer_fingerprint(cfg.tokenizer.kind, cfg.tokenizer.path)
+
+
+@torch.no_grad()
+def pipeline_token_loss(engine, device, loader) -> float:
+    """The token-mean loss of ``loader``'s packed micro-batches (this data-parallel rank's share) through DeepSpeed's
+    pipeline ``engine``, over every data-parallel rank: the last stage weighs each micro-batch's loss (the token mean
+    of its caption tokens, ``HeadStage``) by its number of caption tokens; the sums are added over the data-parallel
+    group and shared over the pipeline group. Collective over every rank of the run."""
+    from megatron.core import parallel_state
+
+    batches = [{k: v.to(device) for k, v in b.items() if k != "row_index"} for b in loader]
+    totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss x tokens, tokens (last stage only)
+    # reduce_output=None: the micro-batches' losses as they are, on the last stage (no fp32 broadcast of a mean)
+    losses = engine.eval_batch(data_iter=iter([pipeline_inputs(b) for b in batches]), num_micro_batches=len(batches),
+                               reduce_output=None, bcast_loss=False)
+    if engine.is_last_stage():
+        for loss, b in zip(losses, batches):
+            tokens = predicts_label(b["labels"]).sum().double()
+            totals[0] += loss.double().reshape(()) * tokens
+            totals[1] += tokens
+    comm.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+    comm.all_reduce(totals, group=parallel_state.get_pipeline_model_parallel_group())
+    loss_sum, tokens = totals.tolist()
+    return loss_sum / max(1.0, tokens)
 
 
 class ValidationLoss(Evaluator):

@@ -3,8 +3,13 @@
 Each class name goes into caption ``templates`` (``{}`` marks the name); a candidate caption is scored by the
 model's log-likelihood of its supervised tokens after ``[image patches][prompt]``: the caption tokens then
 ``<|im_end|>`` ``\\n`` (exactly what the training loss covers, so the score is minus the sum of the trainer's token
-losses for that sample; ``include_eos: false`` scores the caption tokens alone). A class's score is the mean of its
-templates' log-likelihoods (``length_normalize: true`` divides each by its token count first); top-1/top-5 on the
+losses for that sample; ``include_eos: false`` scores the caption tokens alone). A class's score averages its
+templates (``length_normalize: true`` divides each log-likelihood by its token count first): ``average:
+log_likelihood`` (the default) takes the mean of their log-likelihoods; ``average: probability`` the log of the mean
+of their likelihoods, i.e. the likelihood of the class with the templates' other words marginalised (uniform over
+the templates). The second is the one for templates that spell out mutually exclusive details of the image (the
+main job's 24 templates name each background and colour: one of them describes a given image, and the mean of
+log-likelihoods is dominated by the other 23, how the model continues a wrong description). Top-1/top-5 on the
 validation split.
 
 Efficiency: the ``[patches][prompt]`` prefix of ``image_batch`` images is run once (prefix-LM mask) into a KV
@@ -28,6 +33,17 @@ from megatron_genlip.model.layers import KVCache
 from megatron_genlip.model.masks import sdpa_mask
 
 DEFAULT_TEMPLATES = ["a photo of a {}.", "an image of a {}.", "{}"]
+AVERAGES = ("log_likelihood", "probability")
+
+
+def class_scores(ll: torch.Tensor, average: str = "log_likelihood") -> torch.Tensor:
+    """[images, classes] scores from log-likelihoods [images, classes, templates]: the mean over the templates of the
+    log-likelihoods, or (``probability``) the log of the mean of the likelihoods (log-sum-exp, computed stably)."""
+    if average == "log_likelihood":
+        return ll.mean(-1)
+    if average == "probability":
+        return torch.logsumexp(ll, -1) - torch.log(torch.tensor(float(ll.shape[-1]), dtype=ll.dtype))
+    raise ValueError(f"average must be one of {AVERAGES}, got {average!r}")
 
 
 def candidate_ids(tokenizer, caption: str, include_eos: bool = True) -> list[int]:
@@ -92,7 +108,7 @@ def score_candidates(model, tokenizer, patches: torch.Tensor, grid: tuple[int, i
 class ZeroShot(LabelledEvaluator):
     type_name = "zero_shot"
     OPTIONS = {**DATA_OPTIONS, "train_split": "", "templates": list(DEFAULT_TEMPLATES), "include_eos": True,
-               "length_normalize": False, "image_batch": 8, "candidate_rows": 256}
+               "length_normalize": False, "average": "log_likelihood", "image_batch": 8, "candidate_rows": 256}
     splits_needed = ("val_split",)
     metric_keys = ("top1", "top5")
 
@@ -102,6 +118,7 @@ class ZeroShot(LabelledEvaluator):
         t = o["templates"]
         need(len(t) >= 1 and all(isinstance(s, str) and "{}" in s for s in t), f"{where}.options.templates",
              "a non-empty list of strings, each with '{}' where the class name goes")
+        need(o["average"] in AVERAGES, f"{where}.options.average", " or ".join(AVERAGES))
         need(o["image_batch"] >= 1, f"{where}.options.image_batch", ">= 1")
         need(o["candidate_rows"] >= 1, f"{where}.options.candidate_rows", ">= 1")
 
@@ -134,7 +151,7 @@ class ZeroShot(LabelledEvaluator):
             ll = score_candidates(model, tok, torch.stack(pats), self.pre.grid, ctx.prompt, cands, o["candidate_rows"])
             if o["length_normalize"]:
                 ll = ll / lengths
-            scores = ll.view(len(pats), len(names), len(templates)).mean(-1)
+            scores = class_scores(ll.view(len(pats), len(names), len(templates)), o["average"])
             k5 = min(5, len(names))
             top = scores.topk(k5, dim=-1).indices
             y = torch.tensor(labels)

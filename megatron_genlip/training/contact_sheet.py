@@ -8,9 +8,11 @@ Each caption evaluation at step S writes (rank 0 only), under ``OUTPUT_DIR/eval/
   step_{S:07d}.png   the same as one image: a grid of thumbnails with the wrapped captions beneath
   index.html         links to every step's page and sheet, newest first
 
-and adds the PNG to TensorBoard as ``eval/contact_sheet`` when TensorBoard is on. The sheet shows the first
-:data:`SHEET_IMAGES` held-out images that were captioned (fewer when ``train.eval_captions`` is smaller). The
-thumbnails are the pixels the model saw: the stored patches put back together at the training resolution.
+and adds the PNG to TensorBoard as ``eval/contact_sheet`` when TensorBoard is on. The sheet shows the captioning
+evaluator's records, at most :data:`SHEET_IMAGES`: a random sample of the whole held-out set drawn with a fixed
+seed (``evaluation/captioning.py``, option ``seed``, default ``train.seed``), the same images at every evaluation
+and after a resume, in index order (fewer when fewer images are captioned). The thumbnails are the pixels the model
+saw: the stored patches put back together at the training resolution.
 Every file is written to a temporary name and renamed, so a run killed mid-write leaves no torn file.
 """
 
@@ -29,7 +31,7 @@ from PIL import Image, ImageDraw, ImageFont
 from megatron_genlip.data.image_processing import patches_to_rgb
 from megatron_genlip.data.files import replace_atomically
 
-SHEET_IMAGES = 16  # held-out images on a sheet: the first ones captioned
+SHEET_IMAGES = 16  # held-out images on a sheet: the first records of the captioning evaluator's seeded sample
 COLUMNS = 4  # cells per row of the PNG
 CELL_WIDTH = 256
 THUMB = 160  # thumbnails fit in THUMB x THUMB (small images are enlarged by a whole factor, nearest neighbour)

@@ -28,6 +28,7 @@ from megatron_genlip.data.tokenizer import tokenizer_fingerprint
 from megatron_genlip.data.packed_dataset import (build_loader, check_data_files, check_rows_match, open_rows,
                                                   open_train_rows)
 from megatron_genlip.data.tokenizer import check_vocab_size, load_tokenizer, tokenizer_description
+from megatron_genlip.model import recompute
 from megatron_genlip.model.genlip import build_model
 from megatron_genlip.model.stages import build_pipeline
 from megatron_genlip.parallel import comm, rng, state
@@ -36,6 +37,7 @@ from megatron_genlip.training import ckpt_format as fmt
 from megatron_genlip.training import reshard
 from megatron_genlip.evaluation import EvalContext, build_evaluators, check_layout, due, prefixed
 from megatron_genlip.evaluation.data import CaptionedImages
+from megatron_genlip.evaluation.validation_loss import pipeline_token_loss
 from megatron_genlip.training.best import RISING_EVALS, VAL_LOSS, EvalHistory, resolve_metric
 from megatron_genlip.training.contact_sheet import write_eval_sheet
 from megatron_genlip.training.distributed import device, init_distributed
@@ -207,6 +209,7 @@ class Trainer:
         else:
             model = build_model(cfg.model, tp, seed=cfg.train.seed, sequence_parallel=sp)
             model.activation_checkpointing = cfg.train.activation_checkpointing
+        self.compile_note = compile_blocks(model, self.platform.compile, cfg.parallel.zero_stage)
         # random streams (parallel/rng.py): DropPath's stream is identical over TP, different per DP rank;
         # megatron-core's tracker gets the per-TP-rank "model-parallel-rng" stream
         rng.model_parallel_seed(cfg.train.seed, self.dp_rank)
@@ -309,7 +312,7 @@ class Trainer:
             show_bar = t.progress_bar == "always" or (t.progress_bar == "auto" and sys.stderr.isatty())
             log = RunLogger(self.out, rank0, t.tensorboard, t.train_steps if show_bar else None, self.iteration,
                             wandb={"project": t.wandb_project, "mode": t.wandb_mode, "config": cfg.to_dict()})
-            log.print(self.platform.describe())
+            log.print(self.platform.describe() + f"; {self.compile_note}")
             log.record("platform", self.iteration, dataclasses.asdict(self.platform))
             log.print(f"{self.resumed_from}; layout {dataclasses.asdict(self.layout)}; "
                       f"packing efficiency (epoch 0) {100 * efficiency:.2f}%")
@@ -531,9 +534,9 @@ class Trainer:
                            pipeline_loss=self._pipeline_loss if self.pipelined else None)
 
     def _pipeline_loss(self, loader) -> float:
-        """Mean loss of ``loader``'s packed batches through the pipeline schedule (validation_loss under PP)."""
-        feed = (pipeline_inputs({k: v.to(self.device) for k, v in b.items() if k != "row_index"}) for b in loader)
-        return float(self.engine.eval_batch(data_iter=feed, num_micro_batches=len(loader)))
+        """The held-out loss of ``loader``'s packed batches through the pipeline schedule (validation_loss under
+        PP), token-weighted over micro-batches and ranks as one rank's (evaluation/validation_loss.py)."""
+        return pipeline_token_loss(self.engine, self.device, loader)
 
     def evaluate(self, log: RunLogger, evaluators: list) -> dict:
         """Run ``evaluators`` (collective over every rank) and log their metrics as ``NAME/METRIC`` (console line,
@@ -632,6 +635,21 @@ def _historical_names(evaluators: list, results: dict) -> dict:
         out["caption_examples"] = [{k: r[k] for k in ("index", "reference", "generated")}
                                    for r in results[cap.name].records[:4]]
     return out
+
+
+def compile_blocks(model, compile: bool, zero_stage: int) -> str:
+    """Compile every transformer block of ``model`` (``train.compile`` on CUDA: model/recompute.py); returns what
+    the start-up line says about it. ZeRO-3 gathers each block's parameters in module hooks, which a compiled
+    forward would trace into its graph: its blocks run uncompiled, and the line says so."""
+    if not compile:
+        return "transformer blocks uncompiled"
+    if zero_stage == 3:
+        return ("transformer blocks uncompiled under ZeRO-3 (its parameter gathering hooks run around each block's "
+                "forward; only the attention kernels are compiled)")
+    blocks = recompute.blocks_of(model)
+    for block in blocks:
+        recompute.compile_block(block)
+    return f"{len(blocks)} transformer blocks compiled (torch.compile, static shapes)"
 
 
 class _SheetImages:
