@@ -487,7 +487,8 @@ def trainer_sets(run: Run, checkpointing, rows: int, out_dir: Path, data: dict |
     sets = [f"data.train_data={data['train'] if data else 'unset'}", "data.valid_data=null",
             f"train.output_dir={out_dir}", f"train.train_steps={run.args.steps}",
             f"train.warmup_steps={min(5, run.args.steps - 1)}", f"train.micro_batch_size={rows}",
-            f"train.global_batch_size={rows}", f"train.log_interval={1 if run.args.dry_run else 5}",
+            f"train.global_batch_size={rows}", "parallel.data_parallel=1",  # the recipe names its 32 GPUs
+            f"train.log_interval={1 if run.args.dry_run else 5}",
             f"train.save_interval={10 * run.args.steps + 1000}",  # no checkpoint on the way
             f"train.activation_checkpointing={checkpointing_mode(checkpointing)}",
             "train.tensorboard=false", "train.progress_bar=never", "data.num_workers=4",

@@ -42,7 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "this machine (else from a hard-coded average sample); checks the tokenizer against "
                          "model.vocab_size")
     ap.add_argument("--dry-run-world-size", type=int, default=None,
-                    help="world size assumed by --dry-run (default: global_batch_size / micro_batch_size x TP x PP, "
+                    help="world size assumed by --dry-run (default: parallel.data_parallel x TP x PP when set, else "
+                         "global_batch_size / micro_batch_size x TP x PP, "
                          "i.e. no gradient accumulation)")
     ap.add_argument("--gpu-memory", type=float, default=80.0, metavar="GB",
                     help="GPU memory (GiB) --dry-run checks the per-GPU memory plan against (default 80: H100/A100-80GB)")
@@ -134,9 +135,11 @@ def dry_run(cfg: Config, world_size: int | None, gpu_memory: float = 80.0) -> di
     from megatron_genlip.training.ds_config import deepspeed_config
     from megatron_genlip.training.metrics import check_wandb
 
-    t, p = cfg.train, cfg.parallel
+    t = cfg.train
     if world_size is None:
-        world_size = t.global_batch_size // t.micro_batch_size * p.tensor_parallel * p.pipeline_parallel
+        from megatron_genlip.training.memory import default_world_size
+
+        world_size = default_world_size(cfg)
     layout = resolve_layout(cfg, world_size)
     here = platform.decide(platform.Capabilities.probe(), t.compile)  # decided, not applied: no patch, no group
     counts = count_parameters(build_meta_model(cfg.model))

@@ -472,9 +472,11 @@ def _stage_plan(cfg: Config, stage: int, dp: int, rows: int, ckpt: str, grad_acc
 
 
 def default_world_size(cfg: Config) -> int:
-    """As ``--dry-run``: global_batch_size / micro_batch_size x TP x PP (no gradient accumulation)."""
+    """The world ``--dry-run`` assumes: parallel.data_parallel x TP x PP when the config sets it (a recipe with
+    gradient accumulation), else global_batch_size / micro_batch_size x TP x PP (no gradient accumulation)."""
     t, p = cfg.train, cfg.parallel
-    return max(1, t.global_batch_size // t.micro_batch_size) * p.tensor_parallel * p.pipeline_parallel
+    dp = p.data_parallel or max(1, t.global_batch_size // t.micro_batch_size)
+    return dp * p.tensor_parallel * p.pipeline_parallel
 
 
 def estimate_memory(cfg: Config, world_size: int | None = None, micro_batch_size: int | None = None,
