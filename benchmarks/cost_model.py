@@ -43,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"config file (repeatable; default: {' and '.join(CONFIGS)})")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override as the trainer takes it (repeatable), e.g. model.loss_chunk_size=4096")
-    p.add_argument("--rows", type=int, default=None, help="packed rows per micro-batch (default: train.micro_batch_size)")
+    p.add_argument("--rows", type=int, default=None, help="packed rows per GPU and optimizer step, priced as one micro-batch (default: global_batch_size / "
+                        "parallel.data_parallel when the config sets it, else train.micro_batch_size); the recipe's "
+                        "split into micro-batches is priced too")
     p.add_argument("--seq-length", type=int, default=None, help="tokens per row (default: data.seq_length)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic stage-1 batch (default %(default)s)")
     p.add_argument("--designs", default="before,after,ladder",

@@ -51,8 +51,8 @@ PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "moon",
 H100_IMAGES_PER_S = {"L16": 686, "So16": 576, "g16": 234}
 
 
-def photo_shards(directory: str, samples: int, per_shard: int = 60) -> list[str]:
-    """The scikit-image photographs as JPEG (quality 90) + caption, repeated to ``samples``."""
+def photo_jpegs() -> list[tuple[bytes, str]]:
+    """The scikit-image photographs (shipped in its wheel) as JPEG bytes (quality 90) and a one-line title each."""
     import skimage.data as skdata
 
     photos = []
@@ -62,6 +62,12 @@ def photo_shards(directory: str, samples: int, per_shard: int = 60) -> list[str]
         buf = io.BytesIO()
         to_rgb(PIL.Image.fromarray(arr)).save(buf, format="JPEG", quality=90)
         photos.append((buf.getvalue(), getattr(skdata, name).__doc__.strip().splitlines()[0]))
+    return photos
+
+
+def photo_shards(directory: str, samples: int, per_shard: int = 60) -> list[str]:
+    """The scikit-image photographs as JPEG (quality 90) + caption, repeated to ``samples``."""
+    photos = photo_jpegs()
     shards = []
     for s in range(0, samples, per_shard):
         path = f"{directory}/photos-{s // per_shard:06d}.tar"

@@ -25,7 +25,6 @@ source's part must hold exactly the tar's bytes (checked), so the work compared 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import statistics
@@ -36,36 +35,24 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import numpy as np  # noqa: E402
-import PIL.Image  # noqa: E402
 import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the layout writers the tests use
 
 from data_harness import write_llava, write_parquet, write_webdataset  # noqa: E402
+from data_bench import photo_jpegs  # noqa: E402  (benchmarks/, this script's folder)
 
 from megatron_genlip.config import load_config  # noqa: E402
 from megatron_genlip.data import builder  # noqa: E402
-from megatron_genlip.data.image_processing import to_rgb  # noqa: E402
 from megatron_genlip.data.indexed import build_settings  # noqa: E402
 from megatron_genlip.data.sources import SourceOptions, list_units  # noqa: E402
 from megatron_genlip.data.tokenizer import load_tokenizer  # noqa: E402
 
-PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "moon", "horse", "hubble_deep_field",
-          "immunohistochemistry", "page", "text", "brick", "logo", "colorwheel", "clock", "cell", "microaneurysms"]
-
 
 def photo_specs(samples: int) -> list[dict]:
-    import skimage.data as skdata
-
-    photos = []
-    for name in PHOTOS:
-        arr = getattr(skdata, name)()
-        arr = arr.astype(np.uint8) * 255 if arr.dtype == bool else arr
-        buf = io.BytesIO()
-        to_rgb(PIL.Image.fromarray(arr)).save(buf, format="JPEG", quality=90)
-        photos.append((buf.getvalue(), getattr(skdata, name).__doc__.strip().splitlines()[0]))
+    """``samples`` records cycling over the scikit-image photographs (data_bench's JPEGs), each with a caption."""
+    photos = photo_jpegs()
     return [{"key": f"{i:06d}", "image": photos[i % len(photos)][0], "ext": "jpg",
              "caption": f"{photos[i % len(photos)][1]} ({i})"} for i in range(samples)]
 

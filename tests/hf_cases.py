@@ -40,10 +40,9 @@ def tiny_packed_batch(seq_length: int = 96) -> dict[str, torch.Tensor]:
     return collate_batch([samples[:2], samples[2:]], seq_length)
 
 
-def hf_validation_loss(model, val_prefix: str, rows: int = 4, per_row_mean: bool = False) -> float:
+def hf_validation_loss(model, val_prefix: str, rows: int = 4) -> float:
     """A Hugging Face GenLIPModel's loss on the first ``rows`` held-out packed rows of the tiny config, as the
-    trainer's evaluation reports it: the token mean over the rows, or (``per_row_mean``, what the pipeline
-    engine reports with one row per micro-batch) the mean of per-row token means."""
+    trainer's evaluation reports it at every layout: the token mean over the rows."""
     from megatron_genlip.batch import normalize_pixels
     from megatron_genlip.data.tokenizer import tokenizer_fingerprint
     from megatron_genlip.data.indexed import GenLIPIndexedDataset
@@ -64,8 +63,6 @@ def hf_validation_loss(model, val_prefix: str, rows: int = 4, per_row_mean: bool
         labels = b["labels"][:, 1:].flatten()
         per_row.append(torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels, reduction="none",
                                                          ignore_index=-100)[labels != -100])
-    if per_row_mean:
-        return sum(float(t.mean()) for t in per_row) / len(per_row)
     return float(torch.cat(per_row).mean())
 
 

@@ -176,4 +176,4 @@ def test_predict_gives_components_for_gpu_run():
     assert out["assumptions"]["eta_hbm"] == 0.8
     assert out["step_seconds"] == pytest.approx(sum(c["seconds"] for c in out["components"]))
     assert 0 < out["mfu"] < 1
-    assert load_config(RECIPE).train.micro_batch_size == 16  # the recipe's layout
+    assert cost.rows_per_gpu_step(load_config(RECIPE)) == 16  # the recipe's rows per GPU and step (4 x 4)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import signal
 import subprocess
@@ -40,7 +41,8 @@ def test_launcher_end_to_end_loss_falls_and_lr_follows_schedule(tmp_path, data):
     sheet = tmp_path / "eval" / f"step_{steps:07d}"  # rank 0's contact sheet of the 4 images (both ranks captioned)
     assert sheet.with_suffix(".png").stat().st_size > 0 and (tmp_path / "eval" / "index.html").is_file()
     page = sheet.with_suffix(".html").read_text()
-    assert [f'alt="held-out image {i}"' in page for i in range(5)] == [True] * 4 + [False]
+    shown = re.findall(r'alt="held-out image (\d+)"', page)  # the captioning evaluator's seeded sample of 4
+    assert len(shown) == len(set(shown)) == 4
     assert (tmp_path / "checkpoints" / "latest").read_text() == f"iter_{steps:07d}"
     assert "==== summary ====" in proc.stdout and "held-out captions" in proc.stdout
     # train.profile_steps=[5,7]: every rank wrote its phase/operator tables and timeline; rank 0 printed its phases

@@ -113,8 +113,12 @@ class EmbeddingMixin:
         image_slots = token_kinds == KIND_IMAGE
         if patches is not None and patches.shape[0] > 0:
             img = self.vision_embeddings(patches).to(x.dtype)
-            if img.shape[0] != int(image_slots.sum()):
-                raise ValueError(f"{img.shape[0]} patches for {int(image_slots.sum())} image slots")
+            slots = image_slots.sum()
+            if slots.device.type == "cpu":
+                if img.shape[0] != int(slots):
+                    raise ValueError(f"{img.shape[0]} patches for {int(slots)} image slots")
+            else:  # checked on the device, without waiting for it (a host read would stall every micro-batch)
+                torch._assert_async(slots == img.shape[0], "the micro-batch's patches do not match its image slots")
             x = x.masked_scatter(image_slots[..., None], img)
         return x.transpose(0, 1).contiguous()
 

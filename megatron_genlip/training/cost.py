@@ -1158,6 +1158,14 @@ def evaluate(model_cfg, batch, trace: Trace, design: Design, a: Assumptions, cre
             "tokens_per_s": tokens / total, "samples": credited["samples"], "host_syncs": trace.host_syncs}
 
 
+def rows_per_gpu_step(cfg) -> int:
+    """Packed rows one GPU takes per optimizer step: global_batch_size / data-parallel size when the config names
+    its GPUs (parallel.data_parallel: micro-batches x gradient accumulation), else train.micro_batch_size. The cost
+    model prices them as one micro-batch; ``benchmarks/cost_model.py`` also prices the recipe's split."""
+    p, t = cfg.parallel, cfg.train
+    return t.global_batch_size // p.data_parallel if p.data_parallel else t.micro_batch_size
+
+
 class CostModel:
     """Traces cached per (checkpointing, loss, FP8) for one config and batch; :meth:`predict` per design."""
 
@@ -1165,7 +1173,7 @@ class CostModel:
                  assumptions: Assumptions | None = None):
         self.cfg = cfg
         self.model_cfg = cfg.model
-        self.rows = rows or cfg.train.micro_batch_size
+        self.rows = rows or rows_per_gpu_step(cfg)
         self.seq_length = seq_length or cfg.data.seq_length
         self.assumptions = assumptions or Assumptions()
         self.batch = stage1_batch(self.rows, self.seq_length, cfg.model.vocab_size,
