@@ -5,17 +5,19 @@
 * ``full``: a block keeps only its input; backward runs the whole block forward again (every GEMM twice: the
   step executes 4/3 of the block FLOPs that MFU credits).
 * ``selective``: a block keeps its input and the outputs of its matrix multiplications and of the attention
-  kernel (:data:`SAVED_OPS`: the expensive, FLOP-bound work); backward recomputes only the cheap, memory-bound
+  kernel (:func:`saved_ops`: the expensive, FLOP-bound work); backward recomputes only the cheap, memory-bound
   element-wise ops between them (layer norms, RoPE, sigmoid gate, SiLU x up, LayerScale, DropPath, bias adds,
   residual adds). No GEMM runs twice, and the memory is the GEMM outputs instead of every element-wise
   intermediate (torchtitan's op-level SAC policy and Megatron's selective recompute follow the same idea;
   ``memory.selective_layer_bytes`` counts it).
 
-Both checkpointing modes go through ``parallel.rng.checkpoint``: non-reentrant ``torch.utils.checkpoint``, which
-restores torch's default generators before recomputing (DropPath draws the same rows: its draw is
+Eagerly, both checkpointing modes go through ``parallel.rng.checkpoint``: non-reentrant ``torch.utils.checkpoint``,
+which restores torch's default generators before recomputing (DropPath draws the same rows: its draw is
 recomputed, not saved) and replays the tensor-parallel tracker's streams. Selective checkpointing is torch's
-``create_selective_checkpoint_contexts`` with the policy below; under ``torch.compile`` the same policy becomes
-the partitioner's save/recompute decision (torch tags the traced nodes with it).
+``create_selective_checkpoint_contexts`` with the policy below. Compiled (:func:`compile_block`, ``train.compile``
+on CUDA), the checkpoint runs inside the compiled unit and the same policy becomes the partitioner's save/recompute
+decision (torch tags the traced nodes with it); the partitioner never recomputes random ops, so DropPath's mask is
+saved there instead.
 """
 
 from __future__ import annotations
