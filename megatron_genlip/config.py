@@ -456,6 +456,10 @@ def validate_model(m: ModelConfig, train: TrainConfig | None = None, parallel: P
         raise ConfigError(f"model.backend must be 'local' or 'te', got {m.backend!r}")
     if m.attention not in ("sdpa", "flex"):
         raise ConfigError(f"model.attention must be 'sdpa' or 'flex', got {m.attention!r}")
+    if train is not None and m.backend == "te" and train.activation_checkpointing == "selective":
+        raise ConfigError("train.activation_checkpointing=selective does not see Transformer Engine's GEMMs (they run "
+                          "outside torch's dispatcher, so it would recompute them all): with model.backend=te use "
+                          "train.activation_checkpointing=full or none")
     if m.loss_impl not in LOSS_IMPLS:
         raise ConfigError(f"model.loss_impl must be one of {', '.join(LOSS_IMPLS)}, got {m.loss_impl!r}")
     if m.loss_chunk_size < 0:

@@ -56,9 +56,43 @@ def test_trainer_compiles_every_block_except_under_zero3():
     model = build_model(small_model_config(num_layers=3), seed=0).train()
     expected = model(batch).loss.detach()
     assert "uncompiled" in compile_blocks(model, False, 1) and "ZeRO-3" in compile_blocks(model, True, 3)
+    assert "model.backend=te" in compile_blocks(model, True, 1, "te")
     assert not any(hasattr(b, "compiled_runs") for b in recompute.blocks_of(model))
     assert compile_blocks(model, True, 1).startswith("3 transformer blocks compiled")
     assert all(set(b.compiled_runs) == set(recompute.MODES) for b in recompute.blocks_of(model))
     for mode in recompute.MODES:
         model.activation_checkpointing = mode
         assert torch.equal(model(batch).loss.detach(), expected)
+
+
+def test_pipeline_block_stage_runs_its_compiled_runner():
+    """A pipeline stage's block (model/stages.py BlockStage, whose forward takes the pipeline tuple) runs its
+    compiled runner in training, built from the transformer block's own forward; evaluation runs eagerly (a
+    compiled runner keeps the training shapes). Same output as without runners (dynamo is forced eager here)."""
+    import torch
+
+    from conftest import small_model_config
+    from megatron_genlip.model import recompute
+    from megatron_genlip.model.stages import BlockStage
+    from megatron_genlip.parallel import state
+    from tp_cases import packed_batch
+
+    state.ensure_initialized(1)
+    cfg = small_model_config()
+    batch = packed_batch()
+    B, L = batch["input_ids"].shape
+    x = torch.randn(L, B, cfg.hidden_size, generator=torch.Generator().manual_seed(0))
+    inputs = (x, batch["positions"], batch["sample_ids"], batch["token_kinds"], batch["labels"])
+    eager = BlockStage(cfg, state.tensor_parallel_group(), 0, 0).train()
+    staged = BlockStage(cfg, state.tensor_parallel_group(), 0, 0).train()
+    recompute.compile_block(staged)
+    calls = []
+    for mode, run in list(staged.compiled_runs.items()):
+        staged.compiled_runs[mode] = (lambda run, mode: lambda *a: (calls.append(mode), run(*a))[1])(run, mode)
+    for mode in recompute.MODES:
+        eager.activation_checkpointing = staged.activation_checkpointing = mode
+        assert torch.equal(staged(inputs)[0], eager(inputs)[0])
+    assert calls == list(recompute.MODES)
+    staged.eval()
+    staged(inputs)
+    assert calls == list(recompute.MODES)  # not in evaluation

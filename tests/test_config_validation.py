@@ -45,11 +45,21 @@ from trainer_harness import ENTRY, ROOT, TINY, build_test_dataset, env
     ("tokenizer.path=null", "tokenizer.path must be set for tokenizer.kind=bpe"),
     ("train.keep_last=-1", "train.keep_last must be >= 0"),
     ("train.max_consecutive_skips=-1", "train.max_consecutive_skips must be >= 0"),
+    ("train.activation_checkpointing=sometimes", "train.activation_checkpointing must be one of none, selective, full"),
+    ("model.loss_impl=liger", "model.loss_impl must be one of fused, reference"),
 ])
 def test_each_bad_value_names_its_field(override, needle):
     with pytest.raises(ConfigError) as err:
         load_config(TINY, [override])
     assert needle in str(err.value), str(err.value)
+
+
+def test_checkpointing_modes_and_their_older_spelling():
+    assert [load_config(TINY, [f"train.activation_checkpointing={v}"]).train.activation_checkpointing
+            for v in ("true", "false", "none", "selective", "full")] == ["full", "none", "none", "selective", "full"]
+    # Transformer Engine's GEMMs run outside torch's dispatcher: selective checkpointing would recompute them all
+    with pytest.raises(ConfigError, match="with model.backend=te use train.activation_checkpointing=full or none"):
+        load_config(TINY, ["model.backend=te", "train.activation_checkpointing=selective"])
 
 
 def test_all_problems_are_reported_at_once():

@@ -170,3 +170,22 @@ def test_tp2_fused_matches_tp1_reference(tmp_path):
     assert len(errors) > 20
     bad = {k: v for k, v in errors.items() if not v <= TOL_TP}
     assert not bad, f"TP=2 fused vs TP=1 reference relative errors above {TOL_TP:.0e}: {bad}"
+
+
+def test_fused_loss_without_autograd_computes_only_the_losses(model, batch):
+    """Under torch.no_grad (evaluation) the fused head computes the per-token losses alone (no gradient GEMMs or
+    buffers), equal to the training forward's."""
+    from megatron_genlip.model import fused_loss
+
+    model.loss_chunk_size, model.loss_impl = 7, "fused"
+    with_grad = model(batch)
+    calls = []
+    original = fused_loss._FusedLinearCrossEntropy.apply
+    fused_loss._FusedLinearCrossEntropy.apply = lambda *a: calls.append(1) or original(*a)
+    try:
+        with torch.no_grad():
+            without = model(batch)
+    finally:
+        fused_loss._FusedLinearCrossEntropy.apply = original
+    assert calls == [] and torch.equal(without.token_losses, with_grad.token_losses.detach())
+    assert torch.equal(without.loss, with_grad.loss.detach())

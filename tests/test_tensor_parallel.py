@@ -32,3 +32,16 @@ def test_trainer_tp2_matches_tp1_over_three_steps(tmp_path, data):  # noqa: F811
     ref, got = losses(tmp_path / "tp1"), losses(tmp_path / "tp2")
     assert len(ref) == 3
     assert all(math.isclose(a, b, rel_tol=TOLERANCE) for a, b in zip(got, ref)), (got, ref)
+
+
+@pytest.mark.slow
+def test_tp2_checkpointing_modes_match_no_checkpointing(tmp_path):
+    """Selective and full activation checkpointing at TP=2 (no sequence parallelism) give no checkpointing's loss and
+    gradients (fp32, relative 1e-6: the same ops recomputed; selective's saved row-parallel matmul outputs must not
+    be the all-reduced sums, which made the recomputed o/fc2 outputs TP x the true value)."""
+    out = tmp_path / "errors.pt"
+    run_ranks(2, "tp_cases", "tp2_checkpointing_modes_match", str(out))
+    errors = torch.load(out)
+    assert len(errors) == 6
+    bad = {k: v for k, v in errors.items() if not v <= 1e-6}
+    assert not bad, f"checkpointing modes at TP=2 differ from no checkpointing: {bad}"

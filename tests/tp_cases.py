@@ -57,3 +57,31 @@ def tp2_matches_tp1(rank: int, world: int, result_file: str) -> None:
         errors[name] = float((g2[name] - g1[name]).abs().max() / g1[name].abs().max().clamp_min(1e-30))
     if rank == 0:
         torch.save(errors, result_file)
+
+
+def tp2_checkpointing_modes_match(rank: int, world: int, result_file: str) -> None:
+    """TP=2 without sequence parallelism, DropPath on: selective and full checkpointing against no checkpointing
+    (loss, token losses, every gathered gradient), relative errors to rank 0's file. Selective checkpointing saves
+    the row-parallel matmul outputs that megatron-core then all-reduces in place (spec.RowLinear keeps a copy)."""
+    from megatron_genlip.parallel import rng
+
+    batch = packed_batch()
+    state.reinitialize(2)
+    results = {}
+    for mode in ("none", "selective", "full"):
+        model = build_model(small_model_config(drop_path_rate=0.3), 2, seed=0).train()
+        model.activation_checkpointing = mode
+        rng.model_parallel_seed(11, dp_rank=0)
+        out = model(batch)
+        out.loss.backward()
+        results[mode] = (out.loss.detach(), out.token_losses.detach(), full_gradients(model))
+    errors = {}
+    l0, t0, g0 = results["none"]
+    for mode in ("selective", "full"):
+        loss, tok, grads = results[mode]
+        errors[f"{mode}/loss"] = float((loss - l0).abs() / l0.abs())
+        errors[f"{mode}/token_losses"] = float((tok - t0).abs().max() / t0.abs().max())
+        errors[f"{mode}/grads"] = max(float((grads[n] - g0[n]).abs().max() / g0[n].abs().max().clamp_min(1e-30))
+                                      for n in g0)
+    if rank == 0:
+        torch.save(errors, result_file)

@@ -39,14 +39,15 @@ def pipeline_token_loss(engine, device, loader) -> float:
     group and shared over the pipeline group. Collective over every rank of the run."""
     from megatron.core import parallel_state
 
-    batches = [{k: v.to(device) for k, v in b.items() if k != "row_index"} for b in loader]
+    # the caption-token count of each micro-batch, on the host (labels only); the batches go to the device one at a
+    # time as the schedule asks for them
+    counts = [float(predicts_label(b["labels"]).sum()) for b in loader]
+    feed = (pipeline_inputs({k: v.to(device) for k, v in b.items() if k != "row_index"}) for b in loader)
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss x tokens, tokens (last stage only)
     # reduce_output=None: the micro-batches' losses as they are, on the last stage (no fp32 broadcast of a mean)
-    losses = engine.eval_batch(data_iter=iter([pipeline_inputs(b) for b in batches]), num_micro_batches=len(batches),
-                               reduce_output=None, bcast_loss=False)
+    losses = engine.eval_batch(data_iter=feed, num_micro_batches=len(counts), reduce_output=None, bcast_loss=False)
     if engine.is_last_stage():
-        for loss, b in zip(losses, batches):
-            tokens = predicts_label(b["labels"]).sum().double()
+        for loss, tokens in zip(losses, counts):
             totals[0] += loss.double().reshape(()) * tokens
             totals[1] += tokens
     comm.all_reduce(totals, group=parallel_state.get_data_parallel_group())

@@ -83,10 +83,11 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         start, end = _vocab_range(weight, tp_group)
         find_max, find_sums, find_grad = _kernels(hidden.device)
         grad_hidden = torch.empty_like(hidden)
-        acc = torch.promote_types(weight.dtype, torch.float32)  # fp32 accumulation (fp64 stays fp64)
-        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
         losses = torch.empty(n, dtype=torch.float32, device=hidden.device)
         step = chunk if chunk > 0 else max(n, 1)
+        # several chunks: their weight gradients summed in fp32 (fp64 stays fp64); one chunk: its GEMM's own output
+        acc = torch.promote_types(weight.dtype, torch.float32) if n > step else weight.dtype
+        grad_weight = None
         for i in range(0, n, step):
             h, t = hidden[i:i + step], targets[i:i + step]
             logits = h @ weight.t()  # [C, V/TP] in the activation dtype: the reference head's output
@@ -104,10 +105,13 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             g = find_grad(logits, top, sum_exp, local_t, outside, 1.0 / n, hidden.dtype)
             del logits
             grad_hidden[i:i + step] = g @ weight
-            grad_weight += (g.t() @ h).to(acc)  # the GEMM in the activation dtype, summed over chunks in fp32
+            part = g.t() @ h  # the GEMM in the activation dtype
+            grad_weight = part.to(acc) if grad_weight is None else grad_weight.add_(part)  # summed in fp32
             del g
         if tp > 1 and n:
             comm.all_reduce(grad_hidden, group=tp_group)
+        if grad_weight is None:  # no labelled position
+            grad_weight = torch.zeros_like(weight)
         ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
         ctx.mark_non_differentiable(losses)
         loss = losses.mean() if n else hidden.sum() * 0.0
@@ -120,10 +124,40 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             None, None, None
 
 
+def token_losses(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 0,
+                 tp_group=None) -> torch.Tensor:
+    """Per-token cross-entropy [N] (fp32) of ``hidden @ weight.T``, chunk by chunk, without any gradient work (the
+    same statistics as :class:`_FusedLinearCrossEntropy`'s forward: evaluation, ``torch.no_grad``)."""
+    n = hidden.shape[0]
+    tp = state.group_size(tp_group)
+    start, end = _vocab_range(weight, tp_group)
+    find_max, find_sums, _ = _kernels(hidden.device)
+    losses = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    step = chunk if chunk > 0 else max(n, 1)
+    for i in range(0, n, step):
+        t = targets[i:i + step]
+        logits = hidden[i:i + step] @ weight.t()
+        top = find_max(logits)
+        if tp > 1:
+            comm.all_reduce(top, op=comm.MAX, group=tp_group)
+        outside = (t < start) | (t >= end)
+        sum_exp, picked = find_sums(logits, top, torch.where(outside, torch.zeros_like(t), t - start), outside)
+        if tp > 1:
+            both = torch.stack((picked, sum_exp))
+            comm.all_reduce(both, group=tp_group)
+            picked, sum_exp = both[0], both[1]
+        losses[i:i + step] = torch.log(sum_exp) - picked
+    return losses
+
+
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 0,
                                tp_group=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean cross-entropy of ``hidden @ weight.T`` against ``targets`` and the per-token losses (no gradient),
-    ``chunk`` positions at a time (0: all at once); ``weight`` is this rank's vocabulary shard under TP."""
+    ``chunk`` positions at a time (0: all at once); ``weight`` is this rank's vocabulary shard under TP. Without
+    autograd (evaluation) only the losses are computed: one GEMM per chunk, no gradient buffers."""
+    if not torch.is_grad_enabled() or not (hidden.requires_grad or weight.requires_grad):
+        losses = token_losses(hidden, weight, targets, chunk, tp_group)
+        return (losses.mean() if losses.numel() else hidden.sum() * 0.0), losses
     return _FusedLinearCrossEntropy.apply(hidden, weight, targets, chunk, tp_group)
 
 

@@ -63,24 +63,31 @@ def selective_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     return CheckpointPolicy.MUST_SAVE if op in saved_ops() else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def run_block(block, mode: str, *args, region=None):
-    """``block(*args)`` under the checkpointing ``mode`` (callers pass ``none`` outside training); through the
-    block's compiled runner when :func:`compile_block` gave it one and no KV cache is passed (the last argument).
-    ``region``: the spec's ``fp8_region`` when the caller runs the blocks inside it; a checkpointed block enters it
-    again in its own function, so its recomputation in backward (outside the caller's region) runs in it too."""
+def run_block(block, mode: str, *args, region=None, call=None):
+    """``block(*args)`` (or ``call(*args)``: a pipeline stage passes its transformer forward) under the
+    checkpointing ``mode`` (callers pass ``none`` outside training); through the block's compiled runner when
+    :func:`compile_block` gave it one, the block is training and no KV cache is passed (the last argument): a
+    compiled runner keeps the training shapes, evaluation and decoding run eagerly. ``region``: the spec's
+    ``fp8_region`` when the caller runs the blocks inside it; a checkpointed block enters it again in its own
+    function, so its recomputation in backward (outside the caller's region) runs in it too."""
     compiled = getattr(block, "compiled_runs", None)
-    if compiled is not None and args[-1] is None:
+    if compiled is not None and block.training and args[-1] is None:
         return compiled[mode](*args[:-1])
+    function = call if call is not None else block
     if mode == "none":
-        return block(*args)
-    function = block if region is None else _in_region(block, region)
-    return rng.checkpoint(function, *args, policy=selective_policy if mode == "selective" else None)
+        return function(*args)
+    return rng.checkpoint(_in_region(function, region), *args,
+                          policy=selective_policy if mode == "selective" else None)
 
 
-def _in_region(block, region):
+def _in_region(function, region):
+    """``function`` inside the FP8 region (in its forward and in its recomputation alike)."""
+    if region is None:
+        return function
+
     def run(*args):
         with region():
-            return block(*args)
+            return function(*args)
 
     return run
 
@@ -95,7 +102,9 @@ def _runner(block, mode: str):
     ops and the partitioner saves exactly the GEMM and attention outputs; random ops (DropPath) are saved, not
     recomputed (the partitioner never recomputes them). No tracker replay inside the graph: no op of a block draws
     from a forked stream (DropPath draws from the replicated default generator)."""
-    forward = type(block).forward
+    from megatron_genlip.model.layers import TransformerBlock
+
+    forward = TransformerBlock.forward  # also for a pipeline stage (BlockStage), whose own forward takes a tuple
 
     def plain(x, cos, sin, mask):
         return forward(block, x, cos, sin, mask, None)

@@ -32,6 +32,7 @@ from megatron_genlip import platform
 from megatron_genlip.config import FP8_TORCHAO_RECIPES, ConfigError, ModelConfig
 from megatron_genlip.model.attention import SdpaAttention, get_attention
 from megatron_genlip.model.fused_loss import FusedLossHead
+from megatron_genlip.parallel import rng, state
 
 
 class ColumnLinear(ColumnParallelLinear):
@@ -67,7 +68,13 @@ class RowLinear(RowParallelLinear):
         cannot trace ``warnings.warn``)."""
         if kwargs.get("tp_group", 0) is None:
             kwargs["tp_group"] = self.tp_group
-        return super()._forward_impl(input, weight, *args, **kwargs)
+        out = super()._forward_impl(input, weight, *args, **kwargs)
+        if not self.sequence_parallel and rng.selective_active() and state.group_size(self.tp_group) > 1:
+            # megatron-core all-reduces this output in place, through a view that does not share the matmul
+            # result's version counter: selective checkpointing's saved matmul output would hold the sum, and the
+            # recomputation would add the other ranks' parts again (TP x the true value). A copy keeps it clean.
+            out = out.clone()
+        return out
 
 
 class LMHead(FusedLossHead, ColumnLinear):

@@ -105,7 +105,8 @@ class BlockStage(TransformerBlock):
             rng.check_replicated()  # DropPath draws from the default generators, outside any per-rank fork
         region = self.fp8_region  # Transformer Engine FP8: the block's autocast region (one per stage block)
         with region() if region is not None else contextlib.nullcontext():
-            x = recompute.run_block(super().forward, mode, x, cos, sin, mask, None, region=region)  # RNG replayed
+            x = recompute.run_block(self, mode, x, cos, sin, mask, None, region=region,  # RNG replayed
+                                    call=super().forward)
         return x, positions, sample_ids, token_kinds, labels
 
 

@@ -175,6 +175,28 @@ def _tracker_replay():
     return forward(), recompute()
 
 
+_selective_depth = 0  # > 0 while a selectively checkpointed function runs (its forward or its recomputation)
+
+
+def selective_active() -> bool:
+    """Whether the running code is inside a selectively checkpointed function, eagerly (``model/spec.py``'s
+    RowLinear then keeps the matmul output that selective checkpointing saved away from megatron-core's in-place
+    tensor-parallel all-reduce)."""
+    return _selective_depth > 0
+
+
+def _in_selective_scope(function):
+    def run(*args):
+        global _selective_depth
+        _selective_depth += 1
+        try:
+            return function(*args)
+        finally:
+            _selective_depth -= 1
+
+    return run
+
+
 def checkpoint(function, *args, policy=None):
     """Non-reentrant activation checkpointing that replays every stream: torch's default generators (torch
     does that) and the tracker's forked streams (``_tracker_replay``). ``policy``: a selective-checkpointing
@@ -188,7 +210,8 @@ def checkpoint(function, *args, policy=None):
         forward, recompute = _tracker_replay()
         return _both(saving, forward), _both(replaying, recompute)
 
-    return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False, context_fn=contexts)
+    return torch.utils.checkpoint.checkpoint(_in_selective_scope(function), *args, use_reentrant=False,
+                                             context_fn=contexts)
 
 
 @contextlib.contextmanager

@@ -72,7 +72,10 @@ def broadcast(obj=None):
 
 def rank0_decides(fn):
     """Run ``fn`` on rank 0 alone and return its result on every rank; if it raises, every rank raises (rank 0
-    its own exception with its traceback, the others a copy), so no rank waits for a decision that never comes."""
+    its own exception with its traceback, the others a copy), so no rank waits for a decision that never comes.
+    Without a process group (one process: tools, tests) the process is rank 0 and runs ``fn`` itself."""
+    if not dist.is_initialized():
+        return fn()
     outcome = None
     error = None
     if dist.get_rank() == 0:

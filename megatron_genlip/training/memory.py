@@ -331,7 +331,7 @@ def lm_head_bytes(cfg: Config, rows: int, labelled_fraction: float, on_cuda: boo
     ``model.loss_impl=fused`` (model/fused_loss.py) saves the two gradients it computed in the forward: the hidden
     states' [N, e] and the head weight's [V/TP, e] (in the parameters' dtype); transient during the forward: one
     chunk's logits and their gradient [C, V/TP] in the activation dtype (C = ``model.loss_chunk_size``, or N), the
-    weight gradient's fp32 accumulator (bf16 parameters), and, uncompiled (CPU), the chunk functions' fp32
+    weight gradient's fp32 accumulator (bf16 parameters, several chunks), and, uncompiled (CPU), the chunk functions' fp32
     temporaries (~3 fp32 + 1 bool per logit at their peak; compiled on CUDA into kernels that keep none).
     ``reference``: the labelled rows are kept also without proj (by the LM head, or as the chunks' checkpoint
     inputs); unchunked (``model.loss_chunk_size`` 0 or >= N): proj's output [N, e] and the fp32 softmax [N, V/TP]
@@ -350,7 +350,8 @@ def lm_head_bytes(cfg: Config, rows: int, labelled_fraction: float, on_cuda: boo
     transient = 0
     if m.loss_impl == "fused":
         saved += (n_lab * d * a if e != d else 0) + n_lab * e * a + vloc * e * a_p
-        transient += 2 * live * vloc * a + (vloc * e * 4 if a_p != 4 else 0) + (0 if on_cuda else live * vloc * 13)
+        several = live < n_lab  # chunks: their weight gradients summed in an fp32 accumulator (bf16 parameters)
+        transient += 2 * live * vloc * a + (vloc * e * 4 if a_p != 4 and several else 0) + (0 if on_cuda else live * vloc * 13)
         return int(saved), int(transient)
     saved += n_lab * d * a
     if live == n_lab:

@@ -209,7 +209,7 @@ class Trainer:
         else:
             model = build_model(cfg.model, tp, seed=cfg.train.seed, sequence_parallel=sp)
             model.activation_checkpointing = cfg.train.activation_checkpointing
-        self.compile_note = compile_blocks(model, self.platform.compile, cfg.parallel.zero_stage)
+        self.compile_note = compile_blocks(model, self.platform.compile, cfg.parallel.zero_stage, cfg.model.backend)
         # random streams (parallel/rng.py): DropPath's stream is identical over TP, different per DP rank;
         # megatron-core's tracker gets the per-TP-rank "model-parallel-rng" stream
         rng.model_parallel_seed(cfg.train.seed, self.dp_rank)
@@ -637,12 +637,15 @@ def _historical_names(evaluators: list, results: dict) -> dict:
     return out
 
 
-def compile_blocks(model, compile: bool, zero_stage: int) -> str:
+def compile_blocks(model, compile: bool, zero_stage: int, backend: str = "local") -> str:
     """Compile every transformer block of ``model`` (``train.compile`` on CUDA: model/recompute.py); returns what
     the start-up line says about it. ZeRO-3 gathers each block's parameters in module hooks, which a compiled
-    forward would trace into its graph: its blocks run uncompiled, and the line says so."""
+    forward would trace into its graph, and Transformer Engine's layers keep their own FP8 state and autocast
+    region: their blocks run uncompiled, and the line says so."""
     if not compile:
         return "transformer blocks uncompiled"
+    if backend == "te":
+        return "transformer blocks uncompiled with model.backend=te (only the attention kernels are compiled)"
     if zero_stage == 3:
         return ("transformer blocks uncompiled under ZeRO-3 (its parameter gathering hooks run around each block's "
                 "forward; only the attention kernels are compiled)")
