@@ -233,8 +233,8 @@ def test_preprocessing_array_job_then_finalize_equals_one_process_build(slurm_cl
         raise AssertionError(f"{err}\n{logs()}\n{slurm_cluster.logs(15)}") from None
     assert info["JobState"] == "COMPLETED", logs()
     tasks = {i: (tmp_path / f"genlip-preprocess-{array}_{i}.out").read_text() for i in (0, 1)}
-    assert "task 0 of 2" in tasks[0] and "built 3 of its 3 shards" in tasks[0], tasks[0]
-    assert "task 1 of 2" in tasks[1] and "built 2 of its 2 shards" in tasks[1], tasks[1]
+    assert "task 0 of 2" in tasks[0] and "built 3 of its 3 parts" in tasks[0], tasks[0]
+    assert "task 1 of 2" in tasks[1] and "built 2 of its 2 parts" in tasks[1], tasks[1]
     assert read_files(prefix) == read_files(reference)
 
 
