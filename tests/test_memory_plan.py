@@ -100,6 +100,43 @@ def test_checkpointing_reduces_activations_and_desk_figures():
     assert g.details["blocks"] / GIB == pytest.approx(42.5, rel=0.03)
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "flex"])
+def test_selective_layer_bytes_are_what_the_policy_saves(attention):
+    """memory.selective_layer_bytes against the bytes selective checkpointing really keeps per block: the outputs
+    of the ops its policy saves (counted in the forward of a real model) plus the block input, exactly."""
+    from dataclasses import replace
+
+    from conftest import small_model_config
+    from megatron_genlip.model import recompute
+    from megatron_genlip.model.genlip import build_model
+    from tp_cases import packed_batch
+
+    batch = packed_batch()
+    rows, length = batch["input_ids"].shape
+    cfg = replace(cfg_of(TINY, "train.precision=fp32", f"data.seq_length={length}"),
+                  model=small_model_config(attention=attention, num_layers=3))  # the batch's Qwen token ids
+    model = build_model(cfg.model, seed=0).train()
+    model.activation_checkpointing = "selective"
+    saved = []
+    policy = recompute.selective_policy
+
+    def counting(ctx, op, *args, **kwargs):
+        decision = policy(ctx, op, *args, **kwargs)
+        if decision == recompute.CheckpointPolicy.MUST_SAVE and not ctx.is_recompute:
+            outs = ctx.op_output if isinstance(ctx.op_output, (tuple, list)) else [ctx.op_output]
+            saved.append(sum(o.numel() * o.element_size() for o in outs if isinstance(o, torch.Tensor)))
+        return decision
+
+    recompute.selective_policy = counting
+    try:
+        model(batch)
+    finally:
+        recompute.selective_policy = policy
+    layers = cfg.model.num_layers
+    block_input = rows * length * cfg.model.hidden_size * 4
+    assert sum(saved) / layers + block_input == memory.selective_layer_bytes(cfg, rows)
+
+
 def test_max_micro_batch_size_consistent_with_fits():
     for path, ckpt in ((SO16, True), (SO16, False), (G16, True)):
         cfg = cfg_of(path)
