@@ -22,7 +22,6 @@ import zipfile
 from pathlib import Path
 
 import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "gpu_run.py"
@@ -354,6 +353,8 @@ def test_install_goes_where_the_venv_interpreter_sees_it_beside_its_torch(tmp_pa
     subprocess.run([p_py, "-m", "pip", "install", "-q", "--no-index", "--find-links", str(tmp_path / "image"),
                     "image_pkg"], check=True, env=_offline(), timeout=120)
     assert _py(p_py, "import image_pkg, torch").returncode == 0
+    # P's own torch (this interpreter's, or its base's when the tests themselves run inside a venv)
+    own_torch = _py(p_py, "import torch; print(torch.__version__); print(torch.__file__)").stdout.split()
 
     # the bug: a venv made from P with --system-site-packages does not see P's packages, and pip there finds none
     subprocess.run([p_py, "-m", "venv", "--system-site-packages", "--without-pip", str(v_dir)], check=True,
@@ -372,7 +373,7 @@ def test_install_goes_where_the_venv_interpreter_sees_it_beside_its_torch(tmp_pa
         rec = gpu_run.install_wheels(run, p_py, str(house), ["-r", str(tmp_path / "req.txt")], mode)
         assert rec["ok"] and rec["mode"] == mode, rec
         assert rec["interpreter"]["venv"] is True and rec["ignored_torch_wheels"] == ["torch-99.0-py3-none-any.whl"]
-        assert rec["torch_after"] == [torch.__version__, torch.__file__]  # the interpreter's own torch, untouched
+        assert rec["torch_after"] == own_torch  # the interpreter's own torch, untouched
         env = run.child_env()
         env.pop("PYTHONUNBUFFERED")
         probe = _py(p_py, "import genlip_probe, image_pkg, torch; print('SEEN', genlip_probe.__file__, torch.__file__)",
@@ -380,7 +381,7 @@ def test_install_goes_where_the_venv_interpreter_sees_it_beside_its_torch(tmp_pa
         assert probe.returncode == 0, probe.stderr
         seen = probe.stdout.split()[1:]
         assert seen[0].startswith(str(p_dir if mode == "interpreter" else tmp_path / mode / "work" / "site")), seen
-        assert seen[1] == torch.__file__
+        assert seen[1] == own_torch[1]
     site_packages = list(p_dir.glob("lib/python*/site-packages"))[0]
     assert not list(site_packages.glob("torch*")), "torch must never come from the wheelhouse"
     assert not list((tmp_path / "target" / "work" / "site").glob("torch*"))
