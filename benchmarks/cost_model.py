@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="FP8 GEMM efficiency of the FP8 peak (default %(default)s)")
     g.add_argument("--eta-flex", type=float, default=a.eta_flex,
                    help="FlexAttention efficiency on executed tile FLOPs (default %(default)s)")
+    g.add_argument("--eta-varlen", type=float, default=a.eta_varlen,
+                   help="FlashAttention-2 varlen efficiency on executed tile FLOPs (default %(default)s)")
     g.add_argument("--flex-partial-overhead", type=float, default=a.flex_partial_overhead,
                    help="extra time of a partially masked tile (default %(default)s)")
     g.add_argument("--eta-hbm", type=float, default=a.eta_hbm,
@@ -85,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
 def assumptions_from(args) -> cost.Assumptions:
     return cost.Assumptions(peak_bf16=args.peak_tflops * 1e12, peak_fp8=args.peak_fp8_tflops * 1e12,
                             hbm_bytes_per_s=args.hbm_tbps * 1e12, eta_gemm=args.eta_gemm,
-                            eta_gemm_fp8=args.eta_gemm_fp8, eta_flex=args.eta_flex,
+                            eta_gemm_fp8=args.eta_gemm_fp8, eta_flex=args.eta_flex, eta_varlen=args.eta_varlen,
                             flex_partial_overhead=args.flex_partial_overhead, eta_hbm=args.eta_hbm,
                             kernel_gap_s=args.kernel_gap_us * 1e-6,
                             optimizer_bytes_per_param=args.optimizer_bytes_per_param)
@@ -140,13 +142,24 @@ def block_notes(r: dict) -> str:
     att = next(c for c in r["components"] if c["name"].startswith("attention"))
     d = ew["detail"]
     a = att["detail"]
+    if a["block"][0] == "varlen":
+        kernel = (f"varlen FA2 ({a['note']}), {a['segments']} query segments per call, "
+                  f"{a['tiles_per_row']:.0f} forward tiles per row ({a['partial_share']:.0%} masked), computed / "
+                  f"exact-mask entries {a['computed_over_allowed']:.2f}")
+    else:
+        kernel = (f"BlockMask {a['block'][0]}, {a['tiles_per_row']:.0f} computed tiles per row "
+                  f"({a['partial_share']:.0%} partial)")
     return (f"per block and token: forward {d['fwd_bytes_per_token'] / 1e3:.1f} KB in {d['fwd_kernels_per_block']} "
             f"kernels ({d['fwd_ops_per_block']} ops), backward (recomputation included) "
             f"{d['bwd_bytes_per_token'] / 1e3:.1f} KB in {d['bwd_kernels_per_block']} kernels "
-            f"({d['bwd_ops_per_block']} ops); attention: BlockMask {a['block'][0]}, {a['tiles_per_row']:.0f} computed "
-            f"tiles per row ({a['partial_share']:.0%} partial), head dim {a['head_dim']} computed as "
+            f"({d['bwd_ops_per_block']} ops); attention: {kernel}, head dim {a['head_dim']} computed as "
             f"{a['head_dim_rounded']}, {a['forward_passes']} forward + {a['backward_passes']} backward pass(es) per "
             f"layer; host synchronisations in the step: {r['host_syncs']}")
+
+
+def attention_label(att: dict) -> str:
+    b = att["detail"]["block"][0]
+    return "varlen (FA2)" if b == "varlen" else f"flex {b}"
 
 
 def needed(r: dict, target: float, a: cost.Assumptions) -> list[str]:
@@ -172,7 +185,10 @@ def needed(r: dict, target: float, a: cost.Assumptions) -> list[str]:
     flex = lambda c: c["seconds"] if c["name"].startswith("attention") else 0.0
     solve("eta_gemm", gemm, a.eta_gemm)
     solve("eta_hbm", hbm, a.eta_hbm)
-    solve("eta_flex", flex, a.eta_flex)
+    if r["design"].get("attention") == "varlen":
+        solve("eta_varlen", flex, a.eta_varlen)
+    else:
+        solve("eta_flex", flex, a.eta_flex)
     return out
 
 
@@ -191,8 +207,9 @@ def headroom(model: cost.CostModel, r: dict, a: cost.Assumptions) -> list[tuple[
         out.append(("fused CE kernel (6 B per logit)", t - (head["bytes"] - ce_bytes) / hbm))
     att = comps["attention"]
     d = att["detail"]
-    out.append((f"attention at head dim {d['head_dim']} (not {d['head_dim_rounded']})",
-                t - att["seconds"] * (1 - d["head_dim"] / d["head_dim_rounded"])))
+    if d["head_dim"] != d["head_dim_rounded"]:
+        out.append((f"attention at head dim {d['head_dim']} (not {d['head_dim_rounded']})",
+                    t - att["seconds"] * (1 - d["head_dim"] / d["head_dim_rounded"])))
     h200 = model.predict(cost.Design(**r["design"]), dataclasses.replace(a, hbm_bytes_per_s=4.8e12))
     out.append(("H200 (HBM 4.8 TB/s)", h200["step_seconds"]))
     return [(label, (s, r["credited_flops"] / (s * a.peak_bf16))) for label, s in out]
@@ -206,6 +223,11 @@ def memory_gib(cfg, rows: int, checkpointing: str) -> float | None:
         return memory.estimate_memory(cfg, None, rows, checkpointing).total_bytes / 2 ** 30
     except Exception:  # noqa: BLE001 - a plan that cannot be made is reported as unknown
         return None
+
+
+def with_attention(cfg, attention: str):
+    """``cfg`` with model.attention as a design runs it (the memory plan depends on the kernel)."""
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention=attention))
 
 
 def fitting_rows(cfg, rows: int, checkpointing: str, gpu_gib: float = 80.0) -> int | None:
@@ -232,12 +254,13 @@ def accumulated(cfg, args, a: cost.Assumptions, design: cost.Design, rows: int, 
 
 
 def sensitivity(model: cost.CostModel, design: cost.Design, a: cost.Assumptions) -> str:
-    low = dataclasses.replace(a, eta_gemm=0.62, eta_hbm=0.65, eta_flex=0.22, flex_partial_overhead=0.20,
-                              eta_gemm_fp8=0.45)
-    high = dataclasses.replace(a, eta_gemm=0.78, eta_hbm=0.88, eta_flex=0.38, flex_partial_overhead=0.10,
-                               eta_gemm_fp8=0.65)
+    low = dataclasses.replace(a, eta_gemm=0.62, eta_hbm=0.65, eta_flex=0.22, eta_varlen=0.22,
+                              flex_partial_overhead=0.20, eta_gemm_fp8=0.45)
+    high = dataclasses.replace(a, eta_gemm=0.78, eta_hbm=0.88, eta_flex=0.38, eta_varlen=0.38,
+                               flex_partial_overhead=0.10, eta_gemm_fp8=0.65)
     lo, hi = model.predict(design, low), model.predict(design, high)
-    return (f"range (eta_gemm 0.62-0.78, eta_hbm 0.65-0.88, eta_flex 0.22-0.38, partial overhead 0.20-0.10): "
+    return (f"range (eta_gemm 0.62-0.78, eta_hbm 0.65-0.88, eta_flex/eta_varlen 0.22-0.38, partial overhead "
+            f"0.20-0.10): "
             f"{lo['step_seconds']:.2f}-{hi['step_seconds']:.2f} s, MFU {lo['mfu']:.1%}-{hi['mfu']:.1%}")
 
 
@@ -349,7 +372,7 @@ def run(args) -> dict:
                         key=lambda d: order.index(d.name) if d.name in order else len(order))
         if len(ladder) > 2:
             print(f"\nWhat each option buys ({name}; each alone on top of 'before', then together):\n")
-            print(f"| design | checkpointing | blocks | loss | BlockMask | step s | MFU | vs before | GiB at {model.rows} "
+            print(f"| design | checkpointing | blocks | loss | attention | step s | MFU | vs before | GiB at {model.rows} "
                   "rows |")
             print("|---|---|---|---|---|---:|---:|---:|---:|")
             base = results.get("before")
@@ -357,9 +380,9 @@ def run(args) -> dict:
                 r = results[d.name]
                 att = next(c for c in r["components"] if c["name"].startswith("attention"))
                 print(f"| {d.name} | {d.checkpointing} | {'compiled' if d.compiled else 'eager'} | {d.loss_impl} | "
-                      f"{att['detail']['block'][0]} | {r['step_seconds']:.2f} | {r['mfu']:.1%} | "
+                      f"{attention_label(att)} | {r['step_seconds']:.2f} | {r['mfu']:.1%} | "
                       f"{base['step_seconds'] / r['step_seconds'] if base else 0:.2f}x | "
-                      f"{memory_gib(cfg, model.rows, d.checkpointing) or 0:.0f} |")
+                      f"{memory_gib(with_attention(cfg, d.attention), model.rows, d.checkpointing) or 0:.0f} |")
         if fp8:
             print(f"\n### {name} FP8 ({args.fp8})\n")
             for key, r in fp8.items():

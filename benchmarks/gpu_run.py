@@ -687,7 +687,7 @@ def build_summary(out: Path) -> dict:
     for r in fp8:
         lines.append(f"\nFP8 ({r['model']}, {r['fp8']}): {r['speedup']:.2f}x the bf16 speed "
                      f"({r['fp8_step_s']:.3f} vs {r['bf16_step_s']:.3f} s/step)")
-    lines += ["", "## kernels: flex vs dense SDPA (fp32 reference), q/k/v in the model's layout", ""]
+    lines += ["", "## kernels: flex and varlen vs dense SDPA (fp32 reference, real tokens), q/k/v in the model's layout", ""]
     lines += _table(["model", "kernel", "rows x tokens", "layout (q strides)", "out", "dq", "dk", "dv", "tolerance",
                      "pass", "ms", "dense ms"],
                     [[r["model"], r["kernel"], f"{r.get('rows', '-')} x {r.get('seq_length', '-')}",

@@ -43,7 +43,9 @@ class ModelConfig:
     init_std: float = 0.02
     gated_attention: bool = True
     backend: str = "local"  # layer classes: "local" (megatron-core TP layers) | "te" (Transformer Engine, GPU)
-    attention: str = "sdpa"  # attention kernel: "sdpa" (dense prefix-LM mask reference) | "flex" (FlexAttention)
+    # attention kernel: "sdpa" (dense prefix-LM mask reference) | "flex" (FlexAttention, 128-token tiles) | "varlen"
+    # (the exact mask as two FlashAttention-2 variable-length calls; CUDA bf16, samples laid out [image][text])
+    attention: str = "sdpa"
     # labelled positions per LM-head/cross-entropy chunk (0: all at once): bounds the [chunk, V/TP] fp32 logits
     loss_chunk_size: int = 0
     # "fused": LM head + cross-entropy in one pass, logits once per chunk, gradients computed in the forward
@@ -454,8 +456,8 @@ def validate_model(m: ModelConfig, train: TrainConfig | None = None, parallel: P
         raise ConfigError(f"model.{problem}")
     if m.backend not in ("local", "te"):
         raise ConfigError(f"model.backend must be 'local' or 'te', got {m.backend!r}")
-    if m.attention not in ("sdpa", "flex"):
-        raise ConfigError(f"model.attention must be 'sdpa' or 'flex', got {m.attention!r}")
+    if m.attention not in ("sdpa", "flex", "varlen"):
+        raise ConfigError(f"model.attention must be 'sdpa', 'flex' or 'varlen', got {m.attention!r}")
     if train is not None and m.backend == "te" and train.activation_checkpointing == "selective":
         raise ConfigError("train.activation_checkpointing=selective does not see Transformer Engine's GEMMs (they run "
                           "outside torch's dispatcher, so it would recompute them all): with model.backend=te use "

@@ -177,3 +177,48 @@ def test_predict_gives_components_for_gpu_run():
     assert out["step_seconds"] == pytest.approx(sum(c["seconds"] for c in out["components"]))
     assert 0 < out["mfu"] < 1
     assert cost.rows_per_gpu_step(load_config(RECIPE)) == 16  # the recipe's rows per GPU and step (4 x 4)
+
+
+def brute_force_fa2_tiles(q_lengths, k_lengths, tile, causal):
+    """(computed, masked) tiles of FA2 over (query, key) segments, by enumerating every entry of every tile (causal
+    aligned at the segments' ends)."""
+    bm, bn = tile
+    computed = masked = 0
+    for nq, nk in zip(q_lengths, k_lengths):
+        for q0 in range(0, nq, bm):
+            rows = torch.arange(q0, min(nq, q0 + bm))[:, None]
+            for k0 in range(0, nk, bn):
+                cols = torch.arange(k0, k0 + bn)[None, :]
+                allowed = (cols < nk) & ((cols <= rows + nk - nq) if causal else True)
+                if allowed.any():
+                    computed += 1
+                    masked += int(not allowed.all())
+    return computed, masked
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("tile", [cost.FA2_FWD_TILE, cost.FA2_BWD_TILE])
+def test_fa2_segment_tiles_equal_a_brute_force_count(causal, tile):
+    import numpy as np
+
+    q = [270, 202, 68, 1, 128, 64, 300, 196, 0, 74, 74, 5]
+    k = [270, 202, 68, 1, 128, 64, 300, 196, 0, 270, 0, 140]  # equal, then text queries over whole samples
+    got = cost._segment_tiles(np.array(q), np.array(k), tile, causal)
+    assert got == brute_force_fa2_tiles(q, k, tile, causal)
+
+
+def test_varlen_design_counts_two_calls_per_pass_and_fa2_head_dim(batch):
+    """model.attention=varlen traced through the model's own kernel (torch's varlen custom op on meta): two calls per
+    forward and per backward, kept under selective checkpointing; FA2 computes head dim 72 as 96 (not 128)."""
+    assert [cost.fa2_head_dim(d) for d in (64, 72, 96, 128, 160)] == [64, 96, 96, 128, 192]
+    trace = cost.trace_step(TINY, batch, checkpointing="selective", loss_impl="fused", attention="varlen")
+    names = [op.name for op in trace.ops if op.kind == "attention" and op.region == "block.1"]
+    assert names == ["_varlen_attn", "_varlen_attn", "_varlen_attn_backward", "_varlen_attn_backward"], names
+    credited = cost.credited_parts(TINY, batch)
+    r = cost.evaluate(TINY, batch, trace, replace(cost.AFTER, compiled=False), cost.Assumptions(), credited)
+    att = next(c for c in r["components"] if c["name"].startswith("attention"))
+    assert att["name"] == "attention (varlen FA2)" and att["detail"]["head_dim_rounded"] == 16 * 2
+    # executed >= the exact mask's work, and the tile counts are those of the segments the model builds
+    assert att["executed_flops"] >= att["detail"]["exact_mask_flops"]
+    tiles = cost.varlen_tile_counts(batch["sample_ids"], batch["token_kinds"])
+    assert tiles["segments"] == att["detail"]["segments"]

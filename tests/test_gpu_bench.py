@@ -58,10 +58,11 @@ def test_dry_run_checks_kernels_and_runs_every_variant(dry_run):
     header = next(line for line in dry_run if line.startswith("gpu_bench:"))  # after library warnings, if any
     assert "no DeepSpeed engine" in header
     assert any(line.startswith("platform: torch") and "compile off (CPU)" in line for line in dry_run)
-    flex = next(line for line in dry_run if line.strip().startswith("flex:"))
-    assert "PASS" in flex and "finite True" in flex, flex
-    errors = [float(x) for x in re.findall(r"d?[qkvout]+ ([0-9.]+e[-+][0-9]+)", flex)]
-    assert len(errors) == 4 and max(errors) <= 1e-5, f"flex vs dense relative errors {errors} (tolerance 1e-5)"
+    for kernel in ("flex", "varlen"):
+        line = next(line for line in dry_run if line.strip().startswith(f"{kernel}:"))
+        assert "PASS" in line and "finite True" in line, line
+        errors = [float(x) for x in re.findall(r"d?[qkvout]+ ([0-9.]+e[-+][0-9]+)", line)]
+        assert len(errors) == 4 and max(errors) <= 1e-5, f"{kernel} vs dense relative errors {errors} (tolerance 1e-5)"
     for model in ("So16", "g16"):
         diff = re.search(rf"^{model}: first-step loss .* relative difference ([0-9.e+-]+)$", text, re.M)
         assert diff and float(diff.group(1)) <= 1e-5, f"{model}: ours vs baseline first loss (tolerance 1e-5)"
@@ -105,7 +106,8 @@ def test_kernel_parity_runs_in_the_models_own_layout_with_gradients(bench_run):
     [B, h, L, hd], so strides (h*hd, hd, B*h*hd, 1), not contiguous; out and dq, dk, dv within 1e-5 (fp32)."""
     _, records = bench_run
     kernels = [r for r in records if r["kind"] == "kernel"]
-    assert [(r["model"], r["kernel"]) for r in kernels] == [("So16", "flex"), ("g16", "flex")]
+    assert [(r["model"], r["kernel"]) for r in kernels] == [("So16", "flex"), ("So16", "varlen"), ("g16", "flex"),
+                                                             ("g16", "varlen")]
     for r in kernels:
         B, h, hd = r["rows"], r["heads"], r["head_dim"]
         for name in "qkv":
@@ -264,7 +266,7 @@ def test_fp8_on_cpu_is_a_clear_error(fp8):
     (["model.fp8=torchao-tensorwise", "train.precision=bf16", "parallel.tensor_parallel=2"],
      r"needs parallel\.tensor_parallel=1"),
     (["model.fp8=fp4"], r"model\.fp8 must be"),
-    (["model.attention=flash"], r"model\.attention must be 'sdpa' or 'flex'"),
+    (["model.attention=flash"], r"model\.attention must be 'sdpa', 'flex' or 'varlen'"),
     (["model.loss_chunk_size=-1"], r"model\.loss_chunk_size must be >= 0"),
 ])
 def test_fast_path_fields_are_validated(overrides, needle):

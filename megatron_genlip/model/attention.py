@@ -8,6 +8,18 @@ builds ``mask`` ONCE per forward with ``kernel.build_mask(sample_ids, token_kind
 * ``flex``: ``torch.nn.attention.flex_attention`` with a ``BlockMask`` whose ``mask_mod`` evaluates the same
   rule (``masks.may_attend`` with the padding diagonal, so padding rows give no NaN). Fully masked 128x128 tiles
   are skipped, which is what makes 16384-token rows of ~270-token samples cheap (GENLIP_SPEC.md §2.7, §11).
+* ``varlen``: the exact mask, no tiles wasted on masked entries and no head-dim padding to a power of two
+  (FlashAttention-2's variable-length kernel, ``torch.nn.attention.varlen.varlen_attn``), as two calls over the
+  flattened rows (:class:`VarlenAttention`): the prefix-LM rule is, per packed sample laid out
+  [image][text], "an image token sees its image (bidirectional), a text token sees the sample's earlier tokens
+  (causal)", so call A runs bidirectional attention over segments = the runs of one kind inside a sample (image
+  run, text run, padding run) and call B causal attention over segments = whole samples; image and padding
+  tokens take A's output, text tokens B's. Executed work per sample is P^2 + C^2 + T^2/2 at FA2's tile size
+  against the credited P^2 + PC + C^2/2 (P image, C text, T = P + C tokens): ~1.4x, versus ~2.2x (x 128/head_dim)
+  for 128-token FlexAttention tiles (``benchmarks/cost_model.py`` counts both). The segment boundaries are built
+  once per micro-batch on the device with ONE host read (counts and longest segment, bucketed so compiled
+  blocks see few distinct shapes); a sample whose image does not open it is refused there with a clear error.
+  On CPU the same two calls run as SDPA with the dense block-diagonal mask of the same ``cu_seqlens`` (tests).
 
 On CUDA the kernel uses only torch's public API: ``create_block_mask`` and ``flex_attention``, both
 ``torch.compile``d when the platform decision says so (``train.compile``, on by default on CUDA: fused Triton
@@ -21,13 +33,16 @@ masks (``inference/generate.py``), so generation works unchanged with ``model.at
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import inspect
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from megatron_genlip import compat, platform
+from megatron_genlip.batch import KIND_IMAGE
 from megatron_genlip.model.masks import may_attend, sdpa_mask
 
 BLOCK_SIZE = 128  # FlexAttention tile (query and key); rows need not be multiples of it
@@ -100,7 +115,173 @@ class FlexAttention:
         return "FlexAttention()"
 
 
-KERNELS = {"sdpa": SdpaAttention(), "flex": FlexAttention()}
+# ------------------------------------------------------------------------------------------------------------------
+# varlen: FlashAttention-2's variable-length kernel, two calls per layer
+
+
+class VarlenLayoutError(ValueError):
+    """Packed rows that the two-call decomposition cannot express (an image token after text in a sample)."""
+
+
+def _bucket(n: int, multiple: int) -> int:
+    return max(multiple, -(-n // multiple) * multiple)
+
+
+def _pow2(n: int, floor: int = 64) -> int:
+    return max(floor, 1 << max(0, n - 1).bit_length())
+
+
+@dataclasses.dataclass
+class VarlenMask:
+    """Segments of the flattened rows (token t = b * L + l) for the two FA2 calls of :class:`VarlenAttention`.
+
+    ``cu_q``: int32 starts of the runs of one kind inside a sample (image run, text run, padding run): the query
+    segments of both calls and the key segments of call A; ``cu_kb``: call B's key segment of each run (empty for
+    an image run, the whole sample for a text run, the run itself for padding). Both are padded with zero-length
+    segments at the end to a power-of-two count (a compiled block sees few distinct shapes). ``max_q``/``max_kb``:
+    the longest query / call-B key segment rounded up to a multiple of 128 (FA2's grid). ``take_a``: bool
+    [N, 1, 1], the token's output comes from call A (image and padding tokens) else B (text). ``segments``: the
+    real run count, for the cost model."""
+
+    cu_q: torch.Tensor
+    cu_kb: torch.Tensor
+    max_q: int
+    max_kb: int
+    take_a: torch.Tensor
+    rows: int
+    length: int
+    segments: int
+
+
+def _segment_starts(sample_ids: torch.Tensor, token_kinds: torch.Tensor):
+    """Flattened flags of run starts (a new sample or a new kind), of sample starts (padding runs count as
+    samples), and of tokens that break the [image][text] layout (an image token after a text token of its sample)."""
+    sid, kind = sample_ids.reshape(-1), token_kinds.reshape(-1)
+    L = sample_ids.shape[-1]
+    first = (torch.arange(sid.numel(), device=sid.device) % L) == 0
+    new_sample = first.clone()
+    new_sample[1:] |= sid[1:] != sid[:-1]
+    new_run = new_sample.clone()
+    new_run[1:] |= kind[1:] != kind[:-1]
+    broken = torch.zeros_like(first)
+    broken[1:] = ~new_sample[1:] & (kind[1:] == KIND_IMAGE) & (kind[:-1] != KIND_IMAGE)
+    return new_run, new_sample, broken
+
+
+def _begin(starts: torch.Tensor) -> torch.Tensor:
+    """For every flattened token, the position of the segment start at or before it (device, no host read)."""
+    t = torch.arange(starts.numel(), device=starts.device)
+    return torch.cummax(torch.where(starts, t, torch.zeros_like(t)), 0).values
+
+
+def _longest(starts: torch.Tensor) -> torch.Tensor:
+    """Length of the longest segment of the flattened start flags (device, no host read)."""
+    return (torch.arange(starts.numel(), device=starts.device) - _begin(starts) + 1).max()
+
+
+def _cu_seqlens(starts: torch.Tensor, capacity: int, values: torch.Tensor | None = None) -> torch.Tensor:
+    """int32 [capacity + 1]: per segment ``values`` at its start token (default: the start itself), then the total
+    token count (zero-length segments fill the capacity); static shapes: a scatter into a buffer with a dump slot,
+    no ``nonzero``."""
+    n = starts.numel()
+    if values is None:
+        values = torch.arange(n, device=starts.device)
+    index = torch.where(starts, torch.cumsum(starts, 0) - 1, torch.full_like(starts, capacity + 1, dtype=torch.long))
+    cu = torch.full((capacity + 2,), n, dtype=torch.int32, device=starts.device)
+    cu.scatter_(0, index, values.to(torch.int32))
+    return cu[: capacity + 1].contiguous()
+
+
+def varlen_mask(sample_ids: torch.Tensor, token_kinds: torch.Tensor) -> VarlenMask:
+    """The :class:`VarlenMask` of rows ``sample_ids``/``token_kinds`` [B, L]: built on their device, with one
+    host read of four numbers (the run count, the longest run and sample, the layout check)."""
+    B, L = sample_ids.shape
+    runs, samples, broken = _segment_starts(sample_ids, token_kinds)
+    stats = torch.stack([runs.sum(), _longest(runs), _longest(samples), broken.sum()])
+    count, long_q, long_k, n_broken = (int(x) for x in stats.cpu().tolist())  # the one host read
+    if n_broken:
+        t = int(torch.nonzero(broken)[0])
+        raise VarlenLayoutError(
+            f"model.attention=varlen needs every packed sample laid out [image][text] (GENLIP_SPEC.md §2.2); row "
+            f"{t // L}, position {t % L} is an image token after text of its sample ({n_broken} such tokens): use "
+            f"model.attention=flex for this data")
+    image = (token_kinds == KIND_IMAGE).reshape(-1)
+    # call B's key segment of a run starts at its sample's start; an image run's ends there too (its next run, the
+    # sample's text, starts its keys at the same token), so image queries see no key in call B
+    kb_start = _begin(samples)
+    take_a = (image | (sample_ids < 0).reshape(-1)).view(-1, 1, 1)
+    capacity = _pow2(count)
+    return VarlenMask(_cu_seqlens(runs, capacity), _cu_seqlens(runs, capacity, kb_start), _bucket(long_q, 128),
+                      _bucket(long_k, 128), take_a, B, L, count)
+
+
+@functools.cache
+def _varlen_kwargs() -> tuple[str, object, object]:
+    """torch 2.10's ``varlen_attn`` takes ``is_causal``; later releases ``window_size`` ((-1, 0) = causal)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    if "window_size" in inspect.signature(varlen_attn).parameters:
+        return "window_size", (-1, -1), (-1, 0)
+    return "is_causal", False, True
+
+
+def varlen_segments(q, k, v, cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int, max_k: int, causal: bool,
+                    rows: int) -> torch.Tensor:
+    """Attention of each query segment of ``cu_q`` to its key segment of ``cu_k`` (bidirectional, or causal aligned
+    at the segments' ends as FA2 aligns it: the last query sees every key) on [N, heads, head_dim] tensors (N =
+    ``rows`` x L tokens; no segment crosses a row); a query whose key segment is empty gets 0. FA2 on CUDA (and on
+    meta, where its fake kernel gives the shapes for the cost model); on CPU SDPA per row with the dense mask of the
+    same segments."""
+    if q.device.type == "cpu":
+        n, h, d = q.shape
+        t = torch.arange(n)
+        seg_q = torch.bucketize(t, cu_q[1:].long(), right=True).view(rows, -1)
+        seg_k = torch.bucketize(t, cu_k[1:].long(), right=True).view(rows, -1)
+        allowed = seg_q[:, :, None] == seg_k[:, None, :]
+        if causal:  # from the end: q's distance to its segment's end >= k's distance to its segment's end
+            to_end_q = (cu_q.long()[seg_q + 1] - t.view(rows, -1))
+            to_end_k = (cu_k.long()[seg_k + 1] - t.view(rows, -1))
+            allowed &= to_end_k[:, None, :] >= to_end_q[:, :, None]
+        has_key = allowed.any(-1)  # [rows, L]
+        allowed |= ~has_key[:, :, None] & torch.eye(allowed.shape[-1], dtype=torch.bool)  # no NaN; zeroed below
+        heads = [x.view(rows, -1, h, d).transpose(1, 2) for x in (q, k, v)]
+        out = F.scaled_dot_product_attention(*heads, attn_mask=allowed[:, None])
+        out = out * has_key[:, None, :, None]
+        return out.transpose(1, 2).reshape(n, h, d)
+    if q.device.type == "cuda" and q.dtype not in (torch.bfloat16, torch.float16):
+        raise TypeError(f"model.attention=varlen runs FlashAttention-2, which takes bf16/fp16 on CUDA; got {q.dtype}: "
+                        "use train.precision=bf16 or model.attention=flex")
+    from torch.nn.attention.varlen import varlen_attn
+
+    name, full, causal_value = _varlen_kwargs()
+    return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **{name: causal_value if causal else full})
+
+
+class VarlenAttention:
+    """Exact-mask prefix-LM attention as two FlashAttention-2 variable-length calls (module docstring); dense
+    boolean masks (cached decoding, image-only features) go to SDPA."""
+
+    name = "varlen"
+
+    def build_mask(self, sample_ids: torch.Tensor, token_kinds: torch.Tensor) -> VarlenMask:
+        return varlen_mask(sample_ids, token_kinds)
+
+    def __call__(self, q, k, v, mask):
+        if not isinstance(mask, VarlenMask):
+            return sdpa(q, k, v, mask)
+        B, h, L, d = q.shape
+        flat = [t.transpose(1, 2).reshape(B * L, h, d) for t in (q, k, v)]  # [B*L, h, d], token order (b, l)
+        m = mask
+        a = varlen_segments(*flat, m.cu_q, m.cu_q, m.max_q, m.max_q, causal=False, rows=B)  # image <-> image
+        b = varlen_segments(*flat, m.cu_q, m.cu_kb, m.max_q, m.max_kb, causal=True, rows=B)  # text -> sample
+        out = torch.where(mask.take_a, a, b)
+        return out.view(B, L, h, d).transpose(1, 2)
+
+    def __repr__(self) -> str:
+        return "VarlenAttention()"
+
+
+KERNELS = {"sdpa": SdpaAttention(), "flex": FlexAttention(), "varlen": VarlenAttention()}
 
 
 def get_attention(name: str):

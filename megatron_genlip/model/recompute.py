@@ -23,6 +23,7 @@ saved there instead.
 from __future__ import annotations
 
 import functools
+import importlib
 
 import torch
 from torch.utils.checkpoint import CheckpointPolicy
@@ -55,6 +56,11 @@ def saved_ops() -> frozenset:
     flex = getattr(torch.ops.higher_order, "flex_attention", None)
     if flex is not None:
         ops.add(flex)
+    try:  # model.attention=varlen: torch's FlashAttention-2 variable-length custom op (torch >= 2.10)
+        importlib.import_module("torch.nn.attention.varlen")  # registers torch.ops.torch_attn
+        ops.add(torch.ops.torch_attn._varlen_attn.default)
+    except (ImportError, AttributeError):
+        pass
     return frozenset(ops)
 
 

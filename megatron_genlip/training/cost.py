@@ -120,6 +120,10 @@ class Assumptions:
     eta_flex: float = 0.30
     # PERFORMANCE.md §2.6: masking every element costs ~15-20% (FlexAttention blog): extra time of a partial tile
     flex_partial_overhead: float = 0.15
+    # [judgement] FlashAttention-2 variable-length (model.attention=varlen) on its executed tile FLOPs: FA2 reaches
+    # 35% of the H100 peak on long sequences (FA3 paper, §2.6); segments of ~200-330 tokens give each query tile
+    # 2-6 key tiles, the same short loops as the flex kernel on these rows -> the same 0.30
+    eta_varlen: float = 0.30
     # [judgement] large element-wise kernels reach 80-90% of HBM bandwidth, strided permutes and row reductions
     # over d = 1152 less: 0.75 on average
     eta_hbm: float = 0.75
@@ -143,6 +147,7 @@ ASSUMPTION_SOURCES = {
     "eta_gemm_fp8": "judgement: ~1.1 PFLOP/s FP8 GEMMs; torchao 1.39x at (4096,8192,16384) (§2.2, §2.5)",
     "eta_flex": "FA2 35% of H100 peak (FA3 paper) x Flex 85-90% of FA2 (PyTorch blog), §2.6",
     "flex_partial_overhead": "FlexAttention blog: masking every element costs 15-20% (§2.6)",
+    "eta_varlen": "judgement: FA2 35% of peak on long sequences (§2.6), short segments -> as eta_flex",
     "eta_hbm": "judgement: element-wise kernels at 75% of HBM bandwidth on average",
     "kernel_gap_s": "judgement: GPU-side gap per dependent kernel",
     "optimizer_bytes_per_param": "DeepSpeed ZeRO-1 bf16 step at DP=1, bytes per parameter (training/memory.py table)",
@@ -157,7 +162,8 @@ class Design:
     """What a step runs. ``checkpointing``: train.activation_checkpointing; ``compiled``: each transformer block under
     torch.compile (element-wise traffic by the island model) or eager; ``loss_impl``: model.loss_impl;
     ``flex_block``: the BlockMask tile (an int, or "tuned": the feasible size with the least predicted attention
-    time); ``fp8``: model.fp8 (none | torchao-tensorwise | torchao-rowwise); ``fp8_shared_cast``: the model's one cast
+    time); ``attention``: model.attention, "flex" (FlexAttention, ``flex_block``) or "varlen" (two FlashAttention-2
+    variable-length calls, counted by :func:`varlen_tile_counts`); ``fp8``: model.fp8 (none | torchao-tensorwise | torchao-rowwise); ``fp8_shared_cast``: the model's one cast
     of an input shared by several projections (model/fp8.py ``shared_tensorwise_cast``, from 2e249a6) or, False, a
     cast per projection as at b2d56cb (the layers' ``input_cast`` removed)."""
 
@@ -168,15 +174,17 @@ class Design:
     flex_block: int | str = 128
     fp8: str = "none"
     fp8_shared_cast: bool = True
+    attention: str = "flex"
 
 
 # main @ b2d56cb (the issue's desk estimate): full recompute, eager blocks, the chunked checkpointed fp32 loss,
 # 128 x 128 FlexAttention tiles
 BEFORE = Design("before", checkpointing="full", compiled=False, loss_impl="reference", flex_block=128,
                 fp8_shared_cast=False)
-# this issue, as the code runs it: compiled blocks, selective checkpointing, the fused loss (its chunk functions
-# compiled), 128 x 128 tiles (smaller BlockMask tiles need inductor's max-autotune in torch 2.13: ladder row)
-AFTER = Design("after", checkpointing="selective", compiled=True, loss_impl="fused", flex_block=128)
+# this issue, as the recipes run it: compiled blocks, selective checkpointing, the fused loss (its chunk functions
+# compiled), the exact-mask attention of two FlashAttention-2 variable-length calls (model.attention=varlen)
+AFTER = Design("after", checkpointing="selective", compiled=True, loss_impl="fused", flex_block=128,
+               attention="varlen")
 
 
 def ladder() -> list[Design]:
@@ -186,8 +194,10 @@ def ladder() -> list[Design]:
             replace(BEFORE, name="+selective", checkpointing="selective"),
             replace(BEFORE, name="+fused loss", loss_impl="fused"),
             replace(BEFORE, name="+flex tuned", flex_block="tuned"),
+            replace(BEFORE, name="+varlen", attention="varlen"),
             AFTER,
-            replace(AFTER, name="after, tuned tile (max-autotune)", flex_block="tuned"),
+            replace(AFTER, name="after, FlexAttention 128", attention="flex"),
+            replace(AFTER, name="after, flex tuned tile (max-autotune)", attention="flex", flex_block="tuned"),
             replace(AFTER, name="after, no ckpt", checkpointing="none")]
 
 
@@ -500,7 +510,8 @@ class OpRecorder(TorchDispatchMode):
             kind = "sync" if name == "_local_scalar_dense" else "alloc"
         elif name in GEMM_OPS:
             kind = "gemm"
-        elif "scaled_dot_product" in name or "flash_attention" in name or "efficient_attention" in name:
+        elif ("scaled_dot_product" in name or "flash_attention" in name or "efficient_attention" in name
+              or "varlen_attn" in name):
             kind = "attention"
         elif not mutates and out_tensors and all(_storage_id(t) in in_storages for t in out_tensors):
             kind = "view"
@@ -544,12 +555,13 @@ class OpRecorder(TorchDispatchMode):
             op.flops = _gemm_flops(func, args, kwargs, out)
             op.fp8 = name == "_scaled_mm"
         if kind == "attention":
-            q = args[0]
-            op.attention = {"pass": "bwd" if "backward" in name else "fwd", "batch": q.shape[0], "heads": q.shape[1],
-                            "length": q.shape[2], "head_dim": q.shape[3]}
-            if op.attention["pass"] == "bwd":  # grad_out, q, k, v, out, lse: q is args[1]
-                q = args[1]
-                op.attention.update(batch=q.shape[0], heads=q.shape[1], length=q.shape[2], head_dim=q.shape[3])
+            backward = "backward" in name
+            q = args[1] if backward else args[0]  # backward: grad_out, q, k, v, out, lse
+            if q.dim() == 3:  # varlen: [tokens, heads, head_dim]
+                op.attention = {"batch": 1, "heads": q.shape[1], "length": q.shape[0], "head_dim": q.shape[2]}
+            else:  # [B, heads, L, head_dim]
+                op.attention = {"batch": q.shape[0], "heads": q.shape[1], "length": q.shape[2], "head_dim": q.shape[3]}
+            op.attention["pass"] = "bwd" if backward else "fwd"
         if kind in ("elementwise", "gemm") and name not in RNG_OPS and not mutates:
             op.const = repr([a for a in tree_flatten((args, kwargs))[0] if not isinstance(a, torch.Tensor)])
         else:
@@ -646,15 +658,18 @@ def _fp8_without_hardware():
 
 
 def build_trace_model(model_cfg, num_layers: int = 2, loss_impl: str = "reference", fp8: str = "none",
-                      fp8_shared_cast: bool = True):
-    """The real GenLIPModel on meta, bf16, ``num_layers`` blocks, the given loss and FP8 recipe."""
+                      fp8_shared_cast: bool = True, attention: str = "flex"):
+    """The real GenLIPModel on meta, bf16, ``num_layers`` blocks, the given loss and FP8 recipe; ``attention``
+    "varlen" keeps the model's own varlen kernel (its CUDA branch: torch's varlen custom op, fake on meta), "flex"
+    swaps in :class:`AttentionStandIn`."""
     from megatron_genlip import platform
     from megatron_genlip.model.genlip import GenLIPModel
     from megatron_genlip.parallel import state
 
     platform.current()
     state.ensure_initialized(1)
-    changes = dict(num_layers=num_layers, params_dtype="bfloat16", backend="local", fp8=fp8, attention="sdpa")
+    changes = dict(num_layers=num_layers, params_dtype="bfloat16", backend="local", fp8=fp8,
+                   attention="varlen" if attention == "varlen" else "sdpa")
     if has_option("fused"):
         changes["loss_impl"] = loss_impl
     elif loss_impl != "reference":
@@ -665,7 +680,8 @@ def build_trace_model(model_cfg, num_layers: int = 2, loss_impl: str = "referenc
         model = GenLIPModel(cfg, state.tensor_parallel_group())
     model.train()
     for layer in model.layers:
-        layer.self_attn.kernel = AttentionStandIn()
+        if attention != "varlen":
+            layer.self_attn.kernel = AttentionStandIn()
         if not fp8_shared_cast:  # each Float8Linear casts its own input (the design before 2e249a6)
             for m in (layer.self_attn, layer.mlp):
                 if getattr(m, "input_cast", None) is not None:
@@ -682,9 +698,9 @@ class Trace:
 
 
 def trace_step(model_cfg, batch: dict[str, torch.Tensor], checkpointing: str = "full", loss_impl: str = "reference",
-               fp8: str = "none", num_layers: int = 2, fp8_shared_cast: bool = True) -> Trace:
+               fp8: str = "none", num_layers: int = 2, fp8_shared_cast: bool = True, attention: str = "flex") -> Trace:
     """One forward + backward of the real model under :class:`OpRecorder` (module docstring)."""
-    model = build_trace_model(model_cfg, num_layers, loss_impl, fp8, fp8_shared_cast)
+    model = build_trace_model(model_cfg, num_layers, loss_impl, fp8, fp8_shared_cast, attention)
     model.activation_checkpointing = _checkpointing_value(model, checkpointing)
     rec = OpRecorder()
     handles = []
@@ -1050,6 +1066,91 @@ def _attention_component(model_cfg, batch, trace: Trace, block, a: Assumptions, 
                              "exact_mask_flops": exact, "note": flex_block_note(tiles["block"][0])})
 
 
+def fa2_head_dim(head_dim: int) -> int:
+    """The head dim FlashAttention-2 computes with: the kernel instantiated for the head dim rounded up to a
+    multiple of 32 (64 above 128): 72 -> 96, 96 -> 96 (flash_api.cpp ``round_multiple`` and its HEADDIM_SWITCH)."""
+    m = 32 if head_dim <= 128 else 64
+    return -(-head_dim // m) * m
+
+
+# FlashAttention-2's tiles on sm90 for head dims 65-96 (its sm80 kernels run on H100): forward 128 queries x 64 keys
+# (flash_fwd_launch_template.h run_mha_fwd_hdim96, not sm8x), backward 64 x 128 (run_mha_bwd_hdim96); GEMMs per
+# tile, each 2 x Bm x Bn x D FLOPs: forward 2 (q k^T, p v), backward 5 (q k^T again, dO v^T, p^T dO, dS k, dS^T q)
+FA2_FWD_TILE, FA2_BWD_TILE = (128, 64), (64, 128)
+FA2_FWD_DOTS, FA2_BWD_DOTS = 2, 5
+
+
+def _segment_tiles(q_lengths: np.ndarray, k_lengths: np.ndarray, tile: tuple[int, int], causal: bool
+                   ) -> tuple[int, int]:
+    """(computed tiles, tiles that need masking) of FA2 over (query, key) segments with (Bm, Bn) tiles: a query
+    tile runs every key tile holding a key one of its rows may see (causal aligned at the segments' ends, as FA2
+    aligns it), masking the tiles that cross the key segment's end or the diagonal; empty segments run nothing."""
+    bm, bn = tile
+    computed = masked = 0
+    for nq, nk in zip(np.asarray(q_lengths, dtype=np.int64), np.asarray(k_lengths, dtype=np.int64)):
+        if nq <= 0 or nk <= 0:
+            continue
+        starts = np.arange(-(-nq // bm)) * bm
+        ends = np.minimum(starts + bm, nq)  # one past the last row of each query tile
+        if causal:  # row r sees keys <= r + nk - nq
+            reach = np.clip(ends + nk - nq, 0, nk)  # one past the last key the tile's last row sees
+            cols = -(-reach // bn)
+            first = np.clip(starts + nk - nq + 1, 0, None) // bn  # the first key tile its first row does not see all of
+            masked += int(np.sum(np.clip(cols - first, 0, None)))
+        else:
+            cols = np.full(len(starts), -(-nk // bn))
+            masked += len(starts) if nk % bn else 0
+        computed += int(cols.sum())
+    return computed, masked
+
+
+def varlen_tile_counts(sample_ids: torch.Tensor, token_kinds: torch.Tensor) -> dict:
+    """FA2 tiles of a packed micro-batch under model.attention=varlen: the segments of both calls as the model
+    builds them (``attention.varlen_mask``), forward and backward tiles, the entries they compute and the exact
+    mask's allowed entries."""
+    from megatron_genlip.model.attention import varlen_mask
+
+    m = varlen_mask(sample_ids.cpu(), token_kinds.cpu())
+    q = np.diff(m.cu_q.numpy().astype(np.int64))
+    kb = np.diff(m.cu_kb.numpy().astype(np.int64))
+    out = {"rows": sample_ids.shape[0], "segments": m.segments, "allowed_entries": 0}
+    for call, k, causal in (("a", q, False), ("b", kb, True)):
+        for pas, tile in (("fwd", FA2_FWD_TILE), ("bwd", FA2_BWD_TILE)):
+            computed, masked = _segment_tiles(q, k, tile, causal)
+            out[f"{call}_{pas}_tiles"], out[f"{call}_{pas}_masked"] = computed, masked
+            out[f"{call}_{pas}_entries"] = computed * tile[0] * tile[1]
+    out["allowed_entries"] = int(tile_counts(sample_ids, token_kinds, 128)["allowed_entries"])
+    return out
+
+
+def _varlen_component(model_cfg, batch, trace: Trace, a: Assumptions, layers: int) -> Component:
+    """Executed FA2 FLOPs of the step under model.attention=varlen (two calls per pass; recomputed forwards
+    counted from the trace), at FA2's tiles and head dim."""
+    tiles = varlen_tile_counts(batch["sample_ids"], batch["token_kinds"])
+    per_block = [op for op in trace.ops if op.kind == "attention" and op.region == "block.1"]
+    fwd = sum(op.attention["pass"] == "fwd" for op in per_block) // 2  # passes: each runs calls A and B
+    bwd = sum(op.attention["pass"] == "bwd" for op in per_block) // 2
+    hd, heads = model_cfg.head_dim, model_cfg.num_attention_heads
+    hd_r = fa2_head_dim(hd)
+    fwd_entries = tiles["a_fwd_entries"] + tiles["b_fwd_entries"]
+    bwd_entries = tiles["a_bwd_entries"] + tiles["b_bwd_entries"]
+    executed = layers * heads * 2 * hd_r * (fwd * FA2_FWD_DOTS * fwd_entries + bwd * FA2_BWD_DOTS * bwd_entries)
+    n_tiles = fwd * (tiles["a_fwd_tiles"] + tiles["b_fwd_tiles"]) + bwd * (tiles["a_bwd_tiles"] + tiles["b_bwd_tiles"])
+    n_masked = (fwd * (tiles["a_fwd_masked"] + tiles["b_fwd_masked"])
+                + bwd * (tiles["a_bwd_masked"] + tiles["b_bwd_masked"]))
+    masked_share = n_masked / max(n_tiles, 1)
+    seconds = executed / (a.peak_bf16 * a.eta_varlen) * (1 + a.flex_partial_overhead * masked_share)
+    exact = layers * heads * tiles["allowed_entries"] * 2 * hd * (FA2_FWD_DOTS + FA2_BWD_DOTS)
+    return Component("attention (varlen FA2)", executed_flops=executed, seconds=seconds, kernels=layers * 2 * (fwd + bwd),
+                     rests_on=f"eta_varlen={a.eta_varlen}, masked-tile overhead {a.flex_partial_overhead}",
+                     detail={"block": ("varlen",), "tiles_per_row": (tiles["a_fwd_tiles"] + tiles["b_fwd_tiles"])
+                             / tiles["rows"], "partial_share": masked_share, "segments": tiles["segments"],
+                             "head_dim": hd, "head_dim_rounded": hd_r, "forward_passes": fwd,
+                             "backward_passes": bwd, "computed_over_allowed": fwd_entries / max(
+                                 tiles["allowed_entries"], 1), "exact_mask_flops": exact,
+                             "note": f"FA2 tiles fwd {FA2_FWD_TILE}, bwd {FA2_BWD_TILE}"})
+
+
 def _gemm_seconds(flops: float, fp8_flops: float, a: Assumptions) -> float:
     return flops / (a.peak_bf16 * a.eta_gemm) + fp8_flops / (a.peak_fp8 * a.eta_gemm_fp8)
 
@@ -1114,12 +1215,15 @@ def evaluate(model_cfg, batch, trace: Trace, design: Design, a: Assumptions, cre
     e.seconds = e.bytes / (a.hbm_bytes_per_s * a.eta_hbm) + e.kernels * a.kernel_gap_s
     comps.append(e)
     # attention
-    blocks = FLEX_BLOCKS if design.flex_block == "tuned" else (design.flex_block,)
-    options = [_attention_component(model_cfg, batch, trace, b, a, L) for b in blocks]
-    att = min(options, key=lambda c: c.seconds)
+    if design.attention == "varlen":
+        att = _varlen_component(model_cfg, batch, trace, a, L)
+    else:
+        blocks = FLEX_BLOCKS if design.flex_block == "tuned" else (design.flex_block,)
+        options = [_attention_component(model_cfg, batch, trace, b, a, L) for b in blocks]
+        att = min(options, key=lambda c: c.seconds)
+        if design.flex_block == "tuned":
+            att.detail["candidates"] = {str(c.detail["block"][0]): round(c.seconds, 4) for c in options}
     att.credited_flops = credited["attention"]
-    if design.flex_block == "tuned":
-        att.detail["candidates"] = {str(c.detail["block"][0]): round(c.seconds, 4) for c in options}
     comps.append(att)
     # LM head + loss (ln_post, proj, head, cross-entropy)
     hb, hf, hn = _gemms(trace.ops, lambda r: r in ("head", "head.loss"))
@@ -1182,12 +1286,13 @@ class CostModel:
         self._traces: dict = {}
         self._optimizer = None
 
-    def trace(self, checkpointing: str, loss_impl: str, fp8: str, fp8_shared_cast: bool = True) -> Trace:
+    def trace(self, checkpointing: str, loss_impl: str, fp8: str, fp8_shared_cast: bool = True,
+              attention: str = "flex") -> Trace:
         shared = fp8_shared_cast or fp8 == "none"
-        key = (checkpointing, loss_impl, fp8, "shared cast" if shared else "cast per projection")
+        key = (checkpointing, loss_impl, fp8, "shared cast" if shared else "cast per projection", attention)
         if key not in self._traces:
             self._traces[key] = trace_step(self.model_cfg, self.batch, checkpointing, loss_impl, fp8,
-                                           fp8_shared_cast=shared)
+                                           fp8_shared_cast=shared, attention=attention)
         return self._traces[key]
 
     def predict(self, design: Design, assumptions: Assumptions | None = None) -> dict:
@@ -1197,7 +1302,8 @@ class CostModel:
         opt = self._optimizer
         if assumptions is not None:
             opt = optimizer_component(self.model_cfg, a)
-        trace = self.trace(design.checkpointing, design.loss_impl, design.fp8, design.fp8_shared_cast)
+        trace = self.trace(design.checkpointing, design.loss_impl, design.fp8, design.fp8_shared_cast,
+                           design.attention)
         out = evaluate(self.model_cfg, self.batch, trace, design, a, self.credited, opt)
         out["rows"], out["seq_length"] = self.rows, self.seq_length
         out["assumptions"] = a.describe()
@@ -1213,7 +1319,8 @@ def design_from_config(cfg, cuda: bool = True) -> Design:
     ckpt = {True: "full", False: "none", None: "none"}.get(ckpt, ckpt)
     fp8 = cfg.model.fp8 if cfg.model.fp8.startswith("torchao") else "none"
     return Design("config", checkpointing=ckpt, compiled=bool(cfg.train.compile) and cuda,
-                  loss_impl=getattr(cfg.model, "loss_impl", "reference"), flex_block=BLOCK_SIZE, fp8=fp8)
+                  loss_impl=getattr(cfg.model, "loss_impl", "reference"), flex_block=BLOCK_SIZE, fp8=fp8,
+                  attention="varlen" if cfg.model.attention == "varlen" else "flex")
 
 
 def predict(cfg_path: str, options: dict | None = None, overrides: list[str] | None = None) -> dict:

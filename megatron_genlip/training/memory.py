@@ -215,8 +215,9 @@ def layer_activation_bytes(cfg: Config, rows: int, precision: str | None = None)
     stats = 2 * T * r * 4  # a LayerNorm's mean and rstd (fp32 on CUDA)
     total = 2 * (seq_d * a + stats)  # LN1 and LN2 inputs + stats
     total += 2 * seq_d * a_lin  # LN1, LN2 outputs (linear inputs)
-    total += 4 * T * d / t * a  # q_rot, k_rot, v, attention output
-    total += T * (h / t) * 4 * (2 if m.attention == "flex" else 1)  # softmax statistics
+    # q_rot, k_rot, v, attention output; varlen: the flattened q, k, v its kernel saves and BOTH calls' outputs
+    total += (5 if m.attention == "varlen" else 4) * T * d / t * a
+    total += T * (h / t) * 4 * (1 if m.attention == "sdpa" else 2)  # softmax statistics (varlen: one per call)
     if m.gated_attention:
         total += T * d / t * a + T * d / t * a_lin  # sigmoid(gate), o's input
     total += 2 * seq_d * a  # LayerScale inputs (o output, fc2 output)
@@ -239,8 +240,9 @@ def selective_layer_bytes(cfg: Config, rows: int, precision: str | None = None) 
     T = rows * cfg.data.seq_length
     d, f, h = m.hidden_size, m.ffn_hidden_size, m.num_attention_heads
     total = _layer_input_bytes(cfg, rows, a)
-    total += T * a * ((4 if m.gated_attention else 3) * d / t + d / t + 2 * d + 2 * f / t)
-    total += T * (h / t) * 4 * (2 if m.attention == "flex" else 1)  # softmax statistics
+    attention_outputs = 2 if m.attention == "varlen" else 1  # varlen keeps both calls' outputs
+    total += T * a * ((4 if m.gated_attention else 3) * d / t + attention_outputs * d / t + 2 * d + 2 * f / t)
+    total += T * (h / t) * 4 * (1 if m.attention == "sdpa" else 2)  # softmax statistics
     return int(total)
 
 
