@@ -109,8 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-seconds", type=float, default=420.0,
                    help="wall-clock budget of the whole run; variants that would start later are reported as "
                         "skipped and timed loops stop early (default %(default)s)")
-    p.add_argument("--attention", default="flex", choices=("flex", "sdpa", "varlen"),
-                   help="model.attention of the 'ours' rows (default %(default)s)")
+    p.add_argument("--attention", default="varlen", choices=("flex", "sdpa", "varlen"),
+                   help="model.attention of the 'ours' rows, the recipes' kernel by default; the pre-#23 rows run "
+                        "flex, the kernel before issue #23 (default %(default)s)")
     p.add_argument("--loss-chunk-size", type=int, default=8192,
                    help="model.loss_chunk_size of the 'ours' rows; 0 = one pass (default %(default)s)")
     p.add_argument("--backend", default="local", choices=("local", "te"),
@@ -323,7 +324,7 @@ def variants(args, dry_run: bool):
       ours       the step of issue #23: compiled blocks (where the platform compiles: CUDA), the fused LM-head loss,
                  selective checkpointing when nothing less fits
       pre-#23    the step before it, measured side by side: eager blocks, the reference (chunked, recomputed)
-                 loss, full activation checkpointing
+                 loss, full activation checkpointing, FlexAttention
       fp8        ours with model.fp8
       baseline   official-style: dense SDPA mask and the LM head on ALL positions"""
     fp8 = args.fp8
@@ -341,7 +342,8 @@ def variants(args, dry_run: bool):
     if "bf16" in wanted:
         out.append((f"ours {name} ({args.attention})", ours + ["model.loss_impl=fused"], False, True, None))
     if "pre23" in wanted:
-        out.append((f"pre-#23 {name} ({args.attention})", ours + ["model.loss_impl=reference"], False, False, "full"))
+        pre = [o for o in ours if not o.startswith("model.attention=")] + ["model.attention=flex"]
+        out.append((f"pre-#23 {name} (flex)", pre + ["model.loss_impl=reference"], False, False, "full"))
     if "fp8" in wanted and fp8 != "none":
         out.append((f"ours fp8 ({fp8})", ours + [f"model.fp8={fp8}", "train.precision=bf16"], False, True, None))
     if "baseline" in wanted and not args.no_baseline:

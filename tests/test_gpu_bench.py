@@ -78,7 +78,7 @@ def test_dry_run_prints_the_table_last(dry_run):
     assert "est GiB" in dry_run[header] and "syncs" in dry_run[header]
     for r in rows:
         model, rest = r.split(maxsplit=1)
-        if "baseline" in rest or "(flex)" in rest:
+        if "baseline" in rest or "(flex)" in rest or "(varlen)" in rest:
             assert rest.endswith(" ok") and re.search(r" 0\.\d{4} ", rest), r  # TF/step computed, not timed
         else:
             assert "fp8" in rest and "needs a CUDA GPU" in rest, r
@@ -90,7 +90,7 @@ def test_dry_run_writes_every_measurement_to_the_results_file(bench_run):
     steps = [r for r in records if r["kind"] == "step"]
     assert [(r["model"], r["variant"]) for r in steps] == [
         (m, v) for m in ("So16", "g16")
-        for v in ("ours fp32 (flex)", "pre-#23 fp32 (flex)", "ours fp8 (torchao-tensorwise)", "baseline")]
+        for v in ("ours fp32 (varlen)", "pre-#23 fp32 (flex)", "ours fp8 (torchao-tensorwise)", "baseline")]
     for r in steps:
         want = "full" if r["variant"].startswith("pre-#23") else "none"  # the step before #23 recomputes blocks
         assert r["rows"] == 2 and r["seq_length"] == 1100 and r["activation_checkpointing"] == want
@@ -171,7 +171,7 @@ def test_step_records_carry_the_fp8_ratio_and_the_memory_check(monkeypatch, tmp_
     ratio to the step before it, are appended to the results file as they exist, with the peak memory against the
     estimate; the step before #23 runs eager, fully recomputed, with the reference loss; ours compiled."""
     gpu_bench = _gpu_bench()
-    times = {"ours fp32 (flex)": 1.0, "ours fp8 (torchao-tensorwise)": 0.8, "pre-#23 fp32 (flex)": 1.5}
+    times = {"ours fp32 (varlen)": 1.0, "ours fp8 (torchao-tensorwise)": 0.8, "pre-#23 fp32 (flex)": 1.5}
     seen = []
 
     def fake_variant(args, cfg, batch, device, all_positions, deadline, peak, ckpt="none", compiled=False):
@@ -189,7 +189,7 @@ def test_step_records_carry_the_fp8_ratio_and_the_memory_check(monkeypatch, tmp_
     results = gpu_bench.Results(args.results, "test")
     rows = gpu_bench.step_rows(args, ["g16"], torch.device("cpu"), False, float("inf"), results)
     assert [r["status"] for r in rows] == ["ok", "ok", "ok"]
-    assert seen == [("ours fp32 (flex)", "none", True), ("pre-#23 fp32 (flex)", "full", False),
+    assert seen == [("ours fp32 (varlen)", "none", True), ("pre-#23 fp32 (flex)", "full", False),
                     ("ours fp8 (torchao-tensorwise)", "none", True)]
     records = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
     assert [r["kind"] for r in records] == ["step", "step", "step", "design_ratio", "fp8_ratio"]

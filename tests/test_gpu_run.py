@@ -91,7 +91,8 @@ def test_every_measurement_is_a_record_of_the_results_file(dry_run):
             next(iter(r["sync_sites"]))] and r["sync_sites"][next(iter(r["sync_sites"]))] == 1, r
         assert next(iter(r["sync_sites"])).startswith("gpu_bench.py:"), r
     kernels = [r for r in records if r["kind"] == "kernel"]
-    assert [r["model"] for r in kernels] == ["So16", "g16"] and all(r["passed"] for r in kernels), kernels
+    assert [(r["model"], r["kernel"]) for r in kernels] == [("So16", "flex"), ("So16", "varlen"), ("g16", "flex"),
+                                                            ("g16", "varlen")] and all(r["passed"] for r in kernels), kernels
     assert {r["kind"] for r in records} >= {"env", "phase", "step", "kernel", "plan", "trainer_log", "train"}
     # the trainer's log windows were appended while it ran, not only its final numbers
     assert len([r for r in records if r["kind"] == "trainer_log" and r["phase"] == "train_ckpt_none"]) >= 2
@@ -129,7 +130,7 @@ def test_trainer_runs_log_their_mfu_and_write_no_checkpoint(dry_run):
         config = json.loads((work / name / "config.json").read_text())
         assert config["train"]["activation_checkpointing"] == mode and config["train"]["train_steps"] == 2
         assert config["train"]["save_final"] is False and config["train"]["save_interval"] > 2
-        assert config["model"]["attention"] == "flex" and config["data"]["image_size"] == 224  # the So16 recipe
+        assert config["model"]["attention"] == "varlen" and config["data"]["image_size"] == 224  # the So16 recipe
     md = (out / "gpu_run_summary.md").read_text()
     assert "| none | 2 |" in md and "| selective | 2 |" in md and "DRY RUN" in md
 
@@ -138,8 +139,9 @@ def test_trainer_runs_log_their_mfu_and_write_no_checkpoint(dry_run):
 def test_summary_holds_the_bench_and_kernel_tables(dry_run):
     stdout, out, _ = dry_run
     md = (out / "gpu_run_summary.md").read_text()
-    assert "## gpu_bench" in md and "| So16 | baseline |" in md and "| g16 | ours fp32 (flex) |" in md
+    assert "## gpu_bench" in md and "| So16 | baseline |" in md and "| g16 | ours fp32 (varlen) |" in md
     assert "| So16 | flex | 2 x 700 |" in md and "| g16 | flex | 2 x 700 |" in md
+    assert "| So16 | varlen | 2 x 700 |" in md and "| g16 | varlen | 2 x 700 |" in md
     assert "Transformer Engine: NOT installed" in stdout
     log = (out / "gpu_run.log").read_text()
     assert "[bench_So16] gpu_bench: DRY RUN" in log and "[train_ckpt_none]" in log
@@ -155,11 +157,11 @@ def test_a_killed_run_keeps_its_records_and_says_so(dry_run, tmp_path):
     cut = next(i for i, line in enumerate(lines) if json.loads(line)["kind"] == "trainer_log")
     (tmp_path / "results.jsonl").write_text("\n".join(lines[:cut]) + "\n" + lines[cut][:17])
     summary = gpu_run.build_summary(tmp_path)
-    assert summary["complete"] is False and len(summary["steps"]) == 5 and len(summary["kernels"]) == 2
+    assert summary["complete"] is False and len(summary["steps"]) == 5 and len(summary["kernels"]) == 4
     assert "NOT finished" in (tmp_path / "gpu_run_summary.md").read_text()
     proc = subprocess.run([sys.executable, str(SCRIPT), "--summarize", str(tmp_path)], capture_output=True,
                           text=True, timeout=60)
-    assert proc.returncode == 0 and "| So16 | ours fp32 (flex) |" in proc.stdout
+    assert proc.returncode == 0 and "| So16 | ours fp32 (varlen) |" in proc.stdout
 
 
 @pytest.mark.slow

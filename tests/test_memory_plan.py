@@ -104,6 +104,22 @@ def test_checkpointing_reduces_activations_and_desk_figures():
     assert v.details["blocks"] - off.details["blocks"] == extra
 
 
+def test_varlen_workspace_is_fa2_backward_scratch():
+    """model.attention=varlen on CUDA: FA2's varlen backward allocates an fp32 dq accumulator [N + 128 x segments,
+    heads, head dim rounded to 32] and softmax_d [heads, N + 128 x segments] (flash_api.cpp mha_varlen_bwd); with
+    the recipe's segment capacity (1024 for 4 rows of 16,384 tokens) that is ~1.2 GB at So/16, ~3x the q size."""
+    cfg = cfg_of(SO16)
+    est = estimate_memory(cfg, micro_batch_size=4)
+    tokens, heads = 4 * 16384, cfg.model.num_attention_heads
+    assert cfg.model.head_dim == 72 and heads == 16
+    scratch = 4 * (tokens + 128 * 1024) * heads * (96 + 1)
+    mask = 2 * 1025 * 4 + tokens
+    assert est.components["attention_workspace"] == scratch + mask
+    # the same under TP=2: heads split
+    tp2 = estimate_memory(cfg_of(SO16, "parallel.tensor_parallel=2"), world_size=2, micro_batch_size=4)
+    assert tp2.components["attention_workspace"] == scratch // 2 + mask
+
+
 @pytest.mark.parametrize("attention", ["sdpa", "flex", "varlen"])
 def test_selective_layer_bytes_are_what_the_policy_saves(attention):
     """memory.selective_layer_bytes against the bytes selective checkpointing really keeps per block: the outputs

@@ -53,7 +53,7 @@ def test_segments_of_a_hand_packed_batch():
     assert m.cu_q.dtype == m.cu_kb.dtype == torch.int32
     assert m.cu_q.tolist() == q + [40] * (64 + 1 - len(q)), "power-of-two capacity, zero-length tail segments"
     assert m.cu_kb.tolist() == kb + [40] * (64 + 1 - len(kb))
-    assert (m.max_q, m.max_kb) == (128, 128), "longest run (6) and sample (10) rounded up to FA2's 128"
+    assert (m.max_q, m.max_kb) == (128, 128), "longest run (6) and sample (10): at least 128"
     take_a = (kinds == KIND_IMAGE) | (sid < 0)
     assert torch.equal(m.take_a.view(2, 20), take_a)
 
@@ -61,14 +61,31 @@ def test_segments_of_a_hand_packed_batch():
 def test_capacity_and_longest_segment_buckets():
     sid, kinds = rows_from([[(200, 130)] * 3, [(150, 20)] * 2], 1024)
     m = varlen_mask(sid, kinds)
-    assert m.segments == 3 * 2 + 1 + 2 * 2 + 1
+    # row 1's 684-token padding tail is cut into 128-token segments: it sets neither longest segment
+    assert m.segments == 3 * 2 + 1 + 2 * 2 + 6
+    pad = m.cu_q[m.segments - 6:m.segments + 1].tolist()
+    assert pad == [1024 + 340 + 128 * i for i in range(6)] + [2048] and m.cu_kb[m.segments - 6:m.segments].tolist() \
+        == pad[:-1], "each padding chunk is its own key segment in call B"
     assert m.cu_q.numel() == 64 + 1 and m.cu_kb.numel() == 64 + 1
-    assert (m.max_q, m.max_kb) == (768, 768), "row 1's 684-token padding run is the longest of both"
+    assert (m.max_q, m.max_kb) == (256, 512), "200-token images and 330-token samples, to powers of two"
     sid, kinds = rows_from([[(200, 130)] * 3] * 2 + [[(150, 20)] * 6] * 30, 1024)
     m = varlen_mask(sid, kinds)
     assert m.segments == 2 * 7 + 30 * 13
-    assert m.cu_q.numel() == 512 + 1, "404 segments -> 512"
-    assert (m.max_q, m.max_kb) == (256, 384), "200-token images and 330-token samples"
+    assert m.cu_q.numel() == 512 + 1, "404 segments, at least one per 64 tokens -> 512"
+    assert (m.max_q, m.max_kb) == (256, 512)
+
+
+def test_stage1_micro_batches_give_one_compiled_shape():
+    """A new capacity or longest segment recompiles every compiled block: the recipe's stage-1 micro-batches (4 rows
+    x 16,384 tokens of ~270-token samples, the cost model's packing) must all give the same three numbers."""
+    from megatron_genlip.training.cost import stage1_batch
+
+    shapes = set()
+    for seed in range(6):
+        b = stage1_batch(rows=4, seq_length=16384, vocab_size=64, buffer_size=1024, seed=seed)
+        m = varlen_mask(b["sample_ids"], b["token_kinds"])
+        shapes.add((m.cu_q.numel(), m.max_q, m.max_kb))
+    assert shapes == {(1024 + 1, 256, 512)}, shapes
 
 
 # image-only and text-only samples, a one-token caption, a row without padding

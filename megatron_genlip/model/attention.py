@@ -123,23 +123,34 @@ class VarlenLayoutError(ValueError):
     """Packed rows that the two-call decomposition cannot express (an image token after text in a sample)."""
 
 
-def _bucket(n: int, multiple: int) -> int:
-    return max(multiple, -(-n // multiple) * multiple)
-
-
 def _pow2(n: int, floor: int = 64) -> int:
     return max(floor, 1 << max(0, n - 1).bit_length())
+
+
+def segment_capacity(count: int, tokens: int) -> int:
+    """The segment count a :class:`VarlenMask` of ``tokens`` flattened tokens and ``count`` real segments is padded
+    to: a power of two, at least one segment per 64 tokens (few distinct shapes for the compiled blocks; the
+    recipe's stage-1 micro-batches all give 1024). FA2's backward sizes its fp32 dq workspace by it."""
+    return _pow2(max(count, tokens // 64))
+
+
+def fa2_head_dim(head_dim: int) -> int:
+    """The head dim FlashAttention-2 computes and keeps its backward workspace with: rounded up to a multiple of 32
+    up to 192, else 256 (flash_api.cpp ``head_size_rounded``; its HEADDIM_SWITCH kernels are 32, 64, 96, 128, 160,
+    192, 256): 72 -> 96."""
+    return -(-head_dim // 32) * 32 if head_dim <= 192 else 256
 
 
 @dataclasses.dataclass
 class VarlenMask:
     """Segments of the flattened rows (token t = b * L + l) for the two FA2 calls of :class:`VarlenAttention`.
 
-    ``cu_q``: int32 starts of the runs of one kind inside a sample (image run, text run, padding run): the query
+    ``cu_q``: int32 starts of the runs of one kind inside a sample (image run, text run, padding chunk): the query
     segments of both calls and the key segments of call A; ``cu_kb``: call B's key segment of each run (empty for
     an image run, the whole sample for a text run, the run itself for padding). Both are padded with zero-length
     segments at the end to a power-of-two count (a compiled block sees few distinct shapes). ``max_q``/``max_kb``:
-    the longest query / call-B key segment rounded up to a multiple of 128 (FA2's grid). ``take_a``: bool
+    the longest query / call-B key segment rounded up to a power of two >= 128 (FA2's grid; a new value
+    recompiles a compiled block, so they are coarse). ``take_a``: bool
     [N, 1, 1], the token's output comes from call A (image and padding tokens) else B (text). ``segments``: the
     real run count, for the cost model."""
 
@@ -153,14 +164,21 @@ class VarlenMask:
     segments: int
 
 
+PAD_CHUNK = 128  # padding runs are cut into segments of at most this many tokens (they never set the longest one)
+
+
 def _segment_starts(sample_ids: torch.Tensor, token_kinds: torch.Tensor):
-    """Flattened flags of run starts (a new sample or a new kind), of sample starts (padding runs count as
-    samples), and of tokens that break the [image][text] layout (an image token after a text token of its sample)."""
+    """Flattened flags of run starts (a new sample or a new kind), of sample starts, and of tokens that break the
+    [image][text] layout (an image token after a text token of its sample). A padding run counts as samples of at
+    most :data:`PAD_CHUNK` tokens: its outputs only need to be finite, and a long tail must not grow FA2's
+    ``max_seqlen`` (a new value recompiles the compiled blocks)."""
     sid, kind = sample_ids.reshape(-1), token_kinds.reshape(-1)
     L = sample_ids.shape[-1]
-    first = (torch.arange(sid.numel(), device=sid.device) % L) == 0
+    t = torch.arange(sid.numel(), device=sid.device)
+    first = (t % L) == 0
     new_sample = first.clone()
     new_sample[1:] |= sid[1:] != sid[:-1]
+    new_sample |= (sid < 0) & ((t - _begin(new_sample)) % PAD_CHUNK == 0)
     new_run = new_sample.clone()
     new_run[1:] |= kind[1:] != kind[:-1]
     broken = torch.zeros_like(first)
@@ -210,9 +228,11 @@ def varlen_mask(sample_ids: torch.Tensor, token_kinds: torch.Tensor) -> VarlenMa
     # sample's text, starts its keys at the same token), so image queries see no key in call B
     kb_start = _begin(samples)
     take_a = (image | (sample_ids < 0).reshape(-1)).view(-1, 1, 1)
-    capacity = _pow2(count)
-    return VarlenMask(_cu_seqlens(runs, capacity), _cu_seqlens(runs, capacity, kb_start), _bucket(long_q, 128),
-                      _bucket(long_k, 128), take_a, B, L, count)
+    # few distinct shapes for the compiled blocks: the segment count to a power of two, at least one segment per
+    # 64 tokens; the longest segments to powers of two from 128 (stage 1: 1024 segments per 4 rows, 256, 512)
+    capacity = segment_capacity(count, B * L)
+    return VarlenMask(_cu_seqlens(runs, capacity), _cu_seqlens(runs, capacity, kb_start), _pow2(long_q, 128),
+                      _pow2(long_k, 128), take_a, B, L, count)
 
 
 @functools.cache

@@ -95,6 +95,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
+from megatron_genlip.model.attention import fa2_head_dim
+
 # ------------------------------------------------------------------------------------------------------------------
 # assumptions (each overridable: benchmarks/cost_model.py --help)
 
@@ -1064,13 +1066,6 @@ def _attention_component(model_cfg, batch, trace: Trace, block, a: Assumptions, 
                              "head_dim_rounded": hd_r, "forward_passes": fwd, "backward_passes": bwd,
                              "computed_over_allowed": computed / max(tiles["allowed_entries"], 1),
                              "exact_mask_flops": exact, "note": flex_block_note(tiles["block"][0])})
-
-
-def fa2_head_dim(head_dim: int) -> int:
-    """The head dim FlashAttention-2 computes with: the kernel instantiated for the head dim rounded up to a
-    multiple of 32 (64 above 128): 72 -> 96, 96 -> 96 (flash_api.cpp ``round_multiple`` and its HEADDIM_SWITCH)."""
-    m = 32 if head_dim <= 128 else 64
-    return -(-head_dim // m) * m
 
 
 # FlashAttention-2's tiles on sm90 for head dims 65-96 (its sm80 kernels run on H100): forward 128 queries x 64 keys

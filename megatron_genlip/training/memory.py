@@ -39,6 +39,7 @@ import math
 from dataclasses import dataclass, field
 
 from megatron_genlip.config import CHECKPOINTING_MODES, Config, checkpointing_mode
+from megatron_genlip.model.attention import fa2_head_dim, segment_capacity
 from megatron_genlip.parallel.sharding import partition_dim
 
 GIB = 1024**3
@@ -46,6 +47,7 @@ BUCKET_ELEMENTS = int(5e8)  # platform.BUCKET_ELEMENTS: ZeRO reduce / all-gather
 ZERO3_PERSISTENCE_THRESHOLD = int(1e5)  # DeepSpeed stage3 param_persistence_threshold default
 ZERO3_PREFETCH_ELEMENTS = int(5e7)  # DeepSpeed stage3 prefetch_bucket_size default
 FLEX_BLOCK = 128  # attention.BLOCK_SIZE
+
 # average sample of --dry-run (entry.DRY_RUN_SAMPLE): (image, text, labelled) tokens
 AVERAGE_SAMPLE = {1: (196, 74, 72), 2: (900, 300, 290)}
 # keys whose bytes live in host memory, not on the GPU (listed, never added to the GPU total)
@@ -411,6 +413,23 @@ def _stage_plan(cfg: Config, stage: int, dp: int, rows: int, ckpt: str, grad_acc
     if m.attention == "sdpa":
         saved_masks = 1 if ckpt != "none" else layers  # selective recomputes the mask conversion too
         comp["attention_workspace"] = int(rows * s * s * (1 + a * saved_masks))
+    elif m.attention == "varlen":
+        # the VarlenMask (two int32 cu_seqlens of `capacity` + 1 and a bool per token) and, in one backward call at a
+        # time, FA2's fp32 workspaces (flash_api.cpp mha_varlen_bwd): dq_accum [N + 128 capacity, h, head dim
+        # rounded up to 32] and softmax_d [h, N + 128 capacity]; capacity as varlen_mask buckets it for packed rows
+        # of short samples (at least one segment per 64 tokens, so 128 capacity >= 2N: the workspace is ~3N rows)
+        capacity = segment_capacity(0, T)
+        comp["attention_workspace"] = int(2 * (capacity + 1) * 4 + T)
+        if on_cuda:
+            padded_rows = T + 128 * capacity
+            comp["attention_workspace"] += int(4 * padded_rows * math.ceil(h / tp) * (fa2_head_dim(m.head_dim) + 1))
+        else:
+            # CPU path (attention.varlen_segments): per call a bool [B, L, L] mask and its temporaries (~4 bytes per
+            # score) and SDPA's additive copy of it, which every call saves for backward (two calls per block;
+            # checkpointed blocks hold only the recomputed block's); analytic, not calibrated by a measured step
+            saved_calls = 2 if ckpt != "none" else 2 * layers
+            details["attention_cpu_transient"] = int(rows * s * s * 4)
+            comp["attention_workspace"] += int(rows * s * s * a * saved_calls) + details["attention_cpu_transient"]
     else:
         nb = math.ceil(s / FLEX_BLOCK)
         comp["attention_workspace"] = int(rows * (4 * nb * nb * 4 + 4 * nb * 4))
