@@ -47,7 +47,6 @@ BUCKET_ELEMENTS = int(5e8)  # platform.BUCKET_ELEMENTS: ZeRO reduce / all-gather
 ZERO3_PERSISTENCE_THRESHOLD = int(1e5)  # DeepSpeed stage3 param_persistence_threshold default
 ZERO3_PREFETCH_ELEMENTS = int(5e7)  # DeepSpeed stage3 prefetch_bucket_size default
 FLEX_BLOCK = 128  # attention.BLOCK_SIZE
-
 # average sample of --dry-run (entry.DRY_RUN_SAMPLE): (image, text, labelled) tokens
 AVERAGE_SAMPLE = {1: (196, 74, 72), 2: (900, 300, 290)}
 # keys whose bytes live in host memory, not on the GPU (listed, never added to the GPU total)
