@@ -43,6 +43,10 @@ class ModelConfig:
     init_std: float = 0.02
     gated_attention: bool = True
     backend: str = "local"  # layer classes: "local" (megatron-core TP layers) | "te" (Transformer Engine, GPU)
+    # model.backend=te: LN1 + q|gate|k|v as one te.LayerNormLinear and LN2 + SwiGLU MLP as one te.LayerNormMLP (FP8
+    # casts fused into the norm and activation kernels; same parameter names, model/te_fused.py), or false: separate
+    # te.LayerNorm and te.Linear modules. Ignored with model.backend=local
+    te_fused: bool = True
     # attention kernel: "sdpa" (dense prefix-LM mask reference) | "flex" (FlexAttention, 128-token tiles) | "varlen"
     # (the exact mask as two FlashAttention-2 variable-length calls; CUDA bf16, samples laid out [image][text])
     attention: str = "sdpa"
@@ -550,6 +554,10 @@ def resolve_layout(cfg: Config, world_size: int) -> Layout:
         errors.append(f"train.lr ({t.lr}) must be > 0 and train.min_lr ({t.min_lr}) within [0, train.lr]")
     if t.progress_bar not in ("auto", "always", "never"):
         errors.append(f"train.progress_bar must be auto, always or never, got {t.progress_bar!r}")
+    if m.backend == "te" and m.te_fused and p.zero_stage == 3:
+        errors.append("model.backend=te with model.te_fused=true and parallel.zero_stage=3: the fused modules read "
+                      "parameters that ZeRO-3 would not gather for them (model/te_fused.py); use parallel.zero_stage "
+                      "<= 2 or model.te_fused=false")
     if p.sequence_parallel and tp == 1:
         errors.append("parallel.sequence_parallel=true splits the sequence over the tensor-parallel group: it "
                       "needs parallel.tensor_parallel > 1 (got 1)")

@@ -11,14 +11,17 @@ the attention heads are local shards and the row-parallel output projections sum
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from megatron.core.model_parallel_config import ModelParallelConfig
 
 from megatron_genlip.config import ModelConfig
 from megatron_genlip.model.rope import apply_rotary
-from megatron_genlip.model.spec import BackendSpec
 from megatron_genlip.parallel import sequence
+
+if TYPE_CHECKING:  # annotations only: the TE spec (imported by spec.py) subclasses this module's classes
+    from megatron_genlip.model.spec import BackendSpec
 
 
 def normal_init(std: float):
@@ -95,8 +98,9 @@ class GatedSelfAttention(torch.nn.Module):
     projections, ``q`` (first contiguous half) and ``gate`` (second half), so TP splits both by heads
     consistently; export concatenates them back into q_proj."""
 
-    def __init__(self, cfg: ModelConfig, spec: BackendSpec, pconfig: ModelParallelConfig, tp_group, layer_idx: int):
-        super().__init__()
+    def __init__(self, cfg: ModelConfig, spec: BackendSpec, pconfig: ModelParallelConfig, tp_group, layer_idx: int,
+                 norm: torch.nn.Module | None = None):
+        super().__init__()  # norm: the block's LN1 (its output is this module's input here; a fused spec uses it)
         d, tp = cfg.hidden_size, pconfig.tensor_model_parallel_size
         self.layer_idx = layer_idx
         self.head_dim = cfg.head_dim
@@ -117,16 +121,19 @@ class GatedSelfAttention(torch.nn.Module):
         L, B, _ = x.shape
         return x.view(L, B, self.local_heads, self.head_dim).permute(1, 2, 0, 3)
 
+    def attend(self, q, k, v, mask, cache: KVCache | None) -> torch.Tensor:
+        """The KV cache and the attention kernel on q, k (after RoPE) and v, each [B, h, L, hd]: [L, B, h*hd]."""
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+        out = self.kernel(q, k, v, mask)  # [B, h, L, hd]
+        return out.permute(2, 0, 1, 3).flatten(2)  # [L, B, h*hd], head-major (full L also under SP)
+
     def forward(self, x, cos, sin, mask, cache: KVCache | None = None):
         if self.input_cast is not None:  # one FP8 cast of LN1's output for q, gate, k and v
             x = self.input_cast(x, self.q)
         q = apply_rotary(self._heads(self.q(x)), cos, sin)
         k = apply_rotary(self._heads(self.k(x)), cos, sin)
-        v = self._heads(self.v(x))
-        if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)
-        out = self.kernel(q, k, v, mask)  # [B, h, L, hd]
-        out = out.permute(2, 0, 1, 3).flatten(2)  # [L, B, h*hd], head-major (full L also under SP)
+        out = self.attend(q, k, self._heads(self.v(x)), mask, cache)
         if self.gated:
             out = out * torch.sigmoid(self.gate(x))
         return self.o(out)
@@ -135,8 +142,9 @@ class GatedSelfAttention(torch.nn.Module):
 class SwiGLU(torch.nn.Module):
     """W2( SiLU(W_gate u) * (W1 u) ), fc1 and gate_fc column-parallel, fc2 row-parallel."""
 
-    def __init__(self, cfg: ModelConfig, spec: BackendSpec, pconfig: ModelParallelConfig, tp_group):
-        super().__init__()
+    def __init__(self, cfg: ModelConfig, spec: BackendSpec, pconfig: ModelParallelConfig, tp_group,
+                 norm: torch.nn.Module | None = None):
+        super().__init__()  # norm: the block's LN2 (see GatedSelfAttention)
         d, f = cfg.hidden_size, cfg.ffn_hidden_size
         common = dict(bias=True, init_method=normal_init(cfg.init_std), config=pconfig, tp_group=tp_group)
         self.fc1 = spec.column_linear(d, f, **common)
@@ -154,11 +162,13 @@ class TransformerBlock(torch.nn.Module):
     def __init__(self, cfg: ModelConfig, spec: BackendSpec, pconfig: ModelParallelConfig, tp_group, layer_idx: int):
         super().__init__()
         d = cfg.hidden_size
-        self.layer_norm1 = spec.layer_norm(d, eps=cfg.layernorm_eps)
-        self.self_attn = GatedSelfAttention(cfg, spec, pconfig, tp_group, layer_idx)
+        attention, mlp = spec.self_attention or GatedSelfAttention, spec.mlp or SwiGLU
+        norm = spec.block_norm or spec.layer_norm
+        self.layer_norm1 = norm(d, eps=cfg.layernorm_eps)
+        self.self_attn = attention(cfg, spec, pconfig, tp_group, layer_idx, norm=self.layer_norm1)
         self.layer_scale1 = LayerScale(d, cfg.layer_scale_init)
-        self.layer_norm2 = spec.layer_norm(d, eps=cfg.layernorm_eps)
-        self.mlp = SwiGLU(cfg, spec, pconfig, tp_group)
+        self.layer_norm2 = norm(d, eps=cfg.layernorm_eps)
+        self.mlp = mlp(cfg, spec, pconfig, tp_group, norm=self.layer_norm2)
         self.layer_scale2 = LayerScale(d, cfg.layer_scale_init)
         self.drop_path = DropPath(cfg.drop_path_rate)
         if pconfig.sequence_parallel:  # norms, LayerScale, row-parallel biases see a sequence slice

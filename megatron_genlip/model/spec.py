@@ -17,6 +17,7 @@ Uniform signatures of the spec's classes:
   shared_input_cast(x, linear) or None                            (x cast once for all projections reading it)
   attention(q, k, v, mask) -> [B, heads, L, head_dim]             (mask: what attention.build_mask returns)
   attention.build_mask(sample_ids, token_kinds) -> mask           (built once per forward, shared by all layers)
+  self_attention / mlp / block_norm: the block's sub-modules, or None for the local ones (model/layers.py)
 """
 
 from __future__ import annotations
@@ -106,6 +107,13 @@ class BackendSpec:
     # fp8_region() -> the context manager the blocks of one forward run in (Transformer Engine's FP8 autocast:
     # one amax reduction per region), or None
     fp8_region: Callable[[], Any] | None = None
+    # the block's attention and MLP classes (None: layers.GatedSelfAttention / layers.SwiGLU), called as
+    # cls(cfg, spec, pconfig, tp_group[, layer_idx], norm=<the block's LN before it>): a spec whose modules fuse the
+    # norm into the projections (Transformer Engine's LayerNormLinear / LayerNormMLP, model/te_spec.py) replaces
+    # them and gives the block a ``block_norm`` that holds LN1's and LN2's parameters and passes its input through
+    self_attention: Callable[..., torch.nn.Module] | None = None
+    mlp: Callable[..., torch.nn.Module] | None = None
+    block_norm: Callable[..., torch.nn.Module] | None = None  # a block's LN1 and LN2 (None: layer_norm)
 
 
 LOCAL_SPEC = BackendSpec(
