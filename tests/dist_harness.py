@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import importlib
 import os
-import socket
 import traceback
 
 import torch.multiprocessing as mp
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from megatron_genlip.training.distributed import free_port
+
+    return free_port()  # outside the ephemeral range: no other process's connection takes it meanwhile
 
 
 def _worker(rank: int, world: int, port: int, module: str, fn: str, args: tuple, errors) -> None:

@@ -49,17 +49,13 @@ def missing_binaries() -> list[str]:
 
 
 def free_ports(n: int) -> list[int]:
-    """n distinct free TCP ports (bound on all interfaces, as the daemons will)."""
-    socks, ports = [], []
-    try:
-        while len(ports) < n:
-            s = socket.socket()
-            s.bind(("", 0))
-            socks.append(s)
-            ports.append(s.getsockname()[1])
-    finally:
-        for s in socks:
-            s.close()
+    """n distinct free TCP ports (checked on all interfaces, as the daemons will bind them), outside the ephemeral
+    range (``training.distributed.free_port``)."""
+    from megatron_genlip.training.distributed import free_port
+
+    ports: list[int] = []
+    while len(ports) < n:
+        ports.append(free_port("", exclude=ports))
     return ports
 
 

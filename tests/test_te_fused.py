@@ -20,7 +20,8 @@ import torch
 from conftest import small_model_config
 from dist_harness import run_ranks
 from megatron_genlip.config import ConfigError, load_config, resolve_layout
-from megatron_genlip.model.te_fused import LinearParams, NormParams, SharedParameters, SwiGLUStack, swiglu_stack
+from megatron_genlip.model.te_fused import (FUSED_EXTRA_STATE, LinearParams, NormParams, SharedParameters, SwiGLUStack,
+                                            allow_missing_extra_state, swiglu_stack)
 
 TINY = Path(__file__).resolve().parent.parent / "examples" / "configs" / "tiny.yaml"
 
@@ -98,8 +99,9 @@ def test_holders_give_the_local_models_shards_at_tp2():
     run_ranks(2, "test_te_fused", "holders_match_at_tp2")
 
 
-class TEStyle(SharedParameters, torch.nn.Module):
-    """Parameters under Transformer Engine's names, read with getattr as TE's modules read them."""
+class TEBase(torch.nn.Module):
+    """Parameters under Transformer Engine's names, read with getattr as TE's modules read them, and a
+    reset_parameters that (like TE's, on shared tensors) must not run once they are shared."""
 
     def __init__(self, d: int, f: int):
         super().__init__()
@@ -107,10 +109,17 @@ class TEStyle(SharedParameters, torch.nn.Module):
                             ("q_bias", (d,)), ("fc1_weight", (2 * f, d)), ("fc1_bias", (2 * f,))):
             self.register_parameter(name, torch.nn.Parameter(torch.full(shape, 7.0)))
 
+    def reset_parameters(self):
+        raise RuntimeError("TE-style reset of its own parameters")
+
     def forward(self, x):
         h = torch.nn.functional.layer_norm(x, x.shape[-1:], self.layer_norm_weight, self.layer_norm_bias)
         q = torch.nn.functional.linear(h, self.q_weight, self.q_bias)
         return torch.nn.functional.linear(q, self.fc1_weight, self.fc1_bias)
+
+
+class TEStyle(SharedParameters, TEBase):
+    """As the TE classes of model/te_spec.py: the mixin first, the TE module after it."""
 
 
 class Owner(torch.nn.Module):
@@ -194,3 +203,55 @@ def test_zero3_with_fused_te_modules_is_refused_naming_the_fields():
         resolve_layout(cfg, 1)
     resolve_layout(load_config(TINY, ["model.backend=te", "model.te_fused=false", "parallel.zero_stage=3"]), 1)
     resolve_layout(load_config(TINY, ["parallel.zero_stage=3"]), 1)  # the local backend is unaffected
+
+
+def test_reset_after_sharing_leaves_the_holders_alone():
+    module = TEStyle(2, 2)
+    with pytest.raises(RuntimeError, match="TE-style reset"):
+        module.reset_parameters()  # before sharing: the module's own
+    owner = Owner()
+    before = owner.q.weight.clone()
+    owner.fused.reset_parameters()
+    assert torch.equal(owner.q.weight, before)
+
+
+class WithFP8State(torch.nn.Module):
+    """A module with TE-style extra state (FP8 scaling metadata) and one parameter of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(2))
+        self.state = "fresh"
+        self.register_load_state_dict_post_hook(allow_missing_extra_state)
+
+    def get_extra_state(self):
+        return {"amax": 3.0}
+
+    def set_extra_state(self, state):
+        self.state = state
+
+
+def test_fused_fp8_state_loads_across_te_fused_settings():
+    """A checkpoint of a te_fused run into a block without fused modules and the reverse: the FP8 scaling state is
+    dropped or starts fresh, everything else still loads strictly."""
+    from megatron_genlip.model.layers import TransformerBlock
+    from megatron_genlip.model.spec import LOCAL_SPEC, parallel_config
+    from megatron_genlip.parallel import state
+
+    cfg = small_model_config()
+    state.ensure_initialized(1)
+    block = TransformerBlock(cfg, LOCAL_SPEC, parallel_config(cfg, 1), state.tensor_parallel_group(), 0)
+    saved = dict(block.state_dict())
+    block.load_state_dict({**saved, **{k: {"amax": 3.0} for k in FUSED_EXTRA_STATE}}, strict=True)
+    with pytest.raises(RuntimeError, match="Unexpected key.*stray"):
+        block.load_state_dict({**saved, "self_attn.stray._extra_state": None}, strict=True)
+    # the reverse: a fused module (here at the fused modules' place) loads a checkpoint without its state
+    holder = torch.nn.Module()
+    holder.self_attn = torch.nn.Module()
+    holder.self_attn.norm_qkv = WithFP8State()
+    holder.load_state_dict({"self_attn.norm_qkv.scale": torch.full((2,), 2.0)}, strict=True)
+    assert holder.self_attn.norm_qkv.state == "fresh" and float(holder.self_attn.norm_qkv.scale[0]) == 2.0
+    holder.load_state_dict(holder.state_dict(), strict=True)
+    assert holder.self_attn.norm_qkv.state == {"amax": 3.0}
+    with pytest.raises(RuntimeError, match="Missing key.*scale"):
+        holder.load_state_dict({}, strict=True)  # a missing parameter is still an error

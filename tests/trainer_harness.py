@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,9 +15,9 @@ TINY = ROOT / "examples" / "configs" / "tiny.yaml"
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from megatron_genlip.training.distributed import free_port as library_free_port
+
+    return library_free_port()  # outside the ephemeral range: no other process's connection takes it meanwhile
 
 
 def env() -> dict:

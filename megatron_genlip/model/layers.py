@@ -18,6 +18,7 @@ from megatron.core.model_parallel_config import ModelParallelConfig
 
 from megatron_genlip.config import ModelConfig
 from megatron_genlip.model.rope import apply_rotary
+from megatron_genlip.model.te_fused import drop_foreign_fused_state
 from megatron_genlip.parallel import sequence
 
 if TYPE_CHECKING:  # annotations only: the TE spec (imported by spec.py) subclasses this module's classes
@@ -171,6 +172,8 @@ class TransformerBlock(torch.nn.Module):
         self.mlp = mlp(cfg, spec, pconfig, tp_group, norm=self.layer_norm2)
         self.layer_scale2 = LayerScale(d, cfg.layer_scale_init)
         self.drop_path = DropPath(cfg.drop_path_rate)
+        # a checkpoint of a model.te_fused run also holds the fused modules' FP8 state: dropped where they are absent
+        self.register_load_state_dict_pre_hook(drop_foreign_fused_state)
         if pconfig.sequence_parallel:  # norms, LayerScale, row-parallel biases see a sequence slice
             sequence.reduce_replicated_grads(self, tp_group)
 

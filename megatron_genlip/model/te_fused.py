@@ -51,6 +51,34 @@ class SharedParameters:
             return value if isinstance(value, torch.Tensor) else value()
         return super().__getattr__(name)
 
+    def reset_parameters(self, *args, **kwargs):
+        """After :meth:`share`, a no-op: the holders own (and initialised) the parameters. TE's own version would
+        re-tag them with tensor-parallel attributes they already carry, which TE refuses."""
+        if "_shared_sources" not in self.__dict__:
+            return super().reset_parameters(*args, **kwargs)
+        return None
+
+
+# the state-dict keys of the fused modules' own state (TE's FP8 scaling metadata, ``_extra_state``), relative to a
+# block: a checkpoint written with model.te_fused=true has them, one written without does not
+FUSED_EXTRA_STATE = ("self_attn.norm_qkv._extra_state", "mlp.norm_mlp._extra_state")
+
+
+def drop_foreign_fused_state(module, state_dict, prefix, *args) -> None:
+    """Load pre-hook of a block without fused modules: a checkpoint of a ``model.te_fused`` run carries their FP8
+    scaling state, which this block has no place for; it is dropped (the parameters are the same tensors)."""
+    names = {n for n, _ in module.named_modules()}
+    for key in FUSED_EXTRA_STATE:
+        if key.rsplit(".", 1)[0] not in names:
+            state_dict.pop(prefix + key, None)
+
+
+def allow_missing_extra_state(module, incompatible_keys) -> None:
+    """Load post-hook of a fused module: a checkpoint written without it (local backend, model.te_fused=false)
+    has no FP8 scaling state for it; it starts fresh, as it would in a new run (the parameters are the holders')."""
+    missing = incompatible_keys.missing_keys
+    missing[:] = [k for k in missing if not k.endswith(FUSED_EXTRA_STATE)]
+
 
 class LinearParams(torch.nn.Module):
     """The parameters of one column- (``parallel_mode="column"``: weight [out/TP, in], bias [out/TP]) or

@@ -9,7 +9,14 @@ NOT TESTED ON A GPU YET (written against the TE 2.x API; see the notes below and
   and SwiGLU kernels write the next GEMM's FP8 input themselves (no separate cast). o stays a ``te.Linear``. The
   parameters keep the model's names (``model/te_fused.py``: the fused modules read the block's
   ``LinearParams``/``NormParams``), so checkpoints, resharding and the HF export are the same as with the local
-  backend. ``model.te_fused=false``: the separate modules below.
+  backend; the fused modules' FP8 scaling state (``_extra_state``) is dropped when a checkpoint without it is
+  loaded and vice versa (``te_fused.drop_foreign_fused_state`` / ``allow_missing_extra_state``). Costs of reading
+  shared parameters: the holders are separate tensors (DeepSpeed's ZeRO-1/2 flattening interleaves weights and
+  biases in name order), so TE concatenates q|gate|k|v (and gate|up) on each forward and saves that copy for
+  backward: (4 d^2 + 2 d f) / TP weight elements per block not recomputed (~57 MB bf16 at g/16, TP=1).
+  TE options that write ``.grad``/``.main_grad`` on the parameters themselves (``delay_wgrad_compute``,
+  ``fuse_wgrad_accumulation``) and TE's CUDA graphs (which list ``parameters()``) do not work with shared
+  parameters; none is used. ``model.te_fused=false``: the separate modules below.
 * Block projections (``model.te_fused=false``): ``te.pytorch.Linear`` with ``parallel_mode="column"`` (q, gate, k, v, fc1, gate_fc) or
   ``"row"`` (o, fc2), ``tp_group``/``tp_size`` from the layer's process group and ``sequence_parallel`` from
   megatron-core's ``ModelParallelConfig``. Weights are initialised like megatron-core's CPU initialisation
@@ -48,7 +55,9 @@ from megatron_genlip.model.attention import get_attention
 from megatron_genlip.model.fp8 import require_fp8_hardware
 from megatron_genlip.model.layers import GatedSelfAttention, SwiGLU
 from megatron_genlip.model.rope import apply_rotary
-from megatron_genlip.model.te_fused import LinearParams, NormParams, SharedParameters, SwiGLUStack
+from megatron_genlip.model.te_fused import (LinearParams, NormParams, SharedParameters, SwiGLUStack,
+                                            allow_missing_extra_state)
+from megatron_genlip.parallel import state
 
 
 def _recipe(cfg: ModelConfig):
@@ -151,7 +160,7 @@ class TENormLinears(_FP8Scoped, SharedParameters, te.LayerNormLinear):
     model's (``SharedParameters``)."""
 
     def __init__(self, norm: NormParams, linears: dict[str, LinearParams], *, config, tp_group, fp8_context=None):
-        tp = dist.get_world_size(tp_group)
+        tp = state.group_size(tp_group)
         splits = {name: lin.weight.shape[0] * tp for name, lin in linears.items()}  # full output features
         super().__init__(norm.weight.shape[0], sum(splits.values()), eps=norm.eps,
                          sequence_parallel=config.sequence_parallel, tp_group=tp_group, tp_size=tp,
@@ -164,6 +173,7 @@ class TENormLinears(_FP8Scoped, SharedParameters, te.LayerNormLinear):
         self.share(sources)
         self.split_sizes = [lin.weight.shape[0] for lin in linears.values()]  # this rank's output columns
         self._fp8_context = fp8_context
+        self.register_load_state_dict_post_hook(allow_missing_extra_state)
 
 
 class TENormMLP(_FP8Scoped, SharedParameters, te.LayerNormMLP):
@@ -173,7 +183,7 @@ class TENormMLP(_FP8Scoped, SharedParameters, te.LayerNormMLP):
 
     def __init__(self, norm: NormParams, gate_fc: LinearParams, fc1: LinearParams, fc2: LinearParams, *, config,
                  tp_group, fp8_context=None):
-        tp = dist.get_world_size(tp_group)
+        tp = state.group_size(tp_group)
         super().__init__(norm.weight.shape[0], fc1.weight.shape[0] * tp, eps=norm.eps,
                          sequence_parallel=config.sequence_parallel, tp_group=tp_group, tp_size=tp,
                          init_method=_no_init, output_layer_init_method=_no_init, bias=True, activation="swiglu",
@@ -182,6 +192,7 @@ class TENormMLP(_FP8Scoped, SharedParameters, te.LayerNormMLP):
                     "fc1_weight": SwiGLUStack(gate_fc, fc1, "weight"), "fc1_bias": SwiGLUStack(gate_fc, fc1, "bias"),
                     "fc2_weight": fc2.weight, "fc2_bias": fc2.bias})
         self._fp8_context = fp8_context
+        self.register_load_state_dict_post_hook(allow_missing_extra_state)
 
 
 class TEFusedSelfAttention(GatedSelfAttention):
