@@ -255,3 +255,18 @@ def test_fused_fp8_state_loads_across_te_fused_settings():
     assert holder.self_attn.norm_qkv.state == {"amax": 3.0}
     with pytest.raises(RuntimeError, match="Missing key.*scale"):
         holder.load_state_dict({}, strict=True)  # a missing parameter is still an error
+
+
+def test_memory_plan_counts_the_weight_copy_te_saves():
+    """TE's fused modules save the concatenated q|gate|k|v and gate|up weights they read (model/te_spec.py)."""
+    from megatron_genlip.training.memory import layer_activation_bytes
+
+    base = ["model.backend=te", "parallel.tensor_parallel=2"]
+    cfg = load_config(TINY, base)
+    m = cfg.model
+    weights = (4 * m.hidden_size ** 2 + 2 * m.hidden_size * m.ffn_hidden_size) // 2
+    unfused = layer_activation_bytes(load_config(TINY, base + ["model.te_fused=false"]), 2)
+    assert layer_activation_bytes(cfg, 2) - unfused == weights * 4  # fp32 activations in the tiny config
+    fp8 = load_config(TINY, base + ["model.fp8=current", "train.precision=bf16"])
+    fp8_unfused = load_config(TINY, base + ["model.fp8=current", "train.precision=bf16", "model.te_fused=false"])
+    assert layer_activation_bytes(fp8, 2) - layer_activation_bytes(fp8_unfused, 2) == weights * (2 + 1)

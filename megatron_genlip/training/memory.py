@@ -203,7 +203,9 @@ def layer_activation_bytes(cfg: Config, rows: int, precision: str | None = None)
       input (T f/TP a_lin); LayerScale 2: fc2's output (T r d a).
 
     That is T a (6 r d + (6 d + 4 f)/TP) for bf16 without FP8 (Megatron's s b h (10 + 24/t) counts a 4h MLP,
-    no gate and no LayerScale). Without the gate: q, k, v, out only (o's input is the kernel output).
+    no gate and no LayerScale). Without the gate: q, k, v, out only (o's input is the kernel output). With
+    ``model.backend=te`` the count is the local model's (TE's kernels save about the same tensors), plus, with
+    ``model.te_fused``, the concatenated weights TE saves ((4 d^2 + 2 d f)/TP, and their FP8 copy under FP8).
     """
     m, p = cfg.model, cfg.parallel
     a = _dtype_bytes(precision or cfg.train.precision)
@@ -225,6 +227,11 @@ def layer_activation_bytes(cfg: Config, rows: int, precision: str | None = None)
     total += 3 * T * f / t * a + T * f / t * a_lin  # SwiGLU
     if m.drop_path_rate > 0:
         total += 2 * rows * a
+    if m.backend == "te" and m.te_fused:
+        # TE's fused modules save the weight they read, here the concatenation of the model's separate q|gate|k|v
+        # and gate|up tensors (model/te_spec.py), plus its FP8 copy under FP8
+        weights = ((4 if m.gated_attention else 3) * d * d + 2 * d * f) / t
+        total += weights * (a + (1 if m.fp8 != "none" else 0))
     return int(total)
 
 
