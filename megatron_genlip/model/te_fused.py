@@ -33,7 +33,7 @@ from megatron_genlip.compat import initialize_affine_weight_cpu
 class SharedParameters:
     """Mixin for a ``torch.nn.Module`` (first in the bases): ``share({own name: tensor or callable})`` removes the
     module's own parameters of those names; reading one of them afterwards returns the given tensor (a callable
-    is called on every read: a stacked view built from the model's parameters)."""
+    is called on every read: a stacked copy built from the model's parameters)."""
 
     def share(self, sources: dict) -> None:
         params = self.__dict__["_parameters"]
