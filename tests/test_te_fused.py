@@ -35,7 +35,7 @@ def holder_spec():
                    row_linear=functools.partial(LinearParams, parallel_mode="row"), block_norm=NormParams)
 
 
-def build_pair(tp: int, monkeypatch=None):
+def build_pair(tp: int):
     """(local model, model with holder blocks), same config and seed, on megatron-core's TP group of size tp."""
     from megatron_genlip.model import genlip
 

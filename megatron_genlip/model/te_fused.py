@@ -28,6 +28,7 @@ import torch
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
 from megatron_genlip.compat import initialize_affine_weight_cpu
+from megatron_genlip.parallel import state
 
 
 class SharedParameters:
@@ -89,10 +90,7 @@ class LinearParams(torch.nn.Module):
     def __init__(self, in_features: int, out_features: int, *, bias: bool, init_method, config, tp_group,
                  parallel_mode: str = "column"):
         super().__init__()
-        import torch.distributed as dist
-
-        tp = dist.get_world_size(tp_group) if tp_group is not None else 1
-        rank = dist.get_rank(tp_group) if tp_group is not None else 0
+        tp, rank = state.group_size(tp_group), state.group_rank(tp_group)
         column = parallel_mode == "column"
         if parallel_mode not in ("column", "row"):
             raise ValueError(f"parallel_mode must be 'column' or 'row', got {parallel_mode!r}")
