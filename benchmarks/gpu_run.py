@@ -42,7 +42,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -469,9 +468,12 @@ def phase_data(run: Run) -> dict:
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A rendezvous port below the ephemeral range (training/ports.py: stdlib only, so this process may import it
+    from the checkout whether or not the package is installed into its interpreter)."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from megatron_genlip.training.ports import free_port
+    return free_port()
 
 
 def checkpointing_mode(value) -> str:

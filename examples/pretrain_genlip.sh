@@ -27,7 +27,7 @@ NPROC=${NPROC:-2}
 OUTPUT_DIR=${OUTPUT_DIR:-outputs/tiny}
 DATA_DIR=${DATA_DIR:-data/tiny}
 EMBEDDED_DATA=${EMBEDDED_DATA:-1}
-PORT=${MASTER_PORT:-$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
+PORT=${MASTER_PORT:-$(python -m megatron_genlip.training.ports)}  # below the ephemeral range
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # compile/dynamo: the trainer's platform decision
 DATA_ARGS=()
 if [ "$EMBEDDED_DATA" = "1" ]; then

@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 
 
 def _free_port() -> int:
-    from megatron_genlip.training.distributed import free_port
+    from megatron_genlip.training.ports import free_port
 
     return free_port()  # outside the ephemeral range: no other process's connection takes it meanwhile
 

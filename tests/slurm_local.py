@@ -50,8 +50,8 @@ def missing_binaries() -> list[str]:
 
 def free_ports(n: int) -> list[int]:
     """n distinct free TCP ports (checked on all interfaces, as the daemons will bind them), outside the ephemeral
-    range (``training.distributed.free_port``)."""
-    from megatron_genlip.training.distributed import free_port
+    range (``training.ports.free_port``)."""
+    from megatron_genlip.training.ports import free_port
 
     ports: list[int] = []
     while len(ports) < n:
@@ -180,7 +180,7 @@ class SlurmLocal:
             "MinJobAge=3600",
             "JobRequeue=1",
             # job ids restart at FirstJobId with every fresh controller; a random start keeps job-id-derived
-            # values (log names, the job script's rendezvous port 20000 + id % 20000) apart between clusters
+            # values (log names, the job script's rendezvous port 20000 + id % 12000) apart between clusters
             f"FirstJobId={random.randint(1000, 19000)}",
         ]
         for name, port in zip(self.nodes, node_ports):

@@ -15,7 +15,7 @@ TINY = ROOT / "examples" / "configs" / "tiny.yaml"
 
 
 def free_port() -> int:
-    from megatron_genlip.training.distributed import free_port as library_free_port
+    from megatron_genlip.training.ports import free_port as library_free_port
 
     return library_free_port()  # outside the ephemeral range: no other process's connection takes it meanwhile
 

@@ -7,36 +7,13 @@ to RANK/LOCAL_RANK/WORLD_SIZE when those are absent) and as a plain single proce
 from __future__ import annotations
 
 import os
-import random
-import socket
 
 import torch
 import torch.distributed as dist
 
 from megatron_genlip.parallel import comm
 from megatron_genlip.platform import Platform
-
-
-# rendezvous ports are drawn below Linux's default ephemeral range (32768-60999): the kernel hands ports of that
-# range to every outgoing connection and to bind(port 0), so a port found free there can be taken by another
-# process's connection before the rendezvous binds it (seen as EADDRINUSE when tests run side by side)
-PORT_RANGE = (20000, 32000)
-
-
-def free_port(host: str = "127.0.0.1", exclude=()) -> int:
-    """A TCP port that is free now on ``host`` and outside the ephemeral range (see ``PORT_RANGE``)."""
-    draw = random.SystemRandom()
-    for _ in range(200):
-        port = draw.randrange(*PORT_RANGE)
-        if port in exclude:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind((host, port))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError(f"no free TCP port in {PORT_RANGE[0]}-{PORT_RANGE[1]} after 200 tries; set MASTER_PORT")
+from megatron_genlip.training.ports import free_port
 
 
 def fill_env() -> None:
