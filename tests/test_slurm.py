@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from megatron_genlip.training.ports import PORT_RANGE
 from slurm_local import SlurmError, missing_binaries, slurm_cluster  # noqa: F401  (slurm_cluster: the fixture)
 from trainer_harness import ROOT, TINY, build_test_dataset, env as trainer_env, train_log
 
@@ -109,6 +110,10 @@ def test_two_node_job_completes_with_checkpoint_and_log(uninterrupted):
     assert info["NumNodes"] == "2" and info["NodeList"] == "node[1-2]", info
     out = info["_log"]
     assert "2 nodes x 1 ranks" in out and "launcher srun" in out, out[-3000:]
+    port = int(re.search(r"rendezvous [^ :]+:(\d+)", out).group(1))
+    low, high = PORT_RANGE  # below the kernel's ephemeral range: job 17399's port 37399 was taken there (CI)
+    walked = (port - low - int(info["JobId"])) % (high - low)  # 0 unless 20000 + id % 12000 was taken
+    assert low <= port < high and walked < 100, (port, info["JobId"])
     assert "'world_size': 2" in out and "'data_parallel': 2" in out, out[-3000:]  # one rank on each node
     assert "started from scratch" in out and "training finished" in out, out[-3000:]
     assert sorted(log) == list(range(1, STEPS + 1)) and log[STEPS] < log[1], log
