@@ -8,11 +8,7 @@ import traceback
 
 import torch.multiprocessing as mp
 
-
-def _free_port() -> int:
-    from megatron_genlip.training.ports import free_port
-
-    return free_port()  # outside the ephemeral range: no other process's connection takes it meanwhile
+from megatron_genlip.training.ports import free_port  # outside the ephemeral range (no connection takes it)
 
 
 def _worker(rank: int, world: int, port: int, module: str, fn: str, args: tuple, errors) -> None:
@@ -41,7 +37,7 @@ def run_ranks(world: int, module: str, fn: str, *args) -> None:
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
     try:
-        mp.start_processes(_worker, args=(world, _free_port(), module, fn, args, errors), nprocs=world,
+        mp.start_processes(_worker, args=(world, free_port(), module, fn, args, errors), nprocs=world,
                            start_method="spawn")
     except Exception as e:  # noqa: BLE001
         details = []

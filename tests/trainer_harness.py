@@ -9,15 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from megatron_genlip.training.ports import free_port  # outside the ephemeral range (no connection takes it)
+
 ROOT = Path(__file__).parent.parent
 ENTRY = ROOT / "examples" / "pretrain_genlip.py"
 TINY = ROOT / "examples" / "configs" / "tiny.yaml"
-
-
-def free_port() -> int:
-    from megatron_genlip.training.ports import free_port as library_free_port
-
-    return library_free_port()  # outside the ephemeral range: no other process's connection takes it meanwhile
 
 
 def env() -> dict:
