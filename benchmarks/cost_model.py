@@ -143,7 +143,7 @@ def block_notes(r: dict) -> str:
     d = ew["detail"]
     a = att["detail"]
     if a["block"][0] == "varlen":
-        kernel = (f"varlen FA2 ({a['note']}), {a['segments']} query segments per call, "
+        kernel = (f"varlen FA2 ({a['note']}), {a['segments']} segments per call (runs and text-run gaps), "
                   f"{a['tiles_per_row']:.0f} forward tiles per row ({a['partial_share']:.0%} masked), computed / "
                   f"exact-mask entries {a['computed_over_allowed']:.2f}")
     else:
@@ -339,7 +339,9 @@ def run(args) -> dict:
                 print(f"\n### {name} {key}: {r['design']}\n")
                 print("\n".join(component_table(r)))
                 print(f"\n{block_notes(r)}")
-                print(sensitivity(model, next(d for d in designs if d.name == key), a))
+                # the FP8 comparison may have priced before/after without --designs naming them
+                design = next((d for d in designs if d.name == key), {"before": cost.BEFORE, "after": cost.AFTER}[key])
+                print(sensitivity(model, design, a))
         if "before" in results and "after" in results:
             target = TARGETS.get(name)
             b, af = results["before"], results["after"]

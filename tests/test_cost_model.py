@@ -223,3 +223,59 @@ def test_varlen_design_counts_two_calls_per_pass_and_fa2_head_dim(batch):
     assert att["executed_flops"] >= att["detail"]["exact_mask_flops"]
     tiles = cost.varlen_tile_counts(batch["sample_ids"], batch["token_kinds"])
     assert tiles["segments"] == att["detail"]["segments"]
+
+
+def test_varlen_call_a_computes_no_tile_of_a_caption(batch):
+    """Call A's key segments give each text run none of its keys (they sit in the run's empty-query gap), so call
+    A's tiles are exactly those of the image and padding runs over themselves; call B's are those of the text runs
+    over their samples so far, plus the padding runs over themselves (their outputs come from call A; a few tiles
+    per row, 0.3% of the recipe's)."""
+    import numpy as np
+    from megatron_genlip.batch import KIND_TEXT
+    from megatron_genlip.model.attention import varlen_mask
+
+    m = varlen_mask(batch["sample_ids"], batch["token_kinds"])
+    q = np.diff(m.cu_q.numpy().astype(np.int64))[:m.segments]
+    starts = m.cu_q.numpy()[:m.segments].astype(np.int64)
+    sid, kinds = batch["sample_ids"].reshape(-1).numpy(), batch["token_kinds"].reshape(-1).numpy()
+    L = batch["sample_ids"].shape[1]
+    text = np.array([n > 0 and kinds[s] == KIND_TEXT for s, n in zip(starts, q)])
+    other = ~text & (q > 0)
+    pad = other.copy()
+    pad[other] = sid[starts[other]] < 0
+    assert pad.any() and not (kinds[starts[other]] == KIND_TEXT).any()
+
+    def sample_start(t):  # the first token of t's sample in its row
+        while t % L and sid[t - 1] == sid[t]:
+            t -= 1
+        return t
+
+    keys_b = np.array([s + n - sample_start(s) for s, n in zip(starts[text], q[text])])
+    tiles = cost.varlen_tile_counts(batch["sample_ids"], batch["token_kinds"])
+    for pas, tile in (("fwd", cost.FA2_FWD_TILE), ("bwd", cost.FA2_BWD_TILE)):
+        assert tiles[f"a_{pas}_tiles"] == cost._segment_tiles(q[other], q[other], tile, False)[0]
+        b_text = cost._segment_tiles(q[text], keys_b, tile, True)[0]
+        b_pad = cost._segment_tiles(q[pad], q[pad], tile, True)[0]
+        assert tiles[f"b_{pas}_tiles"] == b_text + b_pad
+
+
+def test_cli_prices_one_design_with_the_fp8_comparison(tmp_path):
+    """benchmarks/cost_model.py --designs after on a config with the FP8 comparison (which prices 'before' too):
+    once crashed looking up the sensitivity of a design the list did not name."""
+    import importlib.util
+    import json
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks/cost_model.py"
+    spec = importlib.util.spec_from_file_location("cost_model_cli", path)
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    tiny = ["model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=176", "model.num_attention_heads=4",
+            "model.text_embed_dim=64", "model.mrope_section=[3,3,2]", "model.vocab_size=448",
+            "data.pack_buffer_size=32"]
+    out = tmp_path / "cost.json"
+    args = ["--config", str(RECIPE), "--rows", "2", "--seq-length", "1024", "--designs", "after",
+            "--fp8-configs", "So16", "--json", str(out)] + [a for s in tiny for a in ("--set", s)]
+    assert cli.main(args) == 0
+    report = json.loads(out.read_text())["configs"]["So16"]
+    assert set(report["designs"]) == {"after", "before"} and set(report["fp8"]) == {"before + FP8", "after + FP8"}
+    assert report["designs"]["after"]["step_seconds"] < report["designs"]["before"]["step_seconds"]

@@ -113,7 +113,7 @@ def test_varlen_workspace_is_fa2_backward_scratch():
     tokens, heads = 4 * 16384, cfg.model.num_attention_heads
     assert cfg.model.head_dim == 72 and heads == 16
     scratch = 4 * (tokens + 128 * 1024) * heads * (96 + 1)
-    mask = 2 * 1025 * 4 + tokens
+    mask = 3 * 1025 * 4 + tokens  # three int32 cu_seqlens (queries, call A keys, call B keys) + take_a
     assert est.components["attention_workspace"] == scratch + mask
     # the same under TP=2: heads split
     tp2 = estimate_memory(cfg_of(SO16, "parallel.tensor_parallel=2"), world_size=2, micro_batch_size=4)

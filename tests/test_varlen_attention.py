@@ -43,16 +43,26 @@ def test_segments_of_a_hand_packed_batch():
     # row 0: (5 img, 3 txt), (4, 6), 2 padding; row 1: (3 img, 0 txt), (0 img, 4 txt), (6, 3), 4 padding
     sid, kinds = rows_from([[(5, 3), (4, 6)], [(3, 0), (0, 4), (6, 3)]], 20)
     m = varlen_mask(sid, kinds)
-    # query segments of both calls = runs of one kind inside a sample (a padding run is one)
-    q = [0, 5, 8, 12, 18, 20, 23, 27, 33, 36]
-    # call B's key segment of each run: empty for an image run (its queries see nothing there), the whole sample
-    # for a text run, the run itself for padding; the image-only sample (20-23) keeps its own keys (its image
+    # query segments of both calls = runs of one kind inside a sample (a padding run is one), each text run followed
+    # by an empty gap segment
+    q = [0, 5, 8, 8, 12, 18, 18, 20, 23, 27, 27, 33, 36, 36]
+    # call A's key segment of each: the run itself for image and padding runs, empty for a text run (text queries
+    # take call B's output), the text run's keys for its gap (the segments must cover every key)
+    ka = [0, 5, 5, 8, 12, 12, 18, 20, 23, 23, 27, 33, 33, 36]
+    # call B's: empty for an image run (its queries see nothing there), the sample up to the run's end for a text
+    # run, empty for a gap, the run itself for padding; the image-only sample (20-23) keeps its own keys (its image
     # queries take call A's output anyway)
-    kb = [0, 0, 8, 8, 18, 20, 23, 27, 27, 36]
+    kb = [0, 0, 8, 8, 8, 18, 18, 20, 23, 27, 27, 27, 36, 36]
     assert m.segments == len(q)
-    assert m.cu_q.dtype == m.cu_kb.dtype == torch.int32
+    assert m.cu_q.dtype == m.cu_ka.dtype == m.cu_kb.dtype == torch.int32
     assert m.cu_q.tolist() == q + [40] * (64 + 1 - len(q)), "power-of-two capacity, zero-length tail segments"
+    assert m.cu_ka.tolist() == ka + [40] * (64 + 1 - len(ka))
     assert m.cu_kb.tolist() == kb + [40] * (64 + 1 - len(kb))
+    lengths = [torch.diff(cu)[:m.segments].tolist() for cu in (m.cu_q, m.cu_ka, m.cu_kb)]
+    # (queries, call-A keys, call-B keys) per segment: no call computes a tile whose output the other call's
+    # tokens take, except the image-only sample's own keys in call B
+    assert list(zip(*lengths)) == [(5, 5, 0), (3, 0, 8), (0, 3, 0), (4, 4, 0), (6, 0, 10), (0, 6, 0), (2, 2, 2),
+                                   (3, 3, 3), (4, 0, 4), (0, 4, 0), (6, 6, 0), (3, 0, 9), (0, 3, 0), (4, 4, 4)]
     assert (m.max_q, m.max_kb) == (128, 128), "longest run (6) and sample (10): at least 128"
     take_a = (kinds == KIND_IMAGE) | (sid < 0)
     assert torch.equal(m.take_a.view(2, 20), take_a)
@@ -62,16 +72,16 @@ def test_capacity_and_longest_segment_buckets():
     sid, kinds = rows_from([[(200, 130)] * 3, [(150, 20)] * 2], 1024)
     m = varlen_mask(sid, kinds)
     # row 1's 684-token padding tail is cut into 128-token segments: it sets neither longest segment
-    assert m.segments == 3 * 2 + 1 + 2 * 2 + 6
+    assert m.segments == 3 * 3 + 1 + 2 * 3 + 6, "image, text and gap segments per sample, padding chunks"
     pad = m.cu_q[m.segments - 6:m.segments + 1].tolist()
     assert pad == [1024 + 340 + 128 * i for i in range(6)] + [2048] and m.cu_kb[m.segments - 6:m.segments].tolist() \
         == pad[:-1], "each padding chunk is its own key segment in call B"
-    assert m.cu_q.numel() == 64 + 1 and m.cu_kb.numel() == 64 + 1
+    assert m.cu_q.numel() == m.cu_ka.numel() == m.cu_kb.numel() == 64 + 1
     assert (m.max_q, m.max_kb) == (256, 512), "200-token images and 330-token samples, to powers of two"
     sid, kinds = rows_from([[(200, 130)] * 3] * 2 + [[(150, 20)] * 6] * 30, 1024)
     m = varlen_mask(sid, kinds)
-    assert m.segments == 2 * 7 + 30 * 13
-    assert m.cu_q.numel() == 512 + 1, "404 segments, at least one per 64 tokens -> 512"
+    assert m.segments == 2 * 10 + 30 * 19
+    assert m.cu_q.numel() == 1024 + 1, "590 segments, at least one per 64 tokens (512) -> 1024"
     assert (m.max_q, m.max_kb) == (256, 512)
 
 
@@ -137,8 +147,8 @@ def test_the_cuda_call_on_meta_tensors():
     """The CUDA branch (torch's varlen_attn custom op, its fake kernel on meta): shapes and the backward op."""
     sid, kinds = packed_rows(STAGE1, 430)
     mask = varlen_mask(sid, kinds)
-    meta = VarlenMask(**{**mask.__dict__, "cu_q": mask.cu_q.to("meta"), "cu_kb": mask.cu_kb.to("meta"),
-                         "take_a": mask.take_a.to("meta")})
+    meta = VarlenMask(**{**mask.__dict__, "cu_q": mask.cu_q.to("meta"), "cu_ka": mask.cu_ka.to("meta"),
+                         "cu_kb": mask.cu_kb.to("meta"), "take_a": mask.take_a.to("meta")})
     q, k, v = (torch.empty(len(STAGE1), 3, 430, 72, device="meta", dtype=torch.bfloat16, requires_grad=True)
                for _ in range(3))
     seen, causal = [], []
@@ -147,7 +157,7 @@ def test_the_cuda_call_on_meta_tensors():
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             seen.append(str(func))
             if func is torch.ops.torch_attn._varlen_attn.default:  # (q, k, v, cu_q, cu_k, max_q, max_k, is_causal..)
-                causal.append((args[3] is meta.cu_q, args[4] is (meta.cu_q if not args[7] else meta.cu_kb),
+                causal.append((args[3] is meta.cu_q, args[4] is (meta.cu_ka if not args[7] else meta.cu_kb),
                                (args[5], args[6]), args[7]))
             return func(*args, **(kwargs or {}))
 
@@ -157,7 +167,7 @@ def test_the_cuda_call_on_meta_tensors():
     assert out.shape == q.shape and q.grad.shape == q.shape
     assert sum("torch_attn._varlen_attn.default" in s for s in seen) == 2, seen
     assert sum("_varlen_attn_backward" in s for s in seen) == 2
-    # call A bidirectional over the runs; call B causal, queries = the runs, keys = call B's key segments
+    # call A bidirectional, call B causal; both take the same query segments, each its own key segments
     assert causal == [(True, True, (mask.max_q, mask.max_q), False), (True, True, (mask.max_q, mask.max_kb), True)]
     assert torch.ops.torch_attn._varlen_attn.default in recompute.saved_ops(), "selective checkpointing keeps it"
 

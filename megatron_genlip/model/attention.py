@@ -12,11 +12,12 @@ builds ``mask`` ONCE per forward with ``kernel.build_mask(sample_ids, token_kind
   (FlashAttention-2's variable-length kernel, ``torch.nn.attention.varlen.varlen_attn``), as two calls over the
   flattened rows (:class:`VarlenAttention`): the prefix-LM rule is, per packed sample laid out
   [image][text], "an image token sees its image (bidirectional), a text token sees the sample's earlier tokens
-  (causal)", so call A runs bidirectional attention over segments = the runs of one kind inside a sample (image
-  run, text run, padding run) and call B causal attention over segments = whole samples; image and padding
-  tokens take A's output, text tokens B's. Executed work per sample is P^2 + C^2 + T^2/2 at FA2's tile size
-  against the credited P^2 + PC + C^2/2 (P image, C text, T = P + C tokens): ~1.4x, versus ~2.2x (x 128/head_dim)
-  for 128-token FlexAttention tiles (``benchmarks/cost_model.py`` counts both). The segment boundaries are built
+  (causal)", so call A runs bidirectional attention of each image (and padding) run over itself and call B causal
+  attention of each text run over its sample so far; image and padding tokens take A's output, text tokens B's.
+  Each call gives the other call's queries an empty key segment (FA2 writes 0 there and skips the tiles), so the
+  executed work per sample is P^2 + P C + C^2/2 at FA2's tile size, the credited amount (P image, C text tokens):
+  ~1.9x the exact-mask entries in FA2 tiles at the stage-1 lengths, versus ~2.2x (x 128/head_dim) for 128-token
+  FlexAttention tiles (``benchmarks/cost_model.py`` counts both). The segment boundaries are built
   once per micro-batch on the device with ONE host read (counts and longest segment, bucketed so compiled
   blocks see few distinct shapes); a sample whose image does not open it is refused there with a clear error.
   On CPU the same two calls run as SDPA with the dense block-diagonal mask of the same ``cu_seqlens`` (tests).
@@ -42,7 +43,7 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from megatron_genlip import compat, platform
-from megatron_genlip.batch import KIND_IMAGE
+from megatron_genlip.batch import KIND_IMAGE, KIND_TEXT
 from megatron_genlip.model.masks import may_attend, sdpa_mask
 
 BLOCK_SIZE = 128  # FlexAttention tile (query and key); rows need not be multiples of it
@@ -145,16 +146,20 @@ def fa2_head_dim(head_dim: int) -> int:
 class VarlenMask:
     """Segments of the flattened rows (token t = b * L + l) for the two FA2 calls of :class:`VarlenAttention`.
 
-    ``cu_q``: int32 starts of the runs of one kind inside a sample (image run, text run, padding chunk): the query
-    segments of both calls and the key segments of call A; ``cu_kb``: call B's key segment of each run (empty for
-    an image run, the whole sample for a text run, the run itself for padding). Both are padded with zero-length
+    ``cu_q``: int32 starts of the query segments of both calls: the runs of one kind inside a sample (image run,
+    text run, padding chunk), each text run followed by an empty "gap" segment. ``cu_ka``: call A's key segment of
+    each: the run itself for an image run or padding, empty for a text run (its queries see nothing in call A),
+    the text run's keys for its gap (FA2's segments partition the keys, so some segment must hold them: one
+    without queries, which runs no tile). ``cu_kb``: call B's: empty for an image run, the sample up to the run's
+    end for a text run, empty for a gap, the run itself for padding. All three are padded with zero-length
     segments at the end to a power-of-two count (a compiled block sees few distinct shapes). ``max_q``/``max_kb``:
-    the longest query / call-B key segment rounded up to a power of two >= 128 (FA2's grid; a new value
-    recompiles a compiled block, so they are coarse). ``take_a``: bool
-    [N, 1, 1], the token's output comes from call A (image and padding tokens) else B (text). ``segments``: the
-    real run count, for the cost model."""
+    the longest query (= call-A key) / call-B key segment rounded up to a power of two >= 128 (FA2's grid; a new
+    value recompiles a compiled block, so they are coarse). ``take_a``: bool [N, 1, 1], the token's output comes
+    from call A (image and padding tokens) else B (text). ``segments``: the real segment count (runs and gaps),
+    for the cost model."""
 
     cu_q: torch.Tensor
+    cu_ka: torch.Tensor
     cu_kb: torch.Tensor
     max_q: int
     max_kb: int
@@ -197,15 +202,12 @@ def _longest(starts: torch.Tensor) -> torch.Tensor:
     return (torch.arange(starts.numel(), device=starts.device) - _begin(starts) + 1).max()
 
 
-def _cu_seqlens(starts: torch.Tensor, capacity: int, values: torch.Tensor | None = None) -> torch.Tensor:
-    """int32 [capacity + 1]: per segment ``values`` at its start token (default: the start itself), then the total
-    token count (zero-length segments fill the capacity); static shapes: a scatter into a buffer with a dump slot,
-    no ``nonzero``."""
-    n = starts.numel()
-    if values is None:
-        values = torch.arange(n, device=starts.device)
+def _cu_seqlens(starts: torch.Tensor, capacity: int, values: torch.Tensor, total: int) -> torch.Tensor:
+    """int32 [capacity + 1]: ``values`` at the set ``starts`` flags in order (one per segment), then ``total``, the
+    flattened token count (zero-length segments fill the capacity); static shapes: a scatter into a buffer with a
+    dump slot, no ``nonzero``."""
     index = torch.where(starts, torch.cumsum(starts, 0) - 1, torch.full_like(starts, capacity + 1, dtype=torch.long))
-    cu = torch.full((capacity + 2,), n, dtype=torch.int32, device=starts.device)
+    cu = torch.full((capacity + 2,), total, dtype=torch.int32, device=starts.device)
     cu.scatter_(0, index, values.to(torch.int32))
     return cu[: capacity + 1].contiguous()
 
@@ -215,7 +217,11 @@ def varlen_mask(sample_ids: torch.Tensor, token_kinds: torch.Tensor) -> VarlenMa
     host read of four numbers (the run count, the longest run and sample, the layout check)."""
     B, L = sample_ids.shape
     runs, samples, broken = _segment_starts(sample_ids, token_kinds)
-    stats = torch.stack([runs.sum(), _longest(runs), _longest(samples), broken.sum()])
+    # the last token of each text run: its gap segment follows it
+    run_end = torch.ones_like(runs)
+    run_end[:-1] = runs[1:]
+    text_end = run_end & (token_kinds == KIND_TEXT).reshape(-1)
+    stats = torch.stack([runs.sum() + text_end.sum(), _longest(runs), _longest(samples), broken.sum()])
     count, long_q, long_k, n_broken = (int(x) for x in stats.cpu().tolist())  # the one host read
     if n_broken:
         t = int(torch.nonzero(broken)[0])
@@ -224,15 +230,23 @@ def varlen_mask(sample_ids: torch.Tensor, token_kinds: torch.Tensor) -> VarlenMa
             f"{t // L}, position {t % L} is an image token after text of its sample ({n_broken} such tokens): use "
             f"model.attention=flex for this data")
     image = (token_kinds == KIND_IMAGE).reshape(-1)
-    # call B's key segment of a run starts at its sample's start; an image run's ends there too (its next run, the
-    # sample's text, starts its keys at the same token), so image queries see no key in call B
-    kb_start = _begin(samples)
     take_a = (image | (sample_ids < 0).reshape(-1)).view(-1, 1, 1)
+    # segment entries in order: entry 2t opens the run starting at token t, entry 2t + 1 the gap after the text
+    # run ending at token t. Each entry's value is where its query / call-A key / call-B key segment starts; a
+    # segment ends where the next entry's starts. Call A: a run's keys start at the run (a text run's next entry,
+    # its gap, starts at the same key: empty), a gap's at its text run's start. Call B: a run's keys start at its
+    # sample's start (an image run's next entry, the sample's text run, starts there too: empty), a gap's at the
+    # text run's end (the next run starts there too: empty).
+    t = torch.arange(runs.numel(), device=runs.device)
+    flags = torch.stack([runs, text_end], 1).reshape(-1)
+    q_start = torch.stack([t, t + 1], 1).reshape(-1)
+    ka_start = torch.stack([t, _begin(runs)], 1).reshape(-1)
+    kb_start = torch.stack([_begin(samples), t + 1], 1).reshape(-1)
     # few distinct shapes for the compiled blocks: the segment count to a power of two, at least one segment per
     # 64 tokens; the longest segments to powers of two from 128 (stage 1: 1024 segments per 4 rows, 256, 512)
     capacity = segment_capacity(count, B * L)
-    return VarlenMask(_cu_seqlens(runs, capacity), _cu_seqlens(runs, capacity, kb_start), _pow2(long_q, 128),
-                      _pow2(long_k, 128), take_a, B, L, count)
+    cu_q, cu_ka, cu_kb = (_cu_seqlens(flags, capacity, v, B * L) for v in (q_start, ka_start, kb_start))
+    return VarlenMask(cu_q, cu_ka, cu_kb, _pow2(long_q, 128), _pow2(long_k, 128), take_a, B, L, count)
 
 
 @functools.cache
@@ -292,7 +306,7 @@ class VarlenAttention:
         B, h, L, d = q.shape
         flat = [t.transpose(1, 2).reshape(B * L, h, d) for t in (q, k, v)]  # [B*L, h, d], token order (b, l)
         m = mask
-        a = varlen_segments(*flat, m.cu_q, m.cu_q, m.max_q, m.max_q, causal=False, rows=B)  # image <-> image
+        a = varlen_segments(*flat, m.cu_q, m.cu_ka, m.max_q, m.max_q, causal=False, rows=B)  # image <-> image
         b = varlen_segments(*flat, m.cu_q, m.cu_kb, m.max_q, m.max_kb, causal=True, rows=B)  # text -> sample
         out = torch.where(mask.take_a, a, b)
         return out.view(B, L, h, d).transpose(1, 2)

@@ -1106,10 +1106,9 @@ def varlen_tile_counts(sample_ids: torch.Tensor, token_kinds: torch.Tensor) -> d
     from megatron_genlip.model.attention import varlen_mask
 
     m = varlen_mask(sample_ids.cpu(), token_kinds.cpu())
-    q = np.diff(m.cu_q.numpy().astype(np.int64))
-    kb = np.diff(m.cu_kb.numpy().astype(np.int64))
+    q, ka, kb = (np.diff(cu.numpy().astype(np.int64)) for cu in (m.cu_q, m.cu_ka, m.cu_kb))
     out = {"rows": sample_ids.shape[0], "segments": m.segments, "allowed_entries": 0}
-    for call, k, causal in (("a", q, False), ("b", kb, True)):
+    for call, k, causal in (("a", ka, False), ("b", kb, True)):
         for pas, tile in (("fwd", FA2_FWD_TILE), ("bwd", FA2_BWD_TILE)):
             computed, masked = _segment_tiles(q, k, tile, causal)
             out[f"{call}_{pas}_tiles"], out[f"{call}_{pas}_masked"] = computed, masked

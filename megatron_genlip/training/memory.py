@@ -420,12 +420,12 @@ def _stage_plan(cfg: Config, stage: int, dp: int, rows: int, ckpt: str, grad_acc
         saved_masks = 1 if ckpt != "none" else layers  # selective recomputes the mask conversion too
         comp["attention_workspace"] = int(rows * s * s * (1 + a * saved_masks))
     elif m.attention == "varlen":
-        # the VarlenMask (two int32 cu_seqlens of `capacity` + 1 and a bool per token) and, in one backward call at a
+        # the VarlenMask (three int32 cu_seqlens of `capacity` + 1 and a bool per token) and, in one backward call at a
         # time, FA2's fp32 workspaces (flash_api.cpp mha_varlen_bwd): dq_accum [N + 128 capacity, h, head dim
         # rounded up to 32] and softmax_d [h, N + 128 capacity]; capacity as varlen_mask buckets it for packed rows
         # of short samples (at least one segment per 64 tokens, so 128 capacity >= 2N: the workspace is ~3N rows)
         capacity = segment_capacity(0, T)
-        comp["attention_workspace"] = int(2 * (capacity + 1) * 4 + T)
+        comp["attention_workspace"] = int(3 * (capacity + 1) * 4 + T)
         if on_cuda:
             padded_rows = T + 128 * capacity
             comp["attention_workspace"] += int(4 * padded_rows * math.ceil(h / tp) * (fa2_head_dim(m.head_dim) + 1))
