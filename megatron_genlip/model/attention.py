@@ -214,7 +214,7 @@ def _cu_seqlens(starts: torch.Tensor, capacity: int, values: torch.Tensor, total
 
 def varlen_mask(sample_ids: torch.Tensor, token_kinds: torch.Tensor) -> VarlenMask:
     """The :class:`VarlenMask` of rows ``sample_ids``/``token_kinds`` [B, L]: built on their device, with one
-    host read of four numbers (the run count, the longest run and sample, the layout check)."""
+    host read of four numbers (the segment count, the longest run and sample, the layout check)."""
     B, L = sample_ids.shape
     runs, samples, broken = _segment_starts(sample_ids, token_kinds)
     # the last token of each text run: its gap segment follows it

@@ -423,7 +423,8 @@ def _stage_plan(cfg: Config, stage: int, dp: int, rows: int, ckpt: str, grad_acc
         # the VarlenMask (three int32 cu_seqlens of `capacity` + 1 and a bool per token) and, in one backward call at a
         # time, FA2's fp32 workspaces (flash_api.cpp mha_varlen_bwd): dq_accum [N + 128 capacity, h, head dim
         # rounded up to 32] and softmax_d [h, N + 128 capacity]; capacity as varlen_mask buckets it for packed rows
-        # of short samples (at least one segment per 64 tokens, so 128 capacity >= 2N: the workspace is ~3N rows)
+        # of short samples (at least one segment per 64 tokens, so 128 capacity >= 2N: the workspace is ~3N rows;
+        # a stage-1 sample, >= 204 tokens in 3 segments, stays under one per 64; shorter samples would grow it)
         capacity = segment_capacity(0, T)
         comp["attention_workspace"] = int(3 * (capacity + 1) * 4 + T)
         if on_cuda:
