@@ -497,6 +497,18 @@ def _validate_fp8(m: ModelConfig, train: TrainConfig | None, parallel: ParallelC
         raise ConfigError(f"model.fp8={m.fp8} converts plain nn.Linear projections and needs "
                           f"parallel.tensor_parallel=1 (got {parallel.tensor_parallel}); use model.backend=te with "
                           f"model.fp8 in {FP8_TE_RECIPES} for FP8 under tensor parallelism")
+    if m.fp8 in FP8_TORCHAO_RECIPES and parallel is not None and parallel.zero_stage == 3:
+        raise ConfigError(f"model.fp8={m.fp8} with parallel.zero_stage=3: torchao's Float8Linear saves the whole "
+                          "weight it was given for its backward (float8_linear.py: save_for_backward(input, "
+                          "weight.t())), so every block's ZeRO-3-gathered weight would stay alive from forward to "
+                          "backward and ZeRO-3 would shard nothing of them; use parallel.zero_stage=1 or 2")
+    if m.fp8 == "delayed" and train is not None and checkpointing_mode(train.activation_checkpointing) != "none":
+        raise ConfigError(
+            f"model.fp8=delayed with train.activation_checkpointing={train.activation_checkpointing}: a recomputed "
+            "block would be quantized with the scales that the forward's FP8 region updated when it closed, not "
+            "with those its forward used (Transformer Engine keeps them only under its own checkpoint), and its "
+            "amax would enter the history twice. Use model.fp8=current (each tensor's scale from the tensor "
+            "itself: the recomputation quantizes exactly as the forward did) or train.activation_checkpointing=none")
 
 
 @dataclass(frozen=True)
@@ -558,6 +570,7 @@ def resolve_layout(cfg: Config, world_size: int) -> Layout:
         errors.append("model.backend=te with model.te_fused=true and parallel.zero_stage=3: the fused modules read "
                       "parameters that ZeRO-3 would not gather for them (model/te_fused.py); use parallel.zero_stage "
                       "<= 2 or model.te_fused=false")
+    errors += _fp8_shape_errors(cfg, tp)
     if p.sequence_parallel and tp == 1:
         errors.append("parallel.sequence_parallel=true splits the sequence over the tensor-parallel group: it "
                       "needs parallel.tensor_parallel > 1 (got 1)")
@@ -567,6 +580,36 @@ def resolve_layout(cfg: Config, world_size: int) -> Layout:
     if errors:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
     return Layout(world_size, tp, pp, dp, t.global_batch_size // per_step)
+
+
+def _fp8_shape_errors(cfg: Config, tp: int) -> list[str]:
+    """The FP8 GEMMs' shape rules, checked at start-up instead of failing in the first step's kernel call.
+    Transformer Engine (``assert_dim_for_fp8_exec`` on every input and weight): the leading dimensions of an
+    operand multiply to a multiple of 8, its last dimension is a multiple of 16. ``torch._scaled_mm`` (torchao):
+    the inner dimension and both of the second operand's are multiples of 16; the weight gradient's inner
+    dimension is the token count. Training rows only: evaluation and decoding run outside the FP8 region
+    (Transformer Engine) or take no weight gradient (torchao)."""
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    if m.fp8 == "none":
+        return []
+    te = m.fp8 in FP8_TE_RECIPES
+    split = tp if p.sequence_parallel and tp > 1 else 1
+    rows = cfg.data.seq_length * t.micro_batch_size // split
+    multiple = 8 if te else 16
+    errors = []
+    if rows % multiple:
+        per = f" / parallel.tensor_parallel ({tp}, sequence parallel)" if split > 1 else ""
+        errors.append(f"model.fp8={m.fp8}: data.seq_length ({cfg.data.seq_length}) x train.micro_batch_size "
+                      f"({t.micro_batch_size}){per} = {rows} token rows per GEMM, which must be a multiple of "
+                      f"{multiple} ({'Transformer Engine' if te else 'torch._scaled_mm, the weight gradient'})")
+    widths = {"model.hidden_size": m.hidden_size, "model.ffn_hidden_size": m.ffn_hidden_size}
+    if tp > 1:
+        widths = {"model.hidden_size": m.hidden_size,
+                  f"model.hidden_size / parallel.tensor_parallel ({tp})": m.hidden_size // tp,
+                  f"model.ffn_hidden_size / parallel.tensor_parallel ({tp})": m.ffn_hidden_size // tp}
+    errors += [f"model.fp8={m.fp8}: {name} = {width} must be a multiple of 16 (the FP8 GEMMs' inner and output "
+               "dimensions)" for name, width in widths.items() if width % 16]
+    return errors
 
 
 def warmup_steps(t: TrainConfig) -> int:

@@ -49,3 +49,41 @@ def save_fails_on_one_rank(rank: int, world: int, ckpt_dir: str, result_file: st
     if rank == 0:
         torch.save(outcomes, result_file)
     dist.barrier()
+
+
+class ExtraStateProbe(torch.nn.Module):
+    """What Transformer Engine's modules do with their FP8 scaling state: bytes in ``get_extra_state``, read
+    back in ``set_extra_state``, where TE >= 2.18 refuses pickled state unless NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE=1
+    (checkpoint.te_extra_state_loadable). It records that variable as the real DeepSpeed load calls it."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list = []
+
+    def get_extra_state(self):
+        return torch.tensor([7, 1], dtype=torch.uint8)
+
+    def set_extra_state(self, state):
+        import os
+
+        self.seen.append((state.tolist(), os.environ.get(ckpt.TE_UNSAFE_PICKLE_ENV)))
+
+
+def extra_state_loads_with_te_allowed(rank: int, world: int, ckpt_dir: str, result_file: str) -> None:
+    """One rank: save a model holding an ExtraStateProbe, load it back through checkpoint.load_checkpoint."""
+    import os
+
+    import deepspeed
+
+    state.reinitialize(1)
+    model = build_model(small_model_config(vocab_size=448), 1, seed=0)
+    model.fp8_state_probe = ExtraStateProbe()
+    ds = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "steps_per_print": 10**9,
+          "zero_optimization": {"stage": 1}, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}}
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=ds)
+    client = {"genlip": {"config": {"model": {"num_layers": 2}}, "iteration": 1}}
+    tag = ckpt.save_checkpoint(engine, ckpt_dir, 1, client, keep_last=2)
+    before = os.environ.get(ckpt.TE_UNSAFE_PICKLE_ENV)
+    ckpt.load_checkpoint(engine, ckpt_dir, tag)
+    torch.save({"seen": model.fp8_state_probe.seen, "before": before,
+                "after": os.environ.get(ckpt.TE_UNSAFE_PICKLE_ENV)}, result_file)

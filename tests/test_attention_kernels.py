@@ -151,6 +151,44 @@ def test_pipeline_block_stage_builds_the_kernel_mask(packed_batch):
     assert err <= TOL, f"BlockStage flex vs sdpa relative error {err:.2e} > {TOL:.0e}"
 
 
+def test_fp8_region_is_entered_in_training_only(qwen_tokenizer, packed_batch):
+    """model.fp8 with Transformer Engine: the blocks run inside the spec's FP8 region in training, and outside
+    it in evaluation, feature extraction and decoding (TE's FP8 GEMMs need a multiple of 8 rows; a decoding step
+    has one row per caption). The local backend has no region, so a recording one stands in for TE's here."""
+    import contextlib
+
+    model = build_model(small_model_config(), seed=0)
+    entered = []
+
+    @contextlib.contextmanager
+    def region():
+        entered.append(model.training)
+        yield
+
+    model.fp8_region = region
+    model.train()(packed_batch).loss.backward()
+    assert entered == [True]  # one region around the block loop
+    entered.clear()
+    model.eval()
+    img = random_image((3, 4), 9)
+    generate_caption(model, qwen_tokenizer, img, (3, 4), max_new_tokens=3, use_cache=True)
+    image_features(model, img, (3, 4))
+    with torch.no_grad():
+        model(packed_batch)
+    assert entered == []
+    # a pipeline stage's block opens its own region, under the same rule
+    b = packed_batch
+    stage = BlockStage(small_model_config(), state.tensor_parallel_group(), 0, 0)
+    model = stage  # what region() records
+    stage.fp8_region = region
+    x = torch.randn(b["input_ids"].shape[1], b["input_ids"].shape[0], 48)
+    inputs = (x, b["positions"], b["sample_ids"], b["token_kinds"], b["labels"])
+    stage.eval()(inputs)
+    assert entered == []
+    stage.train()(inputs)
+    assert entered == [True]
+
+
 def test_generation_and_features_work_with_flex(qwen_tokenizer):
     """Cached decoding hands dense masks to the flex kernel (SDPA fallback); recomputation uses BlockMasks."""
     img = random_image((3, 4), 9)

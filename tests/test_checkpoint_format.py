@@ -251,3 +251,17 @@ def test_a_save_failing_on_one_rank_fails_on_every_rank(tmp_path):
                                   "checkpoint iter_0000001 is intact"), outcomes[0]
     assert fmt.list_tags(ckpt_dir) == ["iter_0000001"] and fmt.read_latest(ckpt_dir).tag == "iter_0000001"
     assert fmt.choose(ckpt_dir).verdict.status == "verified"
+
+
+def test_te_fp8_state_loads_through_the_real_load_path(tmp_path):
+    """Resuming a model.fp8=delayed run: DeepSpeed's load hands each Transformer Engine module its pickled FP8
+    state while NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE=1 (TE >= 2.18 refuses it otherwise), and the variable is
+    unset again afterwards. A probe module with TE's extra-state protocol stands in for TE (CPU)."""
+    import torch
+    from dist_harness import run_ranks
+
+    result = tmp_path / "result.pt"
+    run_ranks(1, "ckpt_cases", "extra_state_loads_with_te_allowed", str(tmp_path / "ckpt"), str(result))
+    got = torch.load(result, weights_only=False)
+    assert got["seen"] == [([7, 1], "1")]
+    assert got["before"] is None and got["after"] is None

@@ -265,6 +265,10 @@ def test_fp8_on_cpu_is_a_clear_error(fp8):
     (["model.fp8=torchao-rowwise", "train.precision=bf16", "model.backend=te"], r"needs model\.backend=local"),
     (["model.fp8=torchao-tensorwise", "train.precision=bf16", "parallel.tensor_parallel=2"],
      r"needs parallel\.tensor_parallel=1"),
+    (["model.fp8=torchao-tensorwise", "train.precision=bf16", "parallel.zero_stage=3"],
+     r"model\.fp8=torchao-tensorwise with parallel\.zero_stage=3: torchao's Float8Linear saves the whole weight"),
+    (["model.backend=te", "model.fp8=delayed", "train.precision=bf16", "train.activation_checkpointing=full"],
+     r"model\.fp8=delayed with train\.activation_checkpointing=full: a recomputed block would be quantized"),
     (["model.fp8=fp4"], r"model\.fp8 must be"),
     (["model.attention=flash"], r"model\.attention must be 'sdpa', 'flex' or 'varlen'"),
     (["model.loss_chunk_size=-1"], r"model\.loss_chunk_size must be >= 0"),
@@ -272,6 +276,34 @@ def test_fp8_on_cpu_is_a_clear_error(fp8):
 def test_fast_path_fields_are_validated(overrides, needle):
     with pytest.raises(ConfigError, match=needle):
         load_config(TINY, overrides)
+
+
+def test_fp8_combinations_that_stay_allowed():
+    """The refusals above are narrow: delayed scaling without checkpointing, current scaling with full
+    checkpointing and torchao under ZeRO-1/2 still load."""
+    for sets in (["model.backend=te", "model.fp8=delayed", "train.activation_checkpointing=none"],
+                 ["model.backend=te", "model.fp8=current", "train.activation_checkpointing=full"],
+                 ["model.fp8=torchao-tensorwise", "parallel.zero_stage=2"]):
+        load_config(TINY, sets + ["train.precision=bf16"])
+
+
+def test_te_backend_without_transformer_engine_is_a_clear_error(monkeypatch):
+    """On a CUDA machine without Transformer Engine (it has no PyPI wheel), model.backend=te says how to get it
+    instead of failing with a bare ModuleNotFoundError. The CUDA decision is taken here by the platform record;
+    transformer_engine really does not import on this machine."""
+    import dataclasses
+    import importlib.util
+
+    from megatron_genlip import platform
+
+    if importlib.util.find_spec("transformer_engine") is not None:
+        pytest.skip("Transformer Engine is installed here")
+    cfg = load_config(TINY, ["model.backend=te"])
+    monkeypatch.setattr(platform, "_CURRENT", dataclasses.replace(platform.current(), device_type="cuda"))
+    assert platform.current().cuda
+    with pytest.raises(ConfigError, match=r"model\.backend='te' needs Transformer Engine, which does not import "
+                                          r"here \((ModuleNotFound|Import)Error"):
+        get_layer_spec(cfg.model)
 
 
 def test_torchao_spec_converts_only_the_block_projections():

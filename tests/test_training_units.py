@@ -52,6 +52,18 @@ def test_so16_stage1_dry_run_is_8b_samples(capsys):
     (["train.precision=fp16"], 2, ["train.precision", "fp16 is not offered"]),
     (["train.nan_policy=ignore"], 2, ["train.nan_policy"]),
     (["parallel.zero_stage=0"], 2, ["train.nan_policy=skip", "parallel.zero_stage"]),
+    # FP8 GEMM shapes (config._fp8_shape_errors): Transformer Engine needs rows % 8, torch._scaled_mm rows % 16
+    (["model.backend=te", "model.fp8=current", "train.precision=bf16", "data.seq_length=252",
+      "train.micro_batch_size=1", "train.global_batch_size=2"], 2,
+     ["model.fp8=current", "data.seq_length (252) x train.micro_batch_size (1) = 252 token rows", "multiple of 8"]),
+    (["model.fp8=torchao-tensorwise", "train.precision=bf16", "data.seq_length=264", "train.micro_batch_size=1",
+      "train.global_batch_size=2"], 2, ["= 264 token rows per GEMM, which must be a multiple of 16"]),
+    (["model.backend=te", "model.fp8=current", "train.precision=bf16", "parallel.tensor_parallel=2",
+      "parallel.sequence_parallel=true", "data.seq_length=264", "train.micro_batch_size=1",
+      "train.global_batch_size=1"], 2, ["/ parallel.tensor_parallel (2, sequence parallel) = 132 token rows"]),
+    (["model.backend=te", "model.fp8=current", "train.precision=bf16", "parallel.tensor_parallel=2",
+      "model.ffn_hidden_size=336", "train.global_batch_size=2"], 2,
+     ["model.ffn_hidden_size / parallel.tensor_parallel (2) = 168 must be a multiple of 16"]),
 ])  # a warmup as long as the run is refused by load_config already (tests/test_config_validation.py)
 def test_bad_layouts_fail_naming_the_fields(overrides, world, needles):
     cfg = load_config(TINY, overrides)
@@ -59,6 +71,18 @@ def test_bad_layouts_fail_naming_the_fields(overrides, world, needles):
         resolve_layout(cfg, world)
     for n in needles:
         assert n in str(err.value), (n, str(err.value))
+
+
+def test_fp8_shapes_that_the_gemms_take_pass():
+    """The same rules accept the shipped recipe's shapes and the tiny config's (no false alarms)."""
+    for fp8 in (["model.backend=te", "model.fp8=current", "train.activation_checkpointing=full"],
+                ["model.fp8=torchao-tensorwise"]):
+        resolve_layout(load_config(TINY, fp8 + ["train.precision=bf16"]), 2)
+        so16 = load_config(ROOT / "examples/configs/stage1-So16.yaml", fp8 + ["train.precision=bf16"])
+        resolve_layout(so16, so16.parallel.data_parallel * so16.parallel.tensor_parallel
+                       * so16.parallel.pipeline_parallel)
+    resolve_layout(load_config(TINY, ["model.backend=te", "model.fp8=current", "train.precision=bf16",
+                                      "parallel.tensor_parallel=2", "parallel.sequence_parallel=true"]), 2)
 
 
 def test_layout_and_deepspeed_config():

@@ -222,7 +222,10 @@ class GenLIPModel(EmbeddingMixin, HeadMixin, torch.nn.Module):
         mode = recompute.normalize(self.activation_checkpointing) if self.training and cache is None else "none"
         if self.training:
             rng.check_replicated()  # DropPath draws from the default generators, outside any per-rank fork
-        region = self.fp8_region
+        # FP8 (Transformer Engine) in training only: evaluation, feature extraction and decoding run in bf16, as
+        # the exported encoder does downstream (and TE's FP8 GEMMs need row counts in multiples of 8, which a
+        # decoding step of one caption per row is not)
+        region = self.fp8_region if self.training else None
         with self.sp.region(self, x.shape[0], cache is not None) as sp, \
                 (region() if region is not None else contextlib.nullcontext()):
             x = sp.scatter(x)

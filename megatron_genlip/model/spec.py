@@ -134,8 +134,14 @@ def get_layer_spec(cfg: ModelConfig) -> BackendSpec:
                 "model.backend='te' needs a CUDA GPU and Transformer Engine; this machine has no CUDA device. "
                 "Use model.backend=local on CPU."
             )
-        from megatron_genlip.model.te_spec import te_layer_spec  # CUDA only: TE fails to import without it
-
+        try:
+            from megatron_genlip.model.te_spec import te_layer_spec  # CUDA only: TE fails to import without it
+        except ImportError as e:
+            raise ConfigError(
+                f"model.backend='te' needs Transformer Engine, which does not import here ({type(e).__name__}: {e}). "
+                "It is not in requirements.txt: PyPI has only its source (building it needs nvcc and cuDNN, "
+                "`pip install --no-build-isolation transformer_engine[pytorch]`), and NVIDIA's PyTorch containers "
+                "ship it built. Or use model.backend=local (FP8 through model.fp8=torchao-tensorwise).") from e
         return te_layer_spec(cfg, LOCAL_SPEC)
     if cfg.fp8 in FP8_TORCHAO_RECIPES:
         from megatron_genlip.model.fp8 import require_fp8_hardware, torchao_layer_spec

@@ -103,7 +103,9 @@ class BlockStage(TransformerBlock):
         mode = recompute.normalize(self.activation_checkpointing) if self.training else "none"
         if self.training:
             rng.check_replicated()  # DropPath draws from the default generators, outside any per-rank fork
-        region = self.fp8_region  # Transformer Engine FP8: the block's autocast region (one per stage block)
+        # Transformer Engine FP8: the block's autocast region (one per stage block), in training only (as in
+        # GenLIPModel.encode: evaluation runs in bf16)
+        region = self.fp8_region if self.training else None
         with region() if region is not None else contextlib.nullcontext():
             x = recompute.run_block(self, mode, x, cos, sin, mask, None, region=region,  # RNG replayed
                                     call=super().forward)

@@ -33,9 +33,14 @@ NOT TESTED ON A GPU YET (written against the TE 2.x API; see the notes below and
   around each checkpointed block, in forward and in the recomputation alike, so the recomputed forward uses the
   same recipe (one reduction per block then). Each projection still opens the region itself when none is active
   (a direct call, e.g. a test). The amax reduction group is megatron-core's tensor+data-parallel group. Embeddings,
-  LM head, attention and norms stay bf16. Caveat: with ``train.activation_checkpointing`` the block is recomputed
-  by ``torch.utils.checkpoint`` (not ``te.checkpoint``), so delayed scaling records the recomputed forward's amax
-  a second time; ``current`` scaling has no history and is unaffected.
+  LM head, attention and norms stay bf16. FP8 runs in training only: evaluation, feature extraction and caption
+  decoding run these modules in bf16 (TE's FP8 GEMMs need a multiple of 8 rows, which decoding steps are not;
+  ``config._fp8_shape_errors`` checks the training rows and widths at start-up). A checkpointed block is
+  recomputed by ``torch.utils.checkpoint`` (not TE's checkpoint), which would quantize the recomputation with the
+  scales that delayed scaling updated when the forward's region closed: ``config`` refuses ``model.fp8=delayed``
+  with activation checkpointing; ``current`` scaling derives each scale from the tensor itself and recomputes
+  exactly. Transformer Engine is not in requirements.txt and has no wheel on PyPI (a source build needs nvcc and
+  cuDNN): a CUDA machine without it gets a ConfigError from ``spec.get_layer_spec`` saying so.
 """
 
 from __future__ import annotations
@@ -112,13 +117,14 @@ def _no_init(_weight):  # TE draws nothing: the weights are initialised (or drop
 
 
 class _FP8Scoped:
-    """Mixin: the module's forward runs in ``fp8_context()`` (the spec's FP8 region) when one is given; inside an
-    enclosing region that context is a no-op (``fp8_autocast_factory``)."""
+    """Mixin: the module's forward runs in ``fp8_context()`` (the spec's FP8 region) when one is given and the
+    module is training (evaluation runs in bf16, as the model's own region does); inside an enclosing region that
+    context is a no-op (``fp8_autocast_factory``)."""
 
     _fp8_context = None
 
     def forward(self, *args, **kwargs):  # noqa: D102
-        if self._fp8_context is None:
+        if self._fp8_context is None or not self.training:
             return super().forward(*args, **kwargs)
         with self._fp8_context():
             return super().forward(*args, **kwargs)

@@ -27,7 +27,9 @@ Two other kinds of checkpoint load through :func:`load_checkpoint`:
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import os
 import random
 import shutil
 import sys
@@ -426,17 +428,40 @@ def load_checkpoint(engine, ckpt_dir: str | Path, tag: str, weights_only: bool =
     folder). ``manifest``: the verified manifest, against which this rank's RNG file is checked before it is read.
     """
     tag_dir = Path(ckpt_dir) / tag
-    if weights_only:
-        path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_only=True,
-                                                    load_optimizer_states=False, load_lr_scheduler_states=False)
-    else:
-        path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
-                                                    load_lr_scheduler_states=True)
+    with te_extra_state_loadable():
+        if weights_only:
+            path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_only=True,
+                                                        load_optimizer_states=False, load_lr_scheduler_states=False)
+        else:
+            path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
+                                                        load_lr_scheduler_states=True)
     if path is None:
         raise ResumeError(f"DeepSpeed could not load checkpoint {tag_dir}")
     if not weights_only and not is_universal(tag_dir):  # resharded checkpoints carry no RNG states (by design)
         _restore_rng(tag_dir, manifest)
     return client_state or {}
+
+
+TE_UNSAFE_PICKLE_ENV = "NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE"
+
+
+@contextlib.contextmanager
+def te_extra_state_loadable():
+    """Let Transformer Engine load its delayed-scaling FP8 state while DeepSpeed loads a checkpoint.
+
+    TE (>= 2.18, ``transformer_engine/pytorch/_extra_state.py``) refuses to unpickle a module's pickled
+    ``_extra_state`` unless ``NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE=1``, so resuming a ``model.fp8=delayed`` run would
+    fail in ``set_extra_state``. It adds no trust: DeepSpeed has already unpickled the same model-state file
+    (``torch.load(weights_only=False)``) to hand TE those bytes. Set for the load only, then restored."""
+    before = os.environ.get(TE_UNSAFE_PICKLE_ENV)
+    os.environ[TE_UNSAFE_PICKLE_ENV] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(TE_UNSAFE_PICKLE_ENV, None)
+        else:
+            os.environ[TE_UNSAFE_PICKLE_ENV] = before
 
 
 def _restore_rng(tag_dir: Path, manifest: dict | None) -> None:
