@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 
 import torch
 import torch.nn.functional as F
@@ -249,16 +248,6 @@ def varlen_mask(sample_ids: torch.Tensor, token_kinds: torch.Tensor) -> VarlenMa
     return VarlenMask(cu_q, cu_ka, cu_kb, _pow2(long_q, 128), _pow2(long_k, 128), take_a, B, L, count)
 
 
-@functools.cache
-def _varlen_kwargs() -> tuple[str, object, object]:
-    """torch 2.10's ``varlen_attn`` takes ``is_causal``; later releases ``window_size`` ((-1, 0) = causal)."""
-    from torch.nn.attention.varlen import varlen_attn
-
-    if "window_size" in inspect.signature(varlen_attn).parameters:
-        return "window_size", (-1, -1), (-1, 0)
-    return "is_causal", False, True
-
-
 def varlen_segments(q, k, v, cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int, max_k: int, causal: bool,
                     rows: int) -> torch.Tensor:
     """Attention of each query segment of ``cu_q`` to its key segment of ``cu_k`` (bidirectional, or causal aligned
@@ -287,8 +276,8 @@ def varlen_segments(q, k, v, cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int,
                         "use train.precision=bf16 or model.attention=flex")
     from torch.nn.attention.varlen import varlen_attn
 
-    name, full, causal_value = _varlen_kwargs()
-    return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **{name: causal_value if causal else full})
+    # window_size as torch 2.11-2.13 take it (platform.SUPPORTED_TORCH): (-1, 0) causal, (-1, -1) unrestricted
+    return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, window_size=(-1, 0) if causal else (-1, -1))
 
 
 class VarlenAttention:
