@@ -353,6 +353,20 @@ def variants(args, dry_run: bool):
     return out
 
 
+def accepted_checkpointing(path, overrides: list[str], planned: str):
+    """(mode, config) for a variant: ``planned`` or, if the trainer's config refuses it for these overrides, the
+    first slower (smaller) mode after it that it accepts (model.backend=te refuses selective: full); a variant
+    the trainer refuses in every such mode (model.fp8=delayed with checkpointing) raises the ConfigError of
+    ``planned``, and its row says so instead of timing a combination the trainer would not run."""
+    first = None
+    for mode in CHECKPOINTING_ORDER[CHECKPOINTING_ORDER.index(planned):]:
+        try:
+            return mode, load_config(path, overrides + [f"train.activation_checkpointing={mode}"])
+        except ConfigError as e:
+            first = first or e
+    raise first
+
+
 def run_variant(args, cfg, batch, device, all_positions: bool, deadline: float, peak: float,
                 activation_checkpointing: str = "none", compiled: bool = False) -> dict:
     row = {}
@@ -451,7 +465,8 @@ def step_rows(args, models, device, cuda, deadline, results: Results) -> list[di
                 row["status"] = "skipped (--max-seconds)"
             else:
                 try:
-                    cfg = load_config(config_path(m), shapes + overrides)
+                    ckpt, cfg = accepted_checkpointing(config_path(m), shapes + overrides, ckpt)
+                    row["activation_checkpointing"] = ckpt
                     row.update(run_variant(args, cfg, batch, device, all_positions, deadline, peak, ckpt, compiled),
                                status="ok")
                 except ConfigError as e:

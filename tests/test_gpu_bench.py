@@ -231,6 +231,20 @@ def test_rows_come_from_the_memory_estimate():
     assert {"sync_debug", "save_final", "save_interval"} <= set(trainer["train_fields"])
 
 
+def test_variants_run_only_checkpointing_modes_the_trainer_accepts():
+    """A variant's planned checkpointing mode is checked by the trainer's config: Transformer Engine refuses
+    selective (its GEMMs are outside the dispatcher), so the row runs full; delayed FP8 refuses any
+    checkpointing, so the row is refused, not timed."""
+    gpu_bench = _gpu_bench()
+    te = ["model.backend=te"]
+    assert gpu_bench.accepted_checkpointing(TINY, [], "selective")[0] == "selective"
+    assert gpu_bench.accepted_checkpointing(TINY, te, "selective")[0] == "full"
+    mode, cfg = gpu_bench.accepted_checkpointing(TINY, te, "none")
+    assert mode == "none" and cfg.train.activation_checkpointing == "none"
+    with pytest.raises(ConfigError, match=r"model\.fp8=delayed with train\.activation_checkpointing=full"):
+        gpu_bench.accepted_checkpointing(TINY, te + ["model.fp8=delayed", "train.precision=bf16"], "full")
+
+
 def test_help_describes_every_flag():
     gpu_bench = _gpu_bench()
     parser = gpu_bench.build_parser()
