@@ -70,6 +70,53 @@ def fused_loss_kernels() -> dict:
     return out
 
 
+_RUNS: list = []
+
+
+@torch.library.custom_op("genlip_test::count_runs", mutates_args=())
+def _count_runs(x: torch.Tensor) -> torch.Tensor:
+    _RUNS.append(1)
+    return x.clone()
+
+
+_count_runs.register_fake(lambda x: torch.empty_like(x))
+_count_runs.register_autograd(lambda ctx, grad: grad)
+
+
+def _kernel(q, k, v):
+    """A stand-in for an attention kernel compiled by model/attention.py (FlexAttention compiles only on CUDA):
+    scores, softmax, weighted values; its counter op runs whenever the compiled code runs."""
+    return torch.softmax(_count_runs(q) @ k.transpose(-1, -2), dim=-1) @ v
+
+
+def eager_block_keeps_compiled_attention() -> dict:
+    """A block that runs eagerly (ZeRO-3) calling an attention kernel compiled as model/attention.py compiles it,
+    under selective checkpointing with the model's policy: the compiled code runs once in forward and not again in
+    backward (its outputs are kept), and the gradients equal the uncheckpointed ones."""
+    from megatron_genlip.model import attention
+
+    kernel = attention._compiled(_kernel)
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(2, 16, 8, generator=g), torch.randn(8, 24, generator=g)
+
+    def block(x, w):
+        q, k, v = (x @ w).cos().split(8, dim=-1)
+        return kernel(q, k, v).sin()
+
+    out = {}
+    for mode in ("none", "selective"):
+        xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+        _RUNS.clear()
+        y = block(xs, ws) if mode == "none" else torch.utils.checkpoint.checkpoint(
+            block, xs, ws, use_reentrant=False, context_fn=recompute._sac_context)
+        forward_runs = len(_RUNS)
+        y.square().sum().backward()
+        out[mode] = {"forward_runs": forward_runs, "backward_runs": len(_RUNS) - forward_runs,
+                     "grads": [xs.grad, ws.grad]}
+    err = max(float((a - b).abs().max()) for a, b in zip(out["none"]["grads"], out["selective"]["grads"]))
+    return {mode: {k: v for k, v in r.items() if k != "grads"} for mode, r in out.items()} | {"grad_err": err}
+
+
 def main() -> None:
     data = batches(3)
     errors = {}
@@ -101,8 +148,11 @@ def main() -> None:
         graphs += counters["stats"]["unique_graphs"]
     torch._dynamo.utils.counters.clear()
     loss_errors = fused_loss_kernels()
-    print(json.dumps({"errors": errors, "unique_graphs": graphs, "loss_kernels": loss_errors,
-                      "loss_graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"],
+    loss_graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    kept = eager_block_keeps_compiled_attention()
+    print(json.dumps({"errors": errors, "unique_graphs": graphs, "loss_kernels": loss_errors, "kept_attention": kept,
+                      "loss_graphs": loss_graphs,
                       "state_dict_equal_names": list(eager.state_dict()) == list(compiled.state_dict())}))
 
 

@@ -36,6 +36,11 @@ def test_compiled_blocks_equal_eager_without_recompiles():
     assert result["state_dict_equal_names"]
     # the fused loss's chunk functions compiled (dynamic lengths: one graph per function, no recompile)
     assert result["loss_graphs"] == 3, result
+    # an eager block (ZeRO-3) keeps the outputs of the compiled attention under selective checkpointing: its
+    # compiled code runs once, in forward (it ran again in backward before attention._compiled wrapped it)
+    kept = result["kept_attention"]
+    assert kept["selective"] == {"forward_runs": 1, "backward_runs": 0}, kept
+    assert kept["none"] == {"forward_runs": 1, "backward_runs": 0} and kept["grad_err"] <= 1e-6, kept
     for rows, err in result["loss_kernels"].items():
         assert err["max"] == 0.0 and err["picked"] <= 1e-6 and err["sum_exp"] <= 1e-6, (rows, err)
         assert err["grad"] <= 1e-2, (rows, err)  # bf16 output: within its rounding

@@ -80,7 +80,12 @@ def prefix_lm_mask_mod(sample_ids: torch.Tensor, token_kinds: torch.Tensor):
 
 @functools.cache
 def _compiled(fn):
-    return torch.compile(fn, dynamic=False)
+    """``fn`` under torch.compile, its compiled code wrapped in inductor's ``inductor_compiled_code`` operator
+    (``wrap_inductor_compiled_regions``): a block that runs eagerly (ZeRO-3) calls the compiled FlexAttention
+    inside selective checkpointing, whose policy sees that operator and keeps its outputs
+    (``recompute.saved_ops``); unwrapped, the Triton kernels are invisible to it and the attention forward would
+    run again in backward. Inside a compiled block the call is inlined into the block's graph instead."""
+    return torch.compile(fn, dynamic=False, options={"wrap_inductor_compiled_regions": True})
 
 
 def _on_device(fn, device: torch.device):

@@ -51,11 +51,17 @@ def normalize(value) -> str:
 
 @functools.cache
 def saved_ops() -> frozenset:
-    """The ops whose outputs selective checkpointing saves: GEMMs and attention kernels."""
+    """The ops whose outputs selective checkpointing saves: GEMMs and attention kernels (also a compiled
+    attention kernel called from an eager block)."""
     ops = {getattr(torch.ops.aten, name).default for name in _SAVED_ATEN if hasattr(torch.ops.aten, name)}
     flex = getattr(torch.ops.higher_order, "flex_attention", None)
     if flex is not None:
         ops.add(flex)
+    # a compiled region called from an eager block: the compiled FlexAttention (model/attention.py ``_compiled``
+    # wraps it in this operator), the only compiled code a block runs when it is not compiled itself
+    wrapped = getattr(torch.ops.higher_order, "inductor_compiled_code", None)
+    if wrapped is not None:
+        ops.add(wrapped)
     try:  # model.attention=varlen: torch's FlashAttention-2 variable-length custom op (torch >= 2.10)
         importlib.import_module("torch.nn.attention.varlen")  # registers torch.ops.torch_attn
         ops.add(torch.ops.torch_attn._varlen_attn.default)
