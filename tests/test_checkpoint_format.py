@@ -265,3 +265,36 @@ def test_te_fp8_state_loads_through_the_real_load_path(tmp_path):
     got = torch.load(result, weights_only=False)
     assert got["seen"] == [([7, 1], "1")]
     assert got["before"] is None and got["after"] is None
+
+
+def test_optimizer_steps_go_where_fused_adamw_reads_them():
+    """DeepSpeed's universal-checkpoint load puts the step it read into the optimizer state as it is (a CPU
+    tensor); torch's fused AdamW reads a float32 step on the parameter's device (as its own load_state_dict would
+    place it). place_optimizer_steps moves it there (on CPU only the dtype shows), and the next update equals
+    that of an optimizer whose step was never reloaded; a non-fused optimizer keeps its CPU step as it is."""
+    import torch
+
+    from megatron_genlip.training.checkpoint import place_optimizer_steps
+
+    def trained(fused):
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(16))
+        opt = torch.optim.AdamW([p], lr=1e-2, fused=fused)
+        for _ in range(3):
+            p.grad = torch.randn(16)
+            opt.step()
+        return p, opt
+
+    p_ref, ref = trained(True)
+    p, opt = trained(True)
+    opt.state[p]["step"] = torch.tensor(3.0, dtype=torch.float64)  # as the universal load leaves it
+    assert place_optimizer_steps(opt) == 1 and place_optimizer_steps(opt) == 0
+    assert opt.state[p]["step"].dtype == torch.float32 and opt.state[p]["step"].device == p.device
+    g = torch.randn(16)
+    for q, o in ((p_ref, ref), (p, opt)):
+        q.grad = g.clone()
+        o.step()
+    assert torch.equal(p, p_ref)
+    _, plain = trained(False)
+    step = next(iter(plain.state.values()))["step"]
+    assert place_optimizer_steps(plain) == 0 and next(iter(plain.state.values()))["step"] is step

@@ -114,3 +114,26 @@ def test_streams_across_tp_and_dp_ranks(tmp_path):
     assert not torch.equal(dp0["tensor_parallel"], dp1["tensor_parallel"])
     assert all(x["matches_megatron_seeds"] for x in r["tp2"] + r["dp2"])
     assert 0 < int(tp0["drop_path_kept"].sum()) < 32  # DropPath(0.5) on 32 rows really drew
+
+
+def test_building_a_model_or_a_probe_leaves_the_cuda_generators_alone(monkeypatch):
+    """Weights are drawn on the CPU; seeding for them must not reseed the CUDA generators, which fork_rng(devices=[])
+    does not restore: a model built mid-run (ZeRO-3's evaluation copy) or an attentive probe would otherwise put
+    DropPath's CUDA stream in the same state on every data-parallel rank. torch.manual_seed reseeds them through
+    torch.cuda.manual_seed_all (queued lazily on a CPU-only machine), which is recorded here."""
+    from conftest import small_model_config
+    from megatron_genlip.evaluation.attentive_probe import train_attentive_probe
+    from megatron_genlip.model.genlip import build_model
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: calls.append(("all", seed)))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: calls.append(("one", seed)))
+    cpu_before = torch.random.get_rng_state()
+    a = build_model(small_model_config(), seed=0)
+    b = build_model(small_model_config(), seed=0)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))  # still seeded per component
+    g = torch.Generator().manual_seed(0)
+    train_attentive_probe(torch.randn(8, 4, 16, generator=g), torch.arange(8) % 2, 2, 2, epochs=1, lr=1e-3,
+                          weight_decay=0.0, batch_size=4)
+    assert calls == []
+    assert torch.equal(torch.random.get_rng_state(), cpu_before)  # and the CPU generator is restored

@@ -43,8 +43,8 @@ def train_attentive_probe(xtr: torch.Tensor, ytr: torch.Tensor, num_classes: int
                           warmup_epochs: float = 0.0, seed: int = 0, device="cpu") -> tuple[AttentivePooler, float]:
     """Train the pooler + classifier on features [n, N, d] / labels [n]; returns it and the last epoch's loss."""
     gen = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):  # the CPU generator only: the training run's CUDA streams stay
+        torch.default_generator.manual_seed(seed)
         probe = AttentivePooler(xtr.shape[-1], heads, num_classes, num_queries).to(device)
     opt = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=weight_decay)
     n = xtr.shape[0]

@@ -83,9 +83,12 @@ class VisionEmbeddings(torch.nn.Module):
 @contextlib.contextmanager
 def component_rng(seed: int, index: int):
     """Initialise one model component from its own RNG stream, so every layout (TP, PP stage split) builds
-    bit-identical weights: component 0 = embeddings, 1..L = blocks, L+1 = head."""
+    bit-identical weights: component 0 = embeddings, 1..L = blocks, L+1 = head. Only the CPU generator, where
+    the weights are drawn (``use_cpu_initialization``), is seeded and restored: ``torch.manual_seed`` would also
+    reseed every CUDA generator, which ``fork_rng(devices=[])`` does not restore, so a model built mid-run (the
+    ZeRO-3 evaluation copy) would reset DropPath's CUDA stream to the same state on every data-parallel rank."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed * 100_003 + index)
+        torch.default_generator.manual_seed(seed * 100_003 + index)
         yield
 
 

@@ -437,9 +437,31 @@ def load_checkpoint(engine, ckpt_dir: str | Path, tag: str, weights_only: bool =
                                                         load_lr_scheduler_states=True)
     if path is None:
         raise ResumeError(f"DeepSpeed could not load checkpoint {tag_dir}")
+    place_optimizer_steps(getattr(engine, "basic_optimizer", None))
     if not weights_only and not is_universal(tag_dir):  # resharded checkpoints carry no RNG states (by design)
         _restore_rng(tag_dir, manifest)
     return client_state or {}
+
+
+def place_optimizer_steps(optimizer) -> int:
+    """Put each parameter's Adam ``step`` where torch's fused (or capturable) AdamW keeps it: a float32 tensor on
+    the parameter's device. torch's own ``load_state_dict`` does this, but DeepSpeed's universal-checkpoint load
+    assigns the step it read from the file (a CPU tensor, ``base_optimizer.py``: ``state[hp_param]['step'] =
+    steps[0]``) directly, and the fused CUDA kernel reads it through a device pointer. Other optimizers keep their
+    CPU step. Returns how many steps were moved."""
+    moved = 0
+    for group in getattr(optimizer, "param_groups", []):
+        if not (group.get("fused") or group.get("capturable")):
+            continue
+        for p in group["params"]:
+            state = optimizer.state.get(p)
+            if not state or "step" not in state:
+                continue
+            step = state["step"]
+            if not torch.is_tensor(step) or step.device != p.device or step.dtype != torch.float32:
+                state["step"] = torch.as_tensor(step, dtype=torch.float32).to(p.device)
+                moved += 1
+    return moved
 
 
 TE_UNSAFE_PICKLE_ENV = "NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE"

@@ -22,7 +22,9 @@ def deepspeed_config(cfg: Config, layout: Layout, platform: Platform, load_unive
         "gradient_clipping": t.clip_grad,
         "bf16": {"enabled": t.precision == "bf16"},
         "fp16": {"enabled": False},
-        # fp32 master weights, Adam moments and gradient reduction (GENLIP_SPEC.md §5, §11)
+        # fp32 master weights and Adam moments, fp32 gradient all-reduce (GENLIP_SPEC.md §5, §11). DeepSpeed
+        # accumulates the micro-batches' gradients in the model dtype (bf16) before that all-reduce
+        # (grad_accum_dtype defaults to it); fp32 accumulation would need its BF16_Optimizer (ZeRO-1 only)
         "communication_data_type": "fp32",
         "optimizer": {
             "type": "AdamW",
