@@ -105,7 +105,8 @@ class Platform:
                 f"dynamo {'disabled' if self.dynamo_disabled else 'enabled'}, "
                 f"pinned memory {'on' if self.pin_memory else 'off'}, "
                 f"AdamW {'torch fused' if self.fused_adamw else 'torch foreach'}, "
-                f"ZeRO overlap {'on' if self.overlap_comm else 'off'}, buckets {self.bucket_elements:.0e} elements")
+                f"ZeRO overlap {'on at stages 2-3' if self.overlap_comm else 'off'}, "
+                f"buckets {self.bucket_elements:.0e} elements")
 
 
 def torch_minor(version: str) -> tuple[int, int]:

@@ -43,6 +43,7 @@ def test_cuda_decision_compiles_and_keeps_dynamo():
     assert (off.compile, off.dynamo_disabled) == (False, False)
     assert "compile off (train.compile=false)" in off.describe()
     assert "device cuda (NVIDIA H200), compile on, dynamo enabled, pinned memory on" in p.describe()
+    assert "ZeRO overlap on at stages 2-3" in p.describe() and "overlap_comm" not in p.zero_settings(1)
 
 
 def test_cuda_without_triton_or_with_dynamo_disabled_is_a_clear_error():
