@@ -14,7 +14,7 @@ compile                on (every transformer block, FlexAttention off: dynamo is
                                                                   :func:`start_process` makes the libraries'
                                                                   import-time compiles no-ops
 DataLoader             pinned memory                               no pinning
-optimizer              torch's fused AdamW (``torch_adam`` +      torch's AdamW (foreach); nothing to compile
+optimizer              torch's fused AdamW (``torch_adam`` +      torch's AdamW (for-loop: torch has no CPU foreach)
                        ``fused``: no CUDA toolkit needed, unlike
                        DeepSpeed's JIT-built FusedAdam)
 ZeRO-2/3 communication overlapped with backward, 5e8-element      not overlapped (gloo has no streams), same
@@ -104,7 +104,7 @@ class Platform:
         return (f"platform: torch {self.torch_version}, device {device}, compile {compiled}, "
                 f"dynamo {'disabled' if self.dynamo_disabled else 'enabled'}, "
                 f"pinned memory {'on' if self.pin_memory else 'off'}, "
-                f"AdamW {'torch fused' if self.fused_adamw else 'torch foreach'}, "
+                f"AdamW {'torch fused' if self.fused_adamw else 'torch for-loop'}, "
                 f"ZeRO overlap {'on at stages 2-3' if self.overlap_comm else 'off'}, "
                 f"buckets {self.bucket_elements:.0e} elements")
 

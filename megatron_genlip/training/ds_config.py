@@ -33,7 +33,7 @@ def deepspeed_config(cfg: Config, layout: Layout, platform: Platform, load_unive
                 "betas": [t.adam_beta1, t.adam_beta2],
                 "eps": t.adam_eps,
                 "weight_decay": t.weight_decay,
-                **platform.optimizer_params(),  # torch's AdamW: fused on CUDA, foreach on CPU
+                **platform.optimizer_params(),  # torch's AdamW: fused on CUDA, for-loop on CPU
             },
         },
         "zero_optimization": zero,
