@@ -14,7 +14,6 @@ The real-step measurements run once (module fixture) in the slow tier; the fast 
 
 from __future__ import annotations
 
-import gc
 
 import json
 import os
@@ -552,10 +551,6 @@ def measure(cfg, world: int, rank: int = 0, bucket: int | None = None) -> dict:
             with torch.profiler.record_function("backward"):
                 engine.backward(o.loss)
             del o
-            # garbage from the forward (reference cycles) is freed when the collector happens to run, which under
-            # load made the step's measured peak 2.7 MB (+20%) larger in one suite run: collect it first, so the
-            # step phase measures what the step itself holds
-            gc.collect()
             with torch.profiler.record_function("step"):
                 engine.step()
 
