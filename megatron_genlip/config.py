@@ -602,11 +602,10 @@ def _fp8_shape_errors(cfg: Config, tp: int) -> list[str]:
         errors.append(f"model.fp8={m.fp8}: data.seq_length ({cfg.data.seq_length}) x train.micro_batch_size "
                       f"({t.micro_batch_size}){per} = {rows} token rows per GEMM, which must be a multiple of "
                       f"{multiple} ({'Transformer Engine' if te else 'torch._scaled_mm, the weight gradient'})")
-    widths = {"model.hidden_size": m.hidden_size, "model.ffn_hidden_size": m.ffn_hidden_size}
+    per_rank = f" / parallel.tensor_parallel ({tp})" if tp > 1 else ""
+    widths = {"model.hidden_size": m.hidden_size, f"model.ffn_hidden_size{per_rank}": m.ffn_hidden_size // tp}
     if tp > 1:
-        widths = {"model.hidden_size": m.hidden_size,
-                  f"model.hidden_size / parallel.tensor_parallel ({tp})": m.hidden_size // tp,
-                  f"model.ffn_hidden_size / parallel.tensor_parallel ({tp})": m.ffn_hidden_size // tp}
+        widths[f"model.hidden_size{per_rank}"] = m.hidden_size // tp
     errors += [f"model.fp8={m.fp8}: {name} = {width} must be a multiple of 16 (the FP8 GEMMs' inner and output "
                "dimensions)" for name, width in widths.items() if width % 16]
     return errors

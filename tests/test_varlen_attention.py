@@ -170,6 +170,8 @@ def test_the_cuda_call_on_meta_tensors():
     # call A bidirectional, call B causal; both take the same query segments, each its own key segments
     assert causal == [(True, True, (mask.max_q, mask.max_q), False), (True, True, (mask.max_q, mask.max_kb), True)]
     assert torch.ops.torch_attn._varlen_attn.default in recompute.saved_ops(), "selective checkpointing keeps it"
+    # and a compiled FlexAttention called from an eager block (tests/compile_cases.py counts its runs)
+    assert torch.ops.higher_order.inductor_compiled_code in recompute.saved_ops()
 
 
 @pytest.mark.parametrize("checkpointing", ["none", "selective"])
