@@ -253,6 +253,31 @@ def accumulated(cfg, args, a: cost.Assumptions, design: cost.Design, rows: int, 
             "memory_gib": memory_gib(cfg, rows, design.checkpointing)}
 
 
+# the ideal-fusion floor of AFTER's ops (cost.element_traffic): a lower bound on its element-wise time
+FLOOR = dataclasses.replace(cost.AFTER, name="after, ideal-fusion floor", fusion="floor")
+
+
+def per_block_kb(r: dict) -> float:
+    d = next(c for c in r["components"] if c["name"].startswith("block element-wise"))["detail"]
+    return (d["fwd_bytes_per_token"] + d["bwd_bytes_per_token"]) / 1e3
+
+
+def floor_line(af: dict, fl: dict, target: float | None, a: cost.Assumptions) -> str:
+    """AFTER against the ideal-fusion floor of its own ops: what no kernel fusion can beat, and what the target
+    would still need there."""
+    line = (f"ideal-fusion floor (same ops, each graph's element-wise work one kernel; a lower bound): "
+            f"{per_block_kb(fl):.1f} KB per block and token (now {per_block_kb(af):.1f}), step "
+            f"{fl['step_seconds']:.2f} s, MFU {fl['mfu']:.1%}")
+    if target:
+        if fl["mfu"] >= target:
+            line += f"; target {target:.0%} within reach of fusion alone"
+        else:
+            eta = [n for n in needed(fl, target, a) if n.startswith("eta_gemm")]
+            line += (f"; target {target:.0%} out of reach of any fusion at eta_gemm={a.eta_gemm}: at the floor "
+                     f"{eta[0] if eta else 'eta_gemm: no value'}")
+    return line
+
+
 def sensitivity(model: cost.CostModel, design: cost.Design, a: cost.Assumptions) -> str:
     low = dataclasses.replace(a, eta_gemm=0.62, eta_hbm=0.65, eta_flex=0.22, eta_varlen=0.22,
                               flex_partial_overhead=0.20, eta_gemm_fp8=0.45)
@@ -363,6 +388,9 @@ def run(args) -> dict:
                 verdict = "met" if af["mfu"] >= target else "NOT met"
                 print(f"target {target:.0%}: {verdict} under these assumptions; each alone would need: "
                       + "; ".join(needed(af, target, a)))
+            fl = model.predict(FLOOR)
+            results["after, ideal-fusion floor"] = fl
+            print(floor_line(af, fl, target, a))
         if "after" in results:
             print(f"\nBeyond this issue ({name} after; each alone, from the counted quantities):\n")
             print("| change | step s | MFU |")
@@ -406,6 +434,15 @@ def run(args) -> dict:
                             line += (f" (it would need eta_gemm_fp8 >= {a.eta_gemm_fp8 * g8 / (g8 - cut):.2f}, "
                                      f"or {cut:.2f} s less cast traffic)")
                     print(line)
+            if "after + FP8" in fp8 and "after, ideal-fusion floor" in results:
+                fd = dataclasses.replace(FLOOR, name="after + FP8, ideal-fusion floor", fp8=args.fp8)
+                f8fl, bffl = model.predict(fd), results["after, ideal-fusion floor"]
+                fp8[fd.name] = f8fl
+                sp = bffl["step_seconds"] / f8fl["step_seconds"]
+                print(f"FP8 speed-up at the ideal-fusion floor (both sides): {bffl['step_seconds']:.2f} s -> "
+                      f"{f8fl['step_seconds']:.2f} s = {sp:.2f}x; the floor casts in the producer's kernel, which "
+                      "needs the scale before the data (delayed scaling, as Transformer Engine's fused "
+                      "LayerNormLinear/LayerNormMLP), not after a global amax as dynamic tensorwise scaling does")
             if "after + FP8" in fp8:
                 af, f8 = results["after"], fp8["after + FP8"]
                 gem = [c for c in af["components"] if c["name"] == "block GEMMs"][0]["seconds"]

@@ -129,7 +129,8 @@ def test_island_model_on_a_hand_checkable_graph():
         a = x * 2; b = a + 1; c = b @ w; d = relu(c); e = d + x
 
     eager: a 2 MiB, b 2, d 2, e 3 -> 9 MiB in 4 kernels. Compiled: {a, b} reads x and writes b for the GEMM
-    (2 MiB); {d, e} reads c and x and writes e, the output (3 MiB): 5 MiB in 2 kernels."""
+    (2 MiB); {d, e} reads c and x and writes e, the output (3 MiB): 5 MiB in 2 kernels. Ideal-fusion floor: x and
+    c read once, b and e written once: 4 MiB (x is read by both islands of the model, once by the floor)."""
     MiB = 2 ** 20
     x = torch.empty(1024, 256, device="meta")
     w = torch.empty(256, 256, device="meta")
@@ -143,6 +144,8 @@ def test_island_model_on_a_hand_checkable_graph():
     assert (eager.bytes, eager.kernels) == (9 * MiB, 4)
     comp = cost.element_traffic(rec.ops, lambda r: True, {_key(e)})[("block.0", "fwd")]
     assert (comp.bytes, comp.kernels, comp.islands) == (5 * MiB, 2, 2)
+    floor = cost.element_traffic(rec.ops, lambda r: True, {_key(e)}, floor=True)[("block.0", "fwd")]
+    assert (floor.bytes, floor.islands) == (4 * MiB, 1)
 
 
 def test_island_model_merges_identical_ops_and_splits_at_a_global_reduction():
@@ -163,6 +166,42 @@ def test_island_model_merges_identical_ops_and_splits_at_a_global_reduction():
     assert comp.islands == 2
     eager = cost.element_traffic(rec.ops, lambda r: False, {_key(y1), _key(y2)})[("block.0", "fwd")]
     assert eager.kernels == 6  # abs, amax, div per chain
+    # the floor ignores the reduction's barrier: x read once, y written once, the scalar never leaves the island
+    floor = cost.element_traffic(rec.ops, lambda r: True, {_key(y1)}, floor=True)[("block.0", "fwd")]
+    assert floor.bytes == 2 * MiB
+
+
+def test_ideal_fusion_floor_bounds_the_island_model_on_the_model(batch):
+    """On the real (tiny) model's selective-checkpointing trace, per graph: the floor moves no more than the island
+    model and at least what crosses the GEMM/attention boundary once; the backward (recomputation, token-dimension
+    reductions) strictly less. The floor is a lower bound of compiled blocks only: eager designs refuse it."""
+    trace = cost.trace_step(TINY, batch, checkpointing="selective", loss_impl="fused", attention="varlen")
+    compiled = lambda r: r.startswith("block.")
+    islands = cost.element_traffic(trace.ops, compiled, trace.outputs)
+    floor = cost.element_traffic(trace.ops, compiled, trace.outputs, floor=True)
+    for graph in ("fwd", "bwd"):
+        got, model = floor[("block.1", graph)], islands[("block.1", graph)]
+        assert 0 < got.bytes <= model.bytes and got.islands == 1, (graph, got, model)
+    assert floor[("block.1", "bwd")].bytes < 0.9 * islands[("block.1", "bwd")].bytes
+    # the floor counted directly (after the same CSE): per graph, each value the element-wise ops read but did not
+    # make, and each value they make that a GEMM, the attention kernel, another graph or the step's outputs read
+    graph_of = lambda op: (op.region, op.graph) if compiled(op.region) else None
+    ops = [op for op in cost.cse(trace.ops, graph_of) if op.kind in ("elementwise", "gemm", "attention", "sync")]
+    for graph in ("fwd", "bwd"):
+        ew = [op for op in ops if op.kind == "elementwise" and graph_of(op) == ("block.1", graph)]
+        made = {w.key for op in ew for w in op.writes}
+        crossing = {(r.key, r.view): r.nbytes for op in ew for r in op.reads if r.key not in made}
+        leaving = {w.key for op in ops if op.kind != "elementwise" or graph_of(op) != ("block.1", graph)
+                   for w in op.reads} | set(trace.outputs)
+        crossing.update({(w.key, w.view): w.nbytes for op in ew for w in op.writes if w.key in leaving})
+        assert floor[("block.1", graph)].bytes == sum(crossing.values()), graph
+    credited = cost.credited_parts(TINY, batch)
+    after = cost.evaluate(TINY, batch, trace, cost.AFTER, cost.Assumptions(), credited)
+    low = cost.evaluate(TINY, batch, trace, replace(cost.AFTER, fusion="floor"), cost.Assumptions(), credited)
+    assert low["step_seconds"] < after["step_seconds"]
+    with pytest.raises(ValueError, match="floor"):
+        cost.evaluate(TINY, batch, trace, replace(cost.AFTER, compiled=False, fusion="floor"), cost.Assumptions(),
+                      credited)
 
 
 def test_predict_gives_components_for_gpu_run():
@@ -277,5 +316,11 @@ def test_cli_prices_one_design_with_the_fp8_comparison(tmp_path):
             "--fp8-configs", "So16", "--json", str(out)] + [a for s in tiny for a in ("--set", s)]
     assert cli.main(args) == 0
     report = json.loads(out.read_text())["configs"]["So16"]
-    assert set(report["designs"]) == {"after", "before"} and set(report["fp8"]) == {"before + FP8", "after + FP8"}
+    assert set(report["designs"]) == {"after", "before", "after, ideal-fusion floor"}
+    assert set(report["fp8"]) == {"before + FP8", "after + FP8", "after + FP8, ideal-fusion floor"}
     assert report["designs"]["after"]["step_seconds"] < report["designs"]["before"]["step_seconds"]
+    # the ideal-fusion floor of 'after' is priced (bf16 and FP8) and is a lower bound of it
+    floor = report["designs"]["after, ideal-fusion floor"]
+    assert floor["design"]["fusion"] == "floor"
+    assert floor["step_seconds"] < report["designs"]["after"]["step_seconds"]
+    assert report["fp8"]["after + FP8, ideal-fusion floor"]["step_seconds"] < report["fp8"]["after + FP8"]["step_seconds"]

@@ -58,6 +58,11 @@ Memory traffic of the element-wise work
   pointwise producers into their consumers); (6) what autograd saves in eager is what the compiled forward saves
   (the min-cut partitioner may save less). The result is a model of inductor, stated as such, not its output;
   ``benchmarks/gpu_run.py`` measures the real thing.
+* **Ideal-fusion floor** (``Design.fusion="floor"``): every rule dropped, each graph's element-wise work priced as
+  one island. It is a lower bound, not a prediction: whatever kernels run the same ops (inductor, hand-written
+  Triton, Transformer Engine's fused norms), each value crossing a GEMM or attention boundary, saved for backward,
+  or leaving the step moves at least once. Only a different op graph goes below it (GEMM epilogue fusion, another
+  checkpointing policy).
 
 FlexAttention
 -------------
@@ -167,7 +172,9 @@ class Design:
     time); ``attention``: model.attention, "flex" (FlexAttention, ``flex_block``) or "varlen" (two FlashAttention-2
     variable-length calls, counted by :func:`varlen_tile_counts`); ``fp8``: model.fp8 (none | torchao-tensorwise | torchao-rowwise); ``fp8_shared_cast``: the model's one cast
     of an input shared by several projections (model/fp8.py ``shared_tensorwise_cast``, from 2e249a6) or, False, a
-    cast per projection as at b2d56cb (the layers' ``input_cast`` removed)."""
+    cast per projection as at b2d56cb (the layers' ``input_cast`` removed); ``fusion``: how the compiled blocks'
+    element-wise work is priced, "islands" (the island model) or "floor" (the ideal-fusion lower bound of
+    :func:`element_traffic`: what no kernel fusion of the same ops can beat)."""
 
     name: str
     checkpointing: str = "full"
@@ -177,6 +184,7 @@ class Design:
     fp8: str = "none"
     fp8_shared_cast: bool = True
     attention: str = "flex"
+    fusion: str = "islands"
 
 
 # main @ b2d56cb (the issue's desk estimate): full recompute, eager blocks, the chunked checkpointed fp32 loss,
@@ -844,13 +852,15 @@ class Traffic:
         self.islands += other.islands
 
 
-def fuse(live: list[Op], graph_of, producer: dict) -> _UnionFind:
+def fuse(live: list[Op], graph_of, producer: dict, floor: bool = False) -> _UnionFind:
     """Greedy fusion of element-wise ops into islands inside each compiled graph (inductor-like): along each
     producer -> consumer edge, in program order, the two islands merge when (a) both are element-wise in the same
     graph (broadcasts, ``cat`` and row reductions fuse into pointwise kernels as inductor does), (b) the producer is not a global reduction (what uses its result starts a new kernel)
     and neither is a reduction over tokens (its own kernel), (c) no op outside them lies on a path from one to the
     other (a GEMM between them would make the fused kernel depend on itself). Paths are checked with ancestor and
-    descendant bitsets over the graph's ops (GEMMs and attention included)."""
+    descendant bitsets over the graph's ops (GEMMs and attention included).
+
+    ``floor``: every element-wise op of a graph in one island, no rule applied (:func:`element_traffic`'s floor)."""
     uf = _UnionFind()
     by_graph: dict = {}
     for op in live:
@@ -858,6 +868,12 @@ def fuse(live: list[Op], graph_of, producer: dict) -> _UnionFind:
         g = graph_of(op)
         if g is not None:
             by_graph.setdefault(g, []).append(op)
+    if floor:
+        for gops in by_graph.values():
+            ew = [op.index for op in gops if op.kind == "elementwise"]
+            for i in ew[1:]:
+                uf.union(ew[0], i)
+        return uf
     for g, gops in by_graph.items():
         bit = {op.index: 1 << i for i, op in enumerate(gops)}
         parents = {op.index: [p for p in {producer[r.key].index: producer[r.key] for r in op.reads
@@ -897,9 +913,16 @@ def fuse(live: list[Op], graph_of, producer: dict) -> _UnionFind:
     return uf
 
 
-def element_traffic(ops: list[Op], compiled_regions, outputs: set = frozenset()) -> dict[tuple[str, str], Traffic]:
+def element_traffic(ops: list[Op], compiled_regions, outputs: set = frozenset(),
+                    floor: bool = False) -> dict[tuple[str, str], Traffic]:
     """Bytes read + written by the element-wise work, per (region, graph). ``compiled_regions(region)`` says whether
-    a region runs compiled (islands) or eager (one kernel per op). See the module docstring for the model."""
+    a region runs compiled (islands) or eager (one kernel per op). See the module docstring for the model.
+
+    ``floor``: the ideal-fusion floor of the compiled regions, a lower bound for any implementation that runs the
+    same ops with the GEMMs and the attention kernel as library calls (no epilogue fusion): each graph's element-wise
+    work is one island, so it reads each value produced outside it (a GEMM or attention output, the block input, a
+    parameter, a tensor saved by the other graph) once, and writes each value that a GEMM, the attention kernel or
+    the other graph reads, or that leaves the step, once; token-dimension reductions read nothing extra."""
 
     def graph_of(op: Op):
         return (op.region, op.graph) if compiled_regions(op.region) else None
@@ -913,7 +936,7 @@ def element_traffic(ops: list[Op], compiled_regions, outputs: set = frozenset())
             consumers.setdefault(r.key, []).append(op)
         for w in op.writes:
             producer[w.key] = op
-    uf = fuse(live, graph_of, producer)
+    uf = fuse(live, graph_of, producer, floor)
     ew = [op for op in live if op.kind == "elementwise"]
     groups: dict[int, list[Op]] = {}
     for op in ew:
@@ -973,7 +996,7 @@ def element_traffic(ops: list[Op], compiled_regions, outputs: set = frozenset())
             for w in op.writes:
                 if not compiled or w.key in demanded or materialised(w.key, graph_of(first)):
                     writes[(w.key, w.view)] = w.nbytes  # compiled: island-internal, inlined or dead -> not written
-            if compiled and op.name in COLUMN_PART:
+            if compiled and not floor and op.name in COLUMN_PART:
                 for i in COLUMN_PART[op.name]:
                     if i < len(op.reads):
                         t.bytes += op.reads[i].nbytes
@@ -1175,8 +1198,11 @@ def evaluate(model_cfg, batch, trace: Trace, design: Design, a: Assumptions, cre
              optimizer: Component | None = None) -> dict:
     """The per-component table of one design from its trace."""
     L = model_cfg.num_layers
+    if design.fusion not in ("islands", "floor") or (design.fusion == "floor" and not design.compiled):
+        raise ValueError(f"fusion={design.fusion!r}: 'islands', or 'floor' for compiled blocks")
+    floor = design.fusion == "floor"
     compiled = (lambda region: region.startswith("block.")) if design.compiled else (lambda region: False)
-    traffic = element_traffic(trace.ops, compiled, trace.outputs)
+    traffic = element_traffic(trace.ops, compiled, trace.outputs, floor=floor)
 
     def tr(pred, graph=None) -> Traffic:
         t = Traffic()
@@ -1199,10 +1225,11 @@ def evaluate(model_cfg, batch, trace: Trace, design: Design, a: Assumptions, cre
     # block element-wise
     fwd, bwd = tr(lambda r: r == "block.1", "fwd"), tr(lambda r: r == "block.1", "bwd")
     tokens = batch["sample_ids"].numel()
-    e = Component("block element-wise" + (" (compiled)" if design.compiled else " (eager)"),
+    e = Component("block element-wise" + (" (ideal-fusion floor)" if floor else " (compiled)" if design.compiled
+                                          else " (eager)"),
                   bytes=L * (fwd.bytes + bwd.bytes), kernels=L * (fwd.kernels + bwd.kernels),
                   rests_on=f"eta_hbm={a.eta_hbm}, kernel gap {a.kernel_gap_s * 1e6:.0f} us"
-                  + (", island model" if design.compiled else ""),
+                  + (", lower bound" if floor else ", island model" if design.compiled else ""),
                   detail={"fwd_bytes_per_token": fwd.bytes / tokens, "bwd_bytes_per_token": bwd.bytes / tokens,
                           "fwd_kernels_per_block": fwd.kernels, "bwd_kernels_per_block": bwd.kernels,
                           "fwd_ops_per_block": fwd.ops, "bwd_ops_per_block": bwd.ops})
