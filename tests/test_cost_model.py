@@ -323,4 +323,5 @@ def test_cli_prices_one_design_with_the_fp8_comparison(tmp_path):
     floor = report["designs"]["after, ideal-fusion floor"]
     assert floor["design"]["fusion"] == "floor"
     assert floor["step_seconds"] < report["designs"]["after"]["step_seconds"]
-    assert report["fp8"]["after + FP8, ideal-fusion floor"]["step_seconds"] < report["fp8"]["after + FP8"]["step_seconds"]
+    fp8 = report["fp8"]
+    assert fp8["after + FP8, ideal-fusion floor"]["step_seconds"] < fp8["after + FP8"]["step_seconds"]

@@ -139,6 +139,39 @@ def test_tool_errors_name_the_problem(tmp_path, source):
 
 
 @pytest.mark.slow
+def test_fp8_scaling_state_is_refused_unless_dropped(tmp_path, source):
+    """A checkpoint whose pipeline layer file holds Transformer Engine's FP8 scaling state (model.fp8=delayed) is
+    refused, naming the file, the key and the flag, and nothing is written; with drop_fp8_history it converts,
+    and the marker counts what was dropped."""
+    import shutil
+
+    from megatron_genlip.training import ckpt_format as fmt
+
+    ckpt = tmp_path / "ckpt"
+    tag = ckpt / "iter_0000002"
+    shutil.copytree(source["ckpt"] / "iter_0000002", tag)
+    fmt.write_latest(ckpt, "iter_0000002")
+    layer = tag / "layer_01-model_00-model_states.pt"
+    state = torch.load(layer, weights_only=False)
+    key = next(k for k in state if k.endswith(".weight")).rsplit(".", 1)[0] + "._extra_state"
+    state[key] = _te_extra_state()
+    torch.save(state, layer)
+    manifest = fmt.read_manifest(tag)
+    info = {k: v for k, v in manifest.items() if k not in ("format", "version", "tag", "algorithm", "written",
+                                                           "host", "files")}
+    fmt.write_manifest(tag, fmt.manifest_files(tag), **info)  # a checkpoint that verifies, as a TE run writes it
+    with pytest.raises(rs.ReshardError, match=rf"FP8 scaling state .* 1 module\(s\), e.g. {layer.name}: "
+                                              rf"{re.escape(key)}.*--drop-fp8-history"):
+        rs.reshard(ckpt, tmp_path / "refused", 1, 1)
+    assert not (tmp_path / "refused").exists()
+    lines = []
+    out = rs.reshard(ckpt, tmp_path / "dropped", 1, 1, log=lines.append, drop_fp8_history=True)
+    assert any("dropping the FP8 scaling state of 1 module(s)" in line for line in lines)
+    assert json.loads((out / "genlip_universal.json").read_text())["fp8_history_dropped"] == 1
+    assert not [d for d in (out / "zero").iterdir() if d.name.endswith("_extra_state")]
+
+
+@pytest.mark.slow
 def test_partition_dim_matches_megatron_core_tp2_model(tmp_path):
     """sharding.partition_dim agrees with the attributes megatron-core sets on a real TP=2 model, and
     split_tp/merge_tp round-trip its shards into the TP=1 model's weights exactly."""
@@ -150,6 +183,38 @@ def test_partition_dim_matches_megatron_core_tp2_model(tmp_path):
     assert {d for d, _ in r["sharded"].values()} == {0, 1}
     assert all(ours is None for _, ours in r["replicated"]), r["replicated"]
     assert r["split_mismatch"] == [] and r["merge_mismatch"] == []
+
+
+def _te_extra_state(payload: bytes = b"amax history") -> torch.Tensor:
+    """What Transformer Engine's get_extra_state returns for a delayed-scaling module: its pickled FP8 metadata as
+    a uint8 tensor (transformer_engine/pytorch/module/base.py; an empty one for stateless recipes)."""
+    import pickle
+
+    return torch.frombuffer(bytearray(pickle.dumps({"amax_history_fwd": payload})), dtype=torch.uint8).clone()
+
+
+def test_fp8_history_is_found_and_kept_out_of_the_converter(tmp_path):
+    """fp8_history lists the non-empty _extra_state tensors of the model-state files (PP=1: in ``module``) and of the
+    pipeline layer files, not TE's empty tensor of a stateless recipe nor megatron-core's None; the converter's
+    staged view drops every _extra_state from ``module`` (ds_to_universal would write each as a float
+    "parameter") and keeps the weights."""
+    w = torch.ones(4, 4)
+    te = {"a.weight": w, "a._extra_state": _te_extra_state(), "b._extra_state": torch.empty(0, dtype=torch.uint8)}
+    torch.save({"module": te, "param_shapes": []}, tmp_path / "mp_rank_00_model_states.pt")  # tensors only, as TE's
+    torch.save({"module": {"c.weight": w, "c._extra_state": None}}, tmp_path / "mp_rank_01_model_states.pt")
+    torch.save({"module": None}, tmp_path / "mp_rank_02_model_states.pt")  # a pipeline run's
+    torch.save({"x.weight": w, "x._extra_state": _te_extra_state(b"layer")},
+               tmp_path / "layer_01-model_00-model_states.pt")
+    torch.save({"optimizer": 1}, tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    assert rs.fp8_history(tmp_path) == ["layer_01-model_00-model_states.pt: x._extra_state",
+                                        "mp_rank_00_model_states.pt: a._extra_state"]
+    staged = rs._stage_source(tmp_path, tmp_path.parent / "staged")
+    for name, weight in (("mp_rank_00_model_states.pt", "a.weight"), ("mp_rank_01_model_states.pt", "c.weight")):
+        module = torch.load(staged / name, weights_only=False)["module"]
+        assert list(module) == [weight] and torch.equal(module[weight], w)
+    assert (staged / "layer_01-model_00-model_states.pt").is_symlink()
+    assert (staged / "mp_rank_02_model_states.pt").is_symlink()
+    assert rs.fp8_history(staged) == ["layer_01-model_00-model_states.pt: x._extra_state"]
 
 
 def test_names_and_universal_patterns():

@@ -12,8 +12,9 @@ at the new layout. Runs on CPU, in one process, without a launcher. Example:
 Sources: checkpoints written by the trainer with ZeRO stage 1, 2 or 3 (any TP/PP/DP), verified against their
 manifest before they are read (without --iteration, the newest one that verifies). Targets: any TP/PP/DP the
 model allows, with parallel.zero_stage 1 or 2 (or 3 at TP=1). Per-rank RNG states are not carried over (DropPath
-restarts from the seed). Exit status 2 with a message naming the file or setting when a checkpoint cannot be
-converted.
+restarts from the seed); neither is Transformer Engine's FP8 scaling state of a model.fp8=delayed run, so such a
+checkpoint is refused unless --drop-fp8-history accepts restarting its amax histories. Exit status 2 with a message
+naming the file or setting when a checkpoint cannot be converted.
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "loads at any data-parallel size)")
     ap.add_argument("--workers", type=int, default=1,
                     help="processes DeepSpeed's converter uses to extract and merge shards (default 1)")
+    ap.add_argument("--drop-fp8-history", action="store_true",
+                    help="convert a checkpoint holding Transformer Engine's FP8 scaling state (model.fp8=delayed: "
+                         "amax history and scales), which a universal checkpoint cannot carry: the resumed run "
+                         "restarts its amax histories as at step 0 (refused without this flag)")
     args = ap.parse_args(argv)
     for flag in ("tp", "pp", "dp", "workers"):
         value = getattr(args, flag)
@@ -52,7 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        reshard(args.load, args.save, args.tp, args.pp, args.dp, args.iteration, args.workers)
+        reshard(args.load, args.save, args.tp, args.pp, args.dp, args.iteration, args.workers,
+                drop_fp8_history=args.drop_fp8_history)
     except ReshardError as e:
         print(f"reshard_checkpoint: error: {e}", file=sys.stderr)
         return 2

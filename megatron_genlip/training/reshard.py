@@ -20,6 +20,10 @@ What this module adds around DeepSpeed's converter:
   manifest before ``latest`` names it (``training/ckpt_format.py``);
 * PP=1 sources keep the module in their model-state files, with megatron-core's ``_extra_state`` entries (None),
   which ds_to_universal cannot write: it reads a staged view of the source without them;
+* Transformer Engine's FP8 scaling state (``model.fp8=delayed``: each module's amax history and scales, a
+  non-empty ``_extra_state`` tensor) has no place in a universal checkpoint, which carries parameters and their
+  optimizer state only: a source holding it is refused unless ``drop_fp8_history`` (``--drop-fp8-history``)
+  accepts that the resharded run restarts every amax history as at step 0 (:func:`fp8_history`);
 * :func:`layout_mismatch` is the start-up check that turns DeepSpeed's obscure failure on a layout change into
   an error that prints the command to run.
 
@@ -166,18 +170,42 @@ def _source_param_shapes(src: Path) -> dict[str, list[torch.Size]]:
     return shapes
 
 
+def _module_entries(f: Path, state) -> dict | None:
+    """The module state held by a model-state file: ``module`` of an ``mp_rank_*`` file (PP=1), the whole
+    state dict of a pipeline ``layer_*`` file."""
+    entries = state if f.name.startswith("layer_") else (state.get("module") if isinstance(state, dict) else None)
+    return entries if isinstance(entries, dict) else None
+
+
+def _extra_state(key: str) -> bool:
+    return key.endswith("_extra_state")
+
+
+def fp8_history(src: Path) -> list[str]:
+    """``"<file>: <key>"`` of every non-empty ``_extra_state`` tensor in a checkpoint's model-state and pipeline
+    layer files: Transformer Engine's pickled FP8 scaling state (amax history, scales) of a ``model.fp8=delayed``
+    run. TE writes an empty uint8 tensor for stateless recipes (current scaling) and megatron-core's local layers
+    None: neither is state to lose."""
+    found = []
+    for f in sorted(src.glob("*model_states.pt")):
+        entries = _module_entries(f, torch.load(f, map_location="cpu", weights_only=False, mmap=True)) or {}
+        found += [f"{f.name}: {k}" for k, v in entries.items() if _extra_state(k) and torch.is_tensor(v) and v.numel()]
+    return found
+
+
 def _stage_source(src: Path, staging: Path) -> Path:
     """A view of ``src`` that ds_to_universal can read: its files linked as they are, except model-state files
-    whose ``module`` holds non-tensor entries (megatron-core's ``_extra_state``, None for local layers), copied
-    without them. ds_to_universal 0.19.8 writes every module entry it finds no ZeRO fragment for as
-    ``tensor.float()``, which fails on those (PP=1 sources keep the module in these files; PP>1 ones do not)."""
+    whose ``module`` holds non-tensor entries (megatron-core's ``_extra_state``, None for local layers) or any
+    ``_extra_state``, copied without them. ds_to_universal 0.19.8 writes every module entry it finds no ZeRO
+    fragment for as ``tensor.float()``, which fails on None and would turn TE's pickled FP8 state into a float
+    "parameter" folder (PP=1 sources keep the module in these files; PP>1 ones do not)."""
     staging.mkdir(parents=True)
     for f in sorted(src.iterdir()):
         state = torch.load(f, map_location="cpu", weights_only=False, mmap=True) if f.name.endswith(
-            "model_states.pt") else None
+            "model_states.pt") and not f.name.startswith("layer_") else None
         module = state.get("module") if isinstance(state, dict) else None
-        if isinstance(module, dict) and any(not torch.is_tensor(v) for v in module.values()):
-            state["module"] = {k: v for k, v in module.items() if torch.is_tensor(v)}
+        if isinstance(module, dict) and any(not torch.is_tensor(v) or _extra_state(k) for k, v in module.items()):
+            state["module"] = {k: v for k, v in module.items() if torch.is_tensor(v) and not _extra_state(k)}
             torch.save(state, staging / f.name)
         else:
             (staging / f.name).symlink_to(f.resolve())
@@ -279,9 +307,11 @@ def _verify(zero: Path, shapes: dict[str, list], src_tp: int, tp: int, num_layer
 
 
 def reshard(load: str | Path, save: str | Path, tp: int, pp: int, dp: int | None = None,
-            iteration: int | None = None, workers: int = 1, log=print) -> Path:
+            iteration: int | None = None, workers: int = 1, log=print, drop_fp8_history: bool = False) -> Path:
     """Convert ``load``'s checkpoint (``latest`` or ``iter_<iteration>``) into a universal checkpoint in ``save``
-    (same tag, ``latest`` written last) that the trainer resumes at TP=tp x PP=pp (x DP=dp if given)."""
+    (same tag, ``latest`` written last) that the trainer resumes at TP=tp x PP=pp (x DP=dp if given).
+    ``drop_fp8_history``: convert a source holding Transformer Engine's FP8 scaling state (:func:`fp8_history`)
+    without it; refused otherwise."""
     start = time.perf_counter()
     load, save = Path(load), Path(save)
     if not load.is_dir():
@@ -316,11 +346,22 @@ def reshard(load: str | Path, save: str | Path, tp: int, pp: int, dp: int | None
     out = save / tag
     if out.exists():
         raise ReshardError(f"{out} already exists; choose another --save or remove it")
+    history = fp8_history(src)
+    if history and not drop_fp8_history:
+        raise ReshardError(
+            f"{src} holds Transformer Engine FP8 scaling state (model.fp8=delayed: amax history and scales) in "
+            f"{len(history)} module(s), e.g. {history[0]}. A universal checkpoint carries parameters and optimizer "
+            "state only, so the resharded run would restart every amax history as at step 0 (the first steps "
+            f"quantize with fresh scales). Pass --drop-fp8-history to accept that, or resume at the source layout "
+            f"({describe(source)}) to keep it")
     num_layers = cfg.model.num_layers
     target = {"tensor_parallel": tp, "pipeline_parallel": pp, "data_parallel": dp}
     log(f"resharding {src} (step {state.get('iteration')}, {describe(source)}) -> {out} "
         f"(TP={tp} x PP={pp} x DP={dp or 'any'})")
 
+    if history:
+        log(f"dropping the FP8 scaling state of {len(history)} module(s) (--drop-fp8-history): the resumed run "
+            "restarts its amax histories")
     shapes = _source_param_shapes(src)
     info = sharding.universal_checkpoint_info(shapes, num_layers)
     log(f"[1/4] {len(shapes)} parameters; tensor-parallel split by name: {len(info['tp_replicated_parameter_patterns'])}"
@@ -342,7 +383,7 @@ def reshard(load: str | Path, save: str | Path, tp: int, pp: int, dp: int | None
         n = _verify(zero, shapes, source["tensor_parallel"], tp, num_layers, pipelined=pp > 1)
         log(f"[3/4] verified {n} parameters (full fp32 weights, exp_avg, exp_avg_sq, step); renamed {renamed} for "
             f"{'the pipeline' if pp > 1 else 'PP=1'} naming")
-        _write_states(work, states, state, src, source, target)
+        _write_states(work, states, state, src, source, target, fp8_history_dropped=len(history))
         fmt.publish(save, tag, iteration=state.get("iteration"), resharded_from=str(src))
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
@@ -353,9 +394,11 @@ def reshard(load: str | Path, save: str | Path, tp: int, pp: int, dp: int | None
     return out
 
 
-def _write_states(out: Path, states: dict, state: dict, src: Path, source: dict, target: dict) -> None:
+def _write_states(out: Path, states: dict, state: dict, src: Path, source: dict, target: dict,
+                 fp8_history_dropped: int = 0) -> None:
     """One model-states file with DeepSpeed's counters, the lr schedule and the trainer state (every target rank
-    reads it; weights come from zero/), the same under the ZeRO-3 file name, and the universal marker."""
+    reads it; weights come from zero/), the same under the ZeRO-3 file name, and the universal marker (with the
+    number of modules whose FP8 scaling state was dropped)."""
     for f in out.glob("*model_states.pt"):  # ds_to_universal's copies of every source rank's file
         f.unlink()
     states["module"] = None  # weights are in zero/ (DeepSpeed does not read the module in universal mode)
@@ -364,5 +407,5 @@ def _write_states(out: Path, states: dict, state: dict, src: Path, source: dict,
     for name in fmt.MODEL_STATES_FILES:
         torch.save(states, out / name)
     marker = {"format": "deepspeed-universal", "iteration": state.get("iteration"), "source": str(src),
-              "source_layout": source, "target_layout": target}
+              "source_layout": source, "target_layout": target, "fp8_history_dropped": fp8_history_dropped}
     (out / fmt.UNIVERSAL_MARKER).write_text(json.dumps(marker, indent=1))
