@@ -160,15 +160,14 @@ def test_fp8_scaling_state_is_refused_unless_dropped(tmp_path, source):
     info = {k: v for k, v in manifest.items() if k not in ("format", "version", "tag", "algorithm", "written",
                                                            "host", "files")}
     fmt.write_manifest(tag, fmt.manifest_files(tag), **info)  # a checkpoint that verifies, as a TE run writes it
-    with pytest.raises(rs.ReshardError, match=rf"FP8 scaling state .* 1 module\(s\), e.g. {layer.name}: "
-                                              rf"{re.escape(key)}.*--drop-fp8-history"):
+    with pytest.raises(rs.ReshardError, match=rf"FP8 scaling state .* 1 module\(s\), e.g. {re.escape(key)} in "
+                                              rf"{layer.name}.*--drop-fp8-history"):
         rs.reshard(ckpt, tmp_path / "refused", 1, 1)
     assert not (tmp_path / "refused").exists()
     lines = []
     out = rs.reshard(ckpt, tmp_path / "dropped", 1, 1, log=lines.append, drop_fp8_history=True)
     assert any("dropping the FP8 scaling state of 1 module(s)" in line for line in lines)
     assert json.loads((out / "genlip_universal.json").read_text())["fp8_history_dropped"] == 1
-    assert not [d for d in (out / "zero").iterdir() if d.name.endswith("_extra_state")]
 
 
 @pytest.mark.slow
@@ -185,36 +184,45 @@ def test_partition_dim_matches_megatron_core_tp2_model(tmp_path):
     assert r["split_mismatch"] == [] and r["merge_mismatch"] == []
 
 
-def _te_extra_state(payload: bytes = b"amax history") -> torch.Tensor:
-    """What Transformer Engine's get_extra_state returns for a delayed-scaling module: its pickled FP8 metadata as
-    a uint8 tensor (transformer_engine/pytorch/module/base.py; an empty one for stateless recipes)."""
+def _te_extra_state(delayed: bool = True) -> torch.Tensor:
+    """What Transformer Engine's get_extra_state returns (transformer_engine/pytorch/module/base.py): its pickled
+    FP8 metadata as a uint8 tensor, with the amax history and scales for delayed scaling; TE < 2.18 pickles the
+    recipe and the extra variables alone for a stateless recipe (>= 2.18: an empty tensor)."""
     import pickle
 
-    return torch.frombuffer(bytearray(pickle.dumps({"amax_history_fwd": payload})), dtype=torch.uint8).clone()
+    state = {"recipe": "Float8CurrentScaling()", "extra_fp8_variables": {"num_gemms": 3}}
+    if delayed:
+        state.update(scale_fwd=torch.ones(3), amax_history_fwd=torch.zeros(16, 3), scale_bwd=torch.ones(2),
+                     amax_history_bwd=torch.zeros(16, 2), recipe="DelayedScaling()")
+    return torch.frombuffer(bytearray(pickle.dumps(state)), dtype=torch.uint8).clone()
 
 
 def test_fp8_history_is_found_and_kept_out_of_the_converter(tmp_path):
-    """fp8_history lists the non-empty _extra_state tensors of the model-state files (PP=1: in ``module``) and of the
-    pipeline layer files, not TE's empty tensor of a stateless recipe nor megatron-core's None; the converter's
-    staged view drops every _extra_state from ``module`` (ds_to_universal would write each as a float
-    "parameter") and keeps the weights."""
+    """fp8_history finds delayed scaling's state in _extra_state tensors of the model-state files (PP=1: in
+    ``module``; one copy per TP rank) and of the pipeline layer files, per module; not TE's empty tensor (>= 2.18)
+    nor its stateless pickle (< 2.18) of current scaling, nor megatron-core's None. The converter's staged view
+    drops every _extra_state from ``module`` (ds_to_universal would write each as a float "parameter") and keeps
+    the weights."""
     w = torch.ones(4, 4)
-    te = {"a.weight": w, "a._extra_state": _te_extra_state(), "b._extra_state": torch.empty(0, dtype=torch.uint8)}
+    te = {"a.weight": w, "a._extra_state": _te_extra_state(), "b._extra_state": torch.empty(0, dtype=torch.uint8),
+          "d._extra_state": _te_extra_state(delayed=False)}
     torch.save({"module": te, "param_shapes": []}, tmp_path / "mp_rank_00_model_states.pt")  # tensors only, as TE's
-    torch.save({"module": {"c.weight": w, "c._extra_state": None}}, tmp_path / "mp_rank_01_model_states.pt")
+    torch.save({"module": {"a.weight": w, "a._extra_state": _te_extra_state(), "c._extra_state": None}},
+               tmp_path / "mp_rank_01_model_states.pt")  # TP rank 1: the same module, and a local layer
     torch.save({"module": None}, tmp_path / "mp_rank_02_model_states.pt")  # a pipeline run's
-    torch.save({"x.weight": w, "x._extra_state": _te_extra_state(b"layer")},
-               tmp_path / "layer_01-model_00-model_states.pt")
+    torch.save({"x.weight": w, "x._extra_state": _te_extra_state()}, tmp_path / "layer_01-model_00-model_states.pt")
     torch.save({"optimizer": 1}, tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
-    assert rs.fp8_history(tmp_path) == ["layer_01-model_00-model_states.pt: x._extra_state",
-                                        "mp_rank_00_model_states.pt: a._extra_state"]
+    assert rs.fp8_history(tmp_path) == {"x._extra_state": ["layer_01-model_00-model_states.pt"],
+                                        "a._extra_state": ["mp_rank_00_model_states.pt", "mp_rank_01_model_states.pt"]}
+    corrupt = torch.frombuffer(bytearray(b"\x80\x04garbage"), dtype=torch.uint8)
+    assert rs._holds_delayed_scaling_state(corrupt)  # unreadable: refused, never dropped silently
     staged = rs._stage_source(tmp_path, tmp_path.parent / "staged")
-    for name, weight in (("mp_rank_00_model_states.pt", "a.weight"), ("mp_rank_01_model_states.pt", "c.weight")):
+    for name in ("mp_rank_00_model_states.pt", "mp_rank_01_model_states.pt"):
         module = torch.load(staged / name, weights_only=False)["module"]
-        assert list(module) == [weight] and torch.equal(module[weight], w)
+        assert list(module) == ["a.weight"] and torch.equal(module["a.weight"], w)
     assert (staged / "layer_01-model_00-model_states.pt").is_symlink()
     assert (staged / "mp_rank_02_model_states.pt").is_symlink()
-    assert rs.fp8_history(staged) == ["layer_01-model_00-model_states.pt: x._extra_state"]
+    assert rs.fp8_history(staged) == {"x._extra_state": ["layer_01-model_00-model_states.pt"]}
 
 
 def test_names_and_universal_patterns():

@@ -181,15 +181,41 @@ def _extra_state(key: str) -> bool:
     return key.endswith("_extra_state")
 
 
-def fp8_history(src: Path) -> list[str]:
-    """``"<file>: <key>"`` of every non-empty ``_extra_state`` tensor in a checkpoint's model-state and pipeline
-    layer files: Transformer Engine's pickled FP8 scaling state (amax history, scales) of a ``model.fp8=delayed``
-    run. TE writes an empty uint8 tensor for stateless recipes (current scaling) and megatron-core's local layers
-    None: neither is state to lose."""
-    found = []
+# the pickle keys of Transformer Engine's delayed-scaling state (transformer_engine/pytorch/_extra_state.py,
+# _FLOAT8_DELAYED_SCALING_STATE_KEYS; module/base.py get_extra_state writes them only for that recipe)
+DELAYED_SCALING_KEYS = {"scale_fwd", "amax_history_fwd", "scale_bwd", "amax_history_bwd"}
+
+
+def _holds_delayed_scaling_state(payload: torch.Tensor) -> bool:
+    """Whether a pickled ``_extra_state`` carries delayed scaling's amax history and scales, read from the pickle's
+    opcodes without unpickling (as TE classifies it). TE < 2.18 also pickles ``{"recipe", "extra_fp8_variables"}``
+    for stateless recipes (current scaling, MXFP8): no state to lose. A payload that does not parse counts as
+    state (refused, never dropped silently)."""
+    import pickletools
+
+    try:
+        for opcode, arg, _pos in pickletools.genops(payload.detach().cpu().numpy().tobytes()):
+            if "STRING" in opcode.name or "UNICODE" in opcode.name:
+                text = arg.decode("utf-8", "replace") if isinstance(arg, bytes) else arg
+                if text in DELAYED_SCALING_KEYS:
+                    return True
+    except Exception:  # noqa: BLE001 - unreadable: treat as state
+        return True
+    return False
+
+
+def fp8_history(src: Path) -> dict[str, list[str]]:
+    """Module key -> the files holding its Transformer Engine delayed-scaling state (``model.fp8=delayed``: amax
+    history and scales, a pickled ``_extra_state`` tensor) in a checkpoint's model-state and pipeline layer files
+    (every TP rank's file, and every DP rank's under ZeRO-3, holds its own copy). TE writes an empty uint8 tensor
+    (>= 2.18) or a stateless pickle (older) for current scaling and MXFP8, megatron-core's local layers None:
+    none of these is state to lose."""
+    found: dict[str, list[str]] = {}
     for f in sorted(src.glob("*model_states.pt")):
         entries = _module_entries(f, torch.load(f, map_location="cpu", weights_only=False, mmap=True)) or {}
-        found += [f"{f.name}: {k}" for k, v in entries.items() if _extra_state(k) and torch.is_tensor(v) and v.numel()]
+        for k, v in entries.items():
+            if _extra_state(k) and torch.is_tensor(v) and v.numel() and _holds_delayed_scaling_state(v):
+                found.setdefault(k, []).append(f.name)
     return found
 
 
@@ -348,12 +374,13 @@ def reshard(load: str | Path, save: str | Path, tp: int, pp: int, dp: int | None
         raise ReshardError(f"{out} already exists; choose another --save or remove it")
     history = fp8_history(src)
     if history and not drop_fp8_history:
+        key, files = next(iter(history.items()))
         raise ReshardError(
             f"{src} holds Transformer Engine FP8 scaling state (model.fp8=delayed: amax history and scales) in "
-            f"{len(history)} module(s), e.g. {history[0]}. A universal checkpoint carries parameters and optimizer "
-            "state only, so the resharded run would restart every amax history as at step 0 (the first steps "
-            f"quantize with fresh scales). Pass --drop-fp8-history to accept that, or resume at the source layout "
-            f"({describe(source)}) to keep it")
+            f"{len(history)} module(s), e.g. {key} in {files[0]}. A universal checkpoint carries parameters and "
+            "optimizer state only, so the resharded run would restart every amax history as at step 0 (the first "
+            "steps quantize with fresh scales). Pass --drop-fp8-history to accept that, or resume at the source "
+            f"layout ({describe(source)}) to keep it")
     num_layers = cfg.model.num_layers
     target = {"tensor_parallel": tp, "pipeline_parallel": pp, "data_parallel": dp}
     log(f"resharding {src} (step {state.get('iteration')}, {describe(source)}) -> {out} "
