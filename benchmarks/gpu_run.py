@@ -11,6 +11,9 @@ and the least it needs to be worth starting: a phase that no longer fits the --b
   bench_So16  120 / 60   So/16 bf16 training steps (gpu_bench.py): step time, MFU, peak memory against the
                          memory estimate, host synchronisations per step; rows per step from the estimate
   bench_g16   150 / 80   g/16 bf16, then g/16 FP8 (torchao float8): the FP8 / bf16 speed ratio
+  calibrate    45 / 20   calibrate.py: the block's GEMMs (traced from the model) replayed and a compiled
+                         pointwise kernel timed -> measured eta_gemm and eta_hbm; the cost model's step at the
+                         judged and at the measured efficiencies beside the measured So/16 and g/16 steps
   kernels      90 / 40   FlexAttention vs dense SDPA with q, k, v in the model's own layout: output and q/k/v
                          gradients (bf16 tolerance 3e-2 against fp32), forward+backward time; So/16 and g/16 heads
   plan         40 / 10   the trainer's rows and activation checkpointing from the memory estimate (< --gpu-gib)
@@ -52,8 +55,8 @@ ROOT = Path(__file__).resolve().parent.parent
 RECIPE = "examples/configs/stage1-So16.yaml"
 # phase -> (seconds it may take at most, seconds it needs at least to be worth starting), in the order they run
 BUDGETS = {"env": (45, 5), "install": (120, 20), "bench_So16": (120, 60), "bench_g16": (150, 80),
-           "kernels": (90, 40), "plan": (40, 10), "data": (60, 15), "train": (150, 90), "baseline": (60, 40),
-           "train_other": (120, 90)}
+           "calibrate": (45, 20), "kernels": (90, 40), "plan": (40, 10), "data": (60, 15), "train": (150, 90),
+           "baseline": (60, 40), "train_other": (120, 90)}
 DRY_MODEL = ["model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=128",
              "model.num_attention_heads=4", "model.text_embed_dim=64", "model.mrope_section=[3,3,2]",
              "data.seq_length=1024", "data.max_sample_length=1024", "data.pack_buffer_size=64"]
@@ -430,10 +433,23 @@ def bench(run: Run, name: str, flags: list[str]) -> None:
     run.end(name, run.phases[name]["status"])
 
 
+def phase_calibrate(run: Run) -> None:
+    """calibrate.py: measured eta_gemm / eta_hbm and the cost model's step with them, beside the measured steps."""
+    if not run.wanted("calibrate"):
+        return
+    timeout = run.fits("calibrate")
+    if not timeout:
+        return
+    cmd = [run.python, "benchmarks/calibrate.py", "--results", str(run.results_path.resolve())]
+    run.sh("calibrate", cmd + (["--dry-run"] if run.args.dry_run else []), timeout=timeout)
+    run.end("calibrate", run.phases["calibrate"]["status"])
+
+
 def phase_benches_first(run: Run) -> None:
     # issue #23's step, then the step before it (the design's measured speed-up), then FP8 on g/16
     bench(run, "bench_So16", ["--parts", "steps", "--models", "So16", "--variants", "bf16,pre23"])
     bench(run, "bench_g16", ["--parts", "steps", "--models", "g16", "--variants", "bf16,fp8,pre23"])
+    phase_calibrate(run)
     bench(run, "kernels", ["--parts", "kernels", "--models", "So16,g16"])
 
 
@@ -656,12 +672,14 @@ def build_summary(out: Path) -> dict:
     fp8 = [r for r in records if r["kind"] == "fp8_ratio"]
     design = [r for r in records if r["kind"] == "design_ratio"]
     trainer = [r for r in records if r["kind"] == "train"]
+    calibration = [r for r in records if r["kind"] == "calibration"]
     install = next((r for r in records if r["kind"] == "install"), None)
     dry = head.get("dry_run", False)
     seconds = round(records[-1]["time"] - head["time"], 1) if head else None
     summary = {"dry_run": dry, "seconds": seconds, "budget": head.get("budget"), "env": env,
                "transformer_engine": env.get("transformer_engine_note"), "install": install, "phases": phases,
                "steps": steps, "fp8": fp8, "design": design, "kernels": kernels, "trainer": trainer,
+               "calibration": calibration,
                "complete": any(r["kind"] == "done" for r in records)}
     lines = [f"# GPU run ({'DRY RUN on CPU, nothing timed' if dry else 'measured'})", "",
              f"environment: {json.dumps({k: v for k, v in env.items() if k not in ('kind', 'source', 'time')})}",
@@ -689,6 +707,15 @@ def build_summary(out: Path) -> dict:
     for r in fp8:
         lines.append(f"\nFP8 ({r['model']}, {r['fp8']}): {r['speedup']:.2f}x the bf16 speed "
                      f"({r['fp8_step_s']:.3f} vs {r['bf16_step_s']:.3f} s/step)")
+    lines += ["", "## cost model calibrated on this device (calibrate.py: the block's traced GEMMs replayed, a "
+              "compiled pointwise kernel timed; predictions at the measured step's rows and checkpointing)", ""]
+    lines += _table(["model", "rows", "eta_gemm", "eta_hbm", "predicted s (judged)", "predicted s (measured eta)",
+                     "floor s (measured eta)", "measured s", "measured / predicted"],
+                    [[r["model"], r["rows"], _f(r.get("eta_gemm"), ".3f"), _f(r.get("eta_hbm"), ".2f"),
+                      _f(r["judged"]["step_s"], ".3f"), _f(r["calibrated"]["step_s"], ".3f"),
+                      _f((r.get("calibrated_floor") or {}).get("step_s"), ".3f"),
+                      _f((r.get("measured") or {}).get("step_s"), ".3f"), _f(r.get("measured_over_calibrated"), ".2f")]
+                     for r in calibration])
     lines += ["", "## kernels: flex and varlen vs dense SDPA (fp32 reference, real tokens), q/k/v in the model's layout", ""]
     lines += _table(["model", "kernel", "rows x tokens", "layout (q strides)", "out", "dq", "dk", "dv", "tolerance",
                      "pass", "ms", "dense ms"],

@@ -61,13 +61,14 @@ def test_every_phase_ran_or_says_why_not(dry_run):
     summary = json.loads((out / "gpu_run_summary.json").read_text())
     phases = summary["phases"]
     assert phases["install"]["status"].startswith("skipped: no --wheelhouse")
-    for name in ("env", "bench_So16", "bench_g16", "kernels", "plan", "data", "preprocess", "train_ckpt_none",
-                 "baseline", "train_ckpt_selective"):
+    for name in ("env", "bench_So16", "bench_g16", "calibrate", "kernels", "plan", "data", "preprocess",
+                 "train_ckpt_none", "baseline", "train_ckpt_selective"):
         assert phases[name]["status"] == "ok", (name, phases[name])
     # the order of value: So16, g16 (bf16 then FP8), kernels, then the trainer; the baseline after it
     order = [r["phase"] for r in _records(out) if r["kind"] == "phase"]
-    assert order.index("bench_So16") < order.index("bench_g16") < order.index("kernels") < \
-        order.index("train_ckpt_none") < order.index("baseline") < order.index("train_ckpt_selective"), order
+    assert order.index("bench_So16") < order.index("bench_g16") < order.index("calibrate") < \
+        order.index("kernels") < order.index("train_ckpt_none") < order.index("baseline") < \
+        order.index("train_ckpt_selective"), order
     assert "NOT installed" in summary["transformer_engine"]  # said plainly: TE was not measured
     assert summary["complete"] is True
     files = [p for p in out.rglob("*") if p.is_file()]
@@ -93,7 +94,14 @@ def test_every_measurement_is_a_record_of_the_results_file(dry_run):
     kernels = [r for r in records if r["kind"] == "kernel"]
     assert [(r["model"], r["kernel"]) for r in kernels] == [("So16", "flex"), ("So16", "varlen"), ("g16", "flex"),
                                                             ("g16", "varlen")] and all(r["passed"] for r in kernels), kernels
-    assert {r["kind"] for r in records} >= {"env", "phase", "step", "kernel", "plan", "trainer_log", "train"}
+    assert {r["kind"] for r in records} >= {"env", "phase", "step", "kernel", "plan", "trainer_log", "train",
+                                            "calibration"}
+    # the cost model calibrated after the steps, pricing each model's step as gpu_bench ran it
+    for c in (r for r in records if r["kind"] == "calibration"):
+        ran = next(s for s in steps if s["model"] == c["model"] and s["variant"].startswith("ours"))
+        assert (c["rows"], c["design"]["checkpointing"]) == (ran["rows"], ran["activation_checkpointing"]), c
+        assert c["gemms"] and c["skipped_flop_share"] == 0 and c["calibrated"]["step_s"] > 0
+    assert [r["model"] for r in records if r["kind"] == "calibration"] == ["So16", "g16"]
     # the trainer's log windows were appended while it ran, not only its final numbers
     assert len([r for r in records if r["kind"] == "trainer_log" and r["phase"] == "train_ckpt_none"]) >= 2
 
@@ -142,6 +150,7 @@ def test_summary_holds_the_bench_and_kernel_tables(dry_run):
     assert "## gpu_bench" in md and "| So16 | baseline |" in md and "| g16 | ours fp32 (varlen) |" in md
     assert "| So16 | flex | 2 x 700 |" in md and "| g16 | flex | 2 x 700 |" in md
     assert "| So16 | varlen | 2 x 700 |" in md and "| g16 | varlen | 2 x 700 |" in md
+    assert "## cost model calibrated on this device" in md and "| So16 | 2 |" in md and "| g16 | 2 |" in md
     assert "Transformer Engine: NOT installed" in stdout
     log = (out / "gpu_run.log").read_text()
     assert "[bench_So16] gpu_bench: DRY RUN" in log and "[train_ckpt_none]" in log
@@ -260,10 +269,10 @@ def _fake_gpu_machine(monkeypatch, gpu_run, share: float) -> list:
     return calls
 
 
-@pytest.mark.parametrize("share", [1.0, 0.6])
+@pytest.mark.parametrize("share", [1.0, 0.55])
 def test_the_time_plan_keeps_the_budget_and_the_order_of_value(tmp_path, monkeypatch, share):
     """On a (simulated) GPU machine: phases run most valuable first, each within its own cap and within the
-    --budget; when every phase takes its whole cap the trainer is what goes, when they take 60% all of it runs."""
+    --budget; when every phase takes its whole cap the trainer is what goes, when they take 55% all of it runs."""
     gpu_run = _gpu_run()
     calls = _fake_gpu_machine(monkeypatch, gpu_run, share)
     assert gpu_run.main(["--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")]) == 0
@@ -271,13 +280,13 @@ def test_the_time_plan_keeps_the_budget_and_the_order_of_value(tmp_path, monkeyp
     for name, _, timeout, began in calls:
         cap = gpu_run.BUDGETS.get(name, gpu_run.BUDGETS["train"] if name.startswith("train") else (9e9, 0))[0]
         assert timeout <= cap and began + timeout <= 540 - 5 + 1e-6, (name, timeout, began)
-    valuable = ["env", "bench_So16", "bench_g16", "kernels"]
-    assert names[:4] == valuable
+    valuable = ["env", "bench_So16", "bench_g16", "calibrate", "kernels"]
+    assert names[:5] == valuable
     phases = json.loads((tmp_path / "out" / "gpu_run_summary.json").read_text())["phases"]
     if share == 1.0:
         assert "train_ckpt_none" not in names and phases["train_ckpt_none"]["status"].startswith("skipped: ")
     else:
-        assert names[4:] == ["plan", "data", "preprocess", "train_ckpt_none", "baseline", "train_ckpt_full"], names
+        assert names[5:] == ["plan", "data", "preprocess", "train_ckpt_none", "baseline", "train_ckpt_full"], names
     by_name = {c[0]: c[1] for c in calls}
     assert by_name["bench_So16"][-6:] == ["--max-seconds", "95", "--max-rows", "4", "--gpu-gib", "70.0"]
     assert "--variants" in by_name["bench_g16"] and "bf16,fp8,pre23" in by_name["bench_g16"]
