@@ -273,8 +273,8 @@ def floor_line(af: dict, fl: dict, target: float | None, a: cost.Assumptions) ->
             line += f"; target {target:.0%} not ruled out by the ops"
         else:
             eta = [n for n in needed(fl, target, a) if n.startswith("eta_gemm")]
-            line += (f"; target {target:.0%} out of reach of any fusion at eta_gemm={a.eta_gemm}: at the floor "
-                     f"{eta[0] if eta else 'eta_gemm: no value'}")
+            line += (f"; target {target:.0%} out of reach of any fusion of these ops at eta_gemm={a.eta_gemm}: at "
+                     f"the floor {eta[0] if eta else 'eta_gemm: no value'}")
     return line
 
 
