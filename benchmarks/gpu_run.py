@@ -709,12 +709,14 @@ def build_summary(out: Path) -> dict:
                      f"({r['fp8_step_s']:.3f} vs {r['bf16_step_s']:.3f} s/step)")
     lines += ["", "## cost model calibrated on this device (calibrate.py: the block's traced GEMMs replayed, a "
               "compiled pointwise kernel timed; predictions at the measured step's rows and checkpointing)", ""]
-    lines += _table(["model", "rows", "eta_gemm", "eta_hbm", "predicted s (judged)", "predicted s (measured eta)",
-                     "floor s (measured eta)", "measured s", "measured / predicted"],
+    def s_mfu(p: dict | None) -> str:
+        return "-" if not p or not p.get("step_s") else f"{p['step_s']:.3f} ({_pct(p.get('mfu'))})"
+
+    lines += _table(["model", "rows", "eta_gemm", "eta_hbm", "predicted s, MFU (judged)",
+                     "predicted (measured eta)", "floor (measured eta)", "measured", "measured / predicted"],
                     [[r["model"], r["rows"], _f(r.get("eta_gemm"), ".3f"), _f(r.get("eta_hbm"), ".2f"),
-                      _f(r["judged"]["step_s"], ".3f"), _f(r["calibrated"]["step_s"], ".3f"),
-                      _f((r.get("calibrated_floor") or {}).get("step_s"), ".3f"),
-                      _f((r.get("measured") or {}).get("step_s"), ".3f"), _f(r.get("measured_over_calibrated"), ".2f")]
+                      s_mfu(r["judged"]), s_mfu(r["calibrated"]), s_mfu(r.get("calibrated_floor")),
+                      s_mfu(r.get("measured")), _f(r.get("measured_over_calibrated"), ".2f")]
                      for r in calibration])
     lines += ["", "## kernels: flex and varlen vs dense SDPA (fp32 reference, real tokens), q/k/v in the model's layout", ""]
     lines += _table(["model", "kernel", "rows x tokens", "layout (q strides)", "out", "dq", "dk", "dv", "tolerance",
